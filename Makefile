@@ -1,0 +1,47 @@
+# The two commands a fresh machine needs: `make run` and `make test`.
+# Each creates .venv and installs the project into it if missing.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+UI_PORT ?= 5000
+
+# The stages run `python -m ...` through dvc: make that the venv's python.
+export PATH := $(BIN):$(PATH)
+# Prefect keeps its state (and its temporary server's database) in the project.
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: run test ui pipeline bench clean-venv
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing xfer and its pinned dependencies into $(VENV) (a few minutes the first time)"
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[test]' 2> >(grep -v "is neither a file nor a directory" >&2)
+	@touch $@
+
+## run: the whole pipeline on params.yaml with DVC (only stale stages run)
+run: $(STAMP)
+	$(BIN)/python -m xfer.config params.yaml
+	$(BIN)/dvc repro
+	@$(BIN)/dvc metrics show
+
+## pipeline: the same chain as one Prefect flow in one process
+pipeline: $(STAMP)
+	$(BIN)/python -m flows.pipeline
+
+## test: the test suite (offline, tiny generated data)
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+## ui: the MLflow UI on http://127.0.0.1:$(UI_PORT) over this project's runs
+ui: $(STAMP)
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+## bench: per-stage wall time and orchestration overhead
+bench: $(STAMP)
+	$(BIN)/python benchmarks/e2e.py
+
+clean-venv:
+	rm -rf $(VENV)

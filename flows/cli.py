@@ -1,0 +1,36 @@
+"""The `xfer` command.
+
+    xfer validate [params.yaml]   check params.yaml, touch nothing
+    xfer stage <name> [--root .]  run one stage as a Prefect flow
+    xfer pipeline [--root .]      run the whole chain as one Prefect flow
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in {"-h", "--help"}:
+        print(__doc__)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "validate":
+        from xfer.config import main as validate
+
+        return validate(rest)
+    if command == "stage":
+        from flows.stages import main as stage
+
+        return stage(rest)
+    if command == "pipeline":
+        from flows.pipeline import main as pipeline
+
+        return pipeline(rest)
+    print(f"xfer: unknown command {command!r}; expected validate, stage or pipeline", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

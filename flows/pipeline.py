@@ -1,0 +1,58 @@
+"""The whole chain as one Prefect flow, in one process.
+
+    python -m flows.pipeline [--root .]
+
+Runs the same stage flows, in the same order, as `dvc repro`, and writes the
+same files. One MLflow pipeline run groups this execution's stage runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from flows.stages import STAGE_FLOWS, STAGES
+from tasks import tracking
+from xfer.config import ConfigError, load_params
+from xfer.layout import Layout
+
+
+@flow(name="xfer-pipeline")
+def pipeline(root: str = ".") -> dict:
+    layout = Layout(Path(root))
+    params = load_params(layout.params)
+    experiment_id = tracking.use_store(layout, params.mlflow.experiment)
+    git = tracking.git_state(layout.root)
+    run_id = tracking.start_pipeline_run(layout, params, experiment_id, tracking.pipeline_key(params, git["git_commit"]), git)
+    previous = os.environ.get(tracking.PIPELINE_RUN_ENV)
+    os.environ[tracking.PIPELINE_RUN_ENV] = run_id
+    try:
+        results = {stage: STAGE_FLOWS[stage](root=root) for stage in STAGES}
+    finally:
+        if previous is None:
+            os.environ.pop(tracking.PIPELINE_RUN_ENV, None)
+        else:
+            os.environ[tracking.PIPELINE_RUN_ENV] = previous
+    return {"mlflow_pipeline_run": run_id, **results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".")
+    args = parser.parse_args(argv)
+    try:
+        load_params(Layout(Path(args.root)).params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = pipeline(root=args.root)
+    print(result["evaluate"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""evaluate stage: every model on every domain's test split."""
+
+from __future__ import annotations
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.tracking import stage_run
+from xfer import features as feats
+from xfer.config import Params
+from xfer.data.images import ImageRows
+from xfer.data.split import read_manifest, rows
+from xfer.finetune import load_classifier, predict_logits, select_device
+from xfer.heads import load_head
+from xfer.io import write_json
+from xfer.layout import Layout
+from xfer.metrics import classification_metrics, confusion_matrix
+from xfer.plots import save_confusion_matrix
+
+# (manifest role, split) -> the name used in eval.json and plot files.
+EVAL_SETS = {("source", "test"): "source_test", ("target", "test"): "target_test"}
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(layout: Layout, params: Params) -> dict:
+    with stage_run("evaluate", layout, params, ["evaluate"]) as run:
+        with run.work():
+            manifest = read_manifest(layout.manifest)
+            fs = feats.load_current(layout.features)
+            head, head_spec = load_head(layout.head_dir)
+            classifier, spec = load_classifier(layout.finetune_dir)
+            device = select_device("auto")
+            names = head_spec["class_names"]
+            results: dict[str, dict] = {"head": {}, "finetune": {}}
+            plots = []
+            for (role, split), set_name in EVAL_SETS.items():
+                x, y = fs.select(role, split)
+                with torch.no_grad():
+                    head_pred = head(torch.as_tensor(x)).argmax(1).numpy()
+                part = rows(manifest, role, split)
+                data = ImageRows(part.path.tolist(), part.label.tolist(), spec.prep(), layout.root)
+                logits, labels = predict_logits(classifier, data, params.evaluate.batch_size, device, progress=True, desc=f"evaluate {set_name}")
+                for model_name, truth, pred in (("head", y, head_pred), ("finetune", labels, logits.argmax(1))):
+                    results[model_name][set_name] = classification_metrics(truth, pred, len(names))
+                    cm = confusion_matrix(truth, pred, len(names))
+                    path = layout.plots / f"confusion_{model_name}_{set_name}.png"
+                    acc = results[model_name][set_name]["accuracy"]
+                    save_confusion_matrix(path, cm, names, f"{model_name} on {set_name} (accuracy {acc:.3f})")
+                    plots.append(path)
+            write_json(layout.metrics("eval"), results)
+        run.log_metrics(results)
+        run.log_artifact(layout.metrics("eval"))
+        for path in plots:
+            run.log_artifact(path, "plots")
+    return {m: {s: r["accuracy"] for s, r in v.items()} for m, v in results.items()}

@@ -1,0 +1,153 @@
+"""MLflow: one run per stage execution, grouped under one pipeline run.
+
+The store is a sqlite file in the project root with artifacts beside it, so
+`make ui` and any script see the same runs.
+
+Grouping: `flows.pipeline` creates a fresh pipeline run and hands its id to
+the stages through XFER_PIPELINE_RUN_ID. Under `dvc repro` each stage is its
+own process; then the pipeline run is the one keyed by the params and the
+git commit, created by whichever stage runs first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from xfer.config import Params, flatten
+from xfer.io import sha256_file, sha256_json
+from xfer.layout import Layout
+
+PIPELINE_RUN_ENV = "XFER_PIPELINE_RUN_ID"
+TAG_KIND = "xfer.kind"
+TAG_PIPELINE_KEY = "xfer.pipeline_key"
+TAG_STAGE = "xfer.stage"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def tracking_uri(layout: Layout) -> str:
+    return f"sqlite:///{layout.mlflow_db.resolve()}"
+
+
+def use_store(layout: Layout, experiment: str) -> str:
+    """Point MLflow at the project's store; return the experiment id."""
+    mlflow.set_tracking_uri(tracking_uri(layout))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    layout.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(experiment, artifact_location=layout.mlflow_artifacts.resolve().as_uri())
+
+
+def git_state(root: Path) -> dict[str, str]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = "true" if git("status", "--porcelain", "--untracked-files=no") else "false"
+    return {"git_commit": commit, "mlflow.source.git.commit": commit, "git_dirty": dirty}
+
+
+def data_digest(layout: Layout) -> str | None:
+    """The manifest's sha256: names exactly which images, labels and splits a run saw."""
+    return sha256_file(layout.manifest) if layout.manifest.is_file() else None
+
+
+def pipeline_key(params: Params, commit: str) -> str:
+    return sha256_json({"params": params.model_dump(mode="json"), "commit": commit})[:16]
+
+
+def start_pipeline_run(layout: Layout, params: Params, experiment_id: str, key: str, git: dict) -> str:
+    client = MlflowClient()
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline-{key[:8]}",
+        tags={TAG_KIND: "pipeline", TAG_PIPELINE_KEY: key, **git},
+    )
+    for name, value in flatten(params.model_dump(mode="json")).items():
+        client.log_param(run.info.run_id, name, value)
+    # Children attach by tag, so the parent need not stay open.
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def resolve_pipeline_run(layout: Layout, params: Params, experiment_id: str, git: dict) -> str:
+    run_id = os.environ.get(PIPELINE_RUN_ENV)
+    if run_id:
+        return run_id
+    key = pipeline_key(params, git["git_commit"])
+    found = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_PIPELINE_KEY}` = '{key}' and tags.`{TAG_KIND}` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if found:
+        return found[0].info.run_id
+    return start_pipeline_run(layout, params, experiment_id, key, git)
+
+
+class StageRun:
+    """The active MLflow run of one stage, with the timings the benchmark reads."""
+
+    def __init__(self, run: mlflow.ActiveRun):
+        self.run = run
+        self.run_id = run.info.run_id
+        self.work_seconds = 0.0
+        self.tags: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def work(self) -> Iterator[None]:
+        """Time the stage's real work, so tracking overhead is what is left."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.work_seconds += time.perf_counter() - start
+
+    def epoch_logger(self, prefix: str):
+        def log(epoch: int, record: dict[str, float]) -> None:
+            mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in record.items()}, step=epoch)
+
+        return log
+
+    def log_metrics(self, metrics: dict[str, Any], prefix: str = "") -> None:
+        flat = flatten(metrics)
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        mlflow.log_artifact(str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.tags.update(tags)
+        mlflow.set_tags(tags)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, layout: Layout, params: Params, sections: list[str]) -> Iterator[StageRun]:
+    """An MLflow run for `stage`, nested under the pipeline run, with its params logged."""
+    entered = time.perf_counter()
+    experiment_id = use_store(layout, params.mlflow.experiment)
+    git = git_state(layout.root)
+    parent = resolve_pipeline_run(layout, params, experiment_id, git)
+    tags = {TAG_KIND: "stage", TAG_STAGE: stage, PARENT_TAG: parent, **git}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+        mlflow.log_params(flatten(params.section(*sections)))
+        handle = StageRun(run)
+        yield handle
+        # Read after the work: the split stage's own manifest, not the one it replaced.
+        if "data_digest" not in handle.tags and (digest := data_digest(layout)):
+            mlflow.set_tag("data_digest", digest)
+        total = time.perf_counter() - entered
+        mlflow.log_metrics({"time.work_s": handle.work_seconds, "time.tracking_s": total - handle.work_seconds})

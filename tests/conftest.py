@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny params, a project folder, an isolated Prefect."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Prefect reads its home at import: give the tests their own, never the user's.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="xfer-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("XFER_PIPELINE_RUN_ID", None)
+
+from helpers import TINY_PARAMS, write_params  # noqa: E402
+
+
+@pytest.fixture
+def tiny_params() -> dict:
+    import copy
+
+    return copy.deepcopy(TINY_PARAMS)
+
+
+@pytest.fixture
+def project(tmp_path: Path, tiny_params: dict) -> Path:
+    """An empty project root holding tiny params.yaml."""
+    write_params(tmp_path, tiny_params)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect engine against a temporary server, shared by the session."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield PREFECT_API_URL.value()

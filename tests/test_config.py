@@ -1,0 +1,73 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import REPO
+from xfer.config import ConfigError, Params, flatten, load_params, parse_params
+
+
+def test_repo_params_yaml_is_valid_and_names_every_knob():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = load_params(REPO / "params.yaml")
+    # Every option is written in params.yaml, none is hidden as a code default.
+    assert set(flatten(raw)) == set(flatten(Params().model_dump(mode="json")))
+    assert params.backbone.name == "tf_efficientnet_lite0"
+
+
+def test_unknown_key_names_path_and_allowed_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"head": {"lrr": 0.1}}, "params.yaml")
+    msg = str(err.value)
+    assert "head.lrr" in msg and "unknown key" in msg
+    assert "lr" in msg.split("allowed here:")[1] and "epochs" in msg
+
+
+def test_wrong_type_names_key_and_value():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"head": {"epochs": "many"}})
+    assert "head.epochs" in str(err.value) and "'many'" in str(err.value)
+
+
+def test_out_of_range_value_says_what_is_allowed():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"finetune": {"lr": -1}})
+    assert "finetune.lr" in str(err.value) and "greater than 0" in str(err.value)
+
+
+def test_split_fractions_must_leave_training_rows():
+    with pytest.raises(ConfigError, match="source train"):
+        parse_params({"data": {"split": {"source_val": 0.45, "source_test": 0.45}}})
+
+
+def test_unknown_domain_lists_the_choices():
+    with pytest.raises(ConfigError, match="printed"):
+        parse_params({"data": {"target_domain": "sketch"}})
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("head: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_params(bad)
+
+
+def test_validate_command_exit_codes(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("seed: 3\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 3\nhead:\n  colour: red\n")
+    ok = subprocess.run([sys.executable, "-m", "xfer.config", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    fail = subprocess.run([sys.executable, "-m", "xfer.config", str(bad)], capture_output=True, text=True)
+    assert fail.returncode == 2 and "head.colour" in fail.stderr
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": "x"}) == {"a.b": 1, "a.c.d": None, "e": "x"}

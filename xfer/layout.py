@@ -1,0 +1,58 @@
+"""Where each stage reads and writes, relative to the project root.
+
+This is the file contract between stages (DESIGN.md); dvc.yaml names the
+same paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "data" / "splits" / "manifest.csv"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "data" / "features"
+
+    @property
+    def head_dir(self) -> Path:
+        return self.root / "models" / "head"
+
+    @property
+    def finetune_dir(self) -> Path:
+        return self.root / "models" / "finetune"
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    def metrics(self, stage: str) -> Path:
+        return self.metrics_dir / f"{stage}.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"

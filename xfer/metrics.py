@@ -1,0 +1,34 @@
+"""Classification metrics from labels and scores, in plain numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows are true classes, columns predicted classes."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(y_true, int), np.asarray(y_pred, int)), 1)
+    return cm
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    # A class never predicted (or never present) scores 0, as scikit-learn's zero_division=0.
+    return np.divide(num, den, out=np.zeros_like(num, dtype=float), where=den > 0)
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro precision/recall/F1 over the classes present in y_true or y_pred."""
+    cm = confusion_matrix(y_true, y_pred, num_classes)
+    tp = np.diag(cm).astype(float)
+    precision = _safe_div(tp, cm.sum(0).astype(float))
+    recall = _safe_div(tp, cm.sum(1).astype(float))
+    f1 = _safe_div(2 * precision * recall, precision + recall)
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    return {
+        "accuracy": float(tp.sum() / max(cm.sum(), 1)),
+        "macro_precision": float(precision[present].mean()),
+        "macro_recall": float(recall[present].mean()),
+        "macro_f1": float(f1[present].mean()),
+        "n": int(cm.sum()),
+    }
