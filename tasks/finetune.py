@@ -27,7 +27,8 @@ def log_model(model: Classifier, spec: ClassifierSpec) -> None:
     """The fine-tuned model as an MLflow pytorch model with a signature."""
     model = model.cpu().eval()
     size = spec.preprocessing["image_size"]
-    example = np.zeros((1, 3, size, size), dtype=np.float32)
+    # Batch of 2: torch.export pins a size-1 dimension, and the logged model must take any batch.
+    example = np.zeros((2, 3, size, size), dtype=np.float32)
     with torch.inference_mode():
         output = model(torch.from_numpy(example)).numpy()
     mlflow.pytorch.log_model(

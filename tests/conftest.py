@@ -38,3 +38,13 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory, prefect_api):
+    """Tiny params run once through `flows.pipeline`: (root, flow result)."""
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    write_params(root, TINY_PARAMS)
+    return root, pipeline(root=str(root))

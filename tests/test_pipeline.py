@@ -1,0 +1,89 @@
+"""The whole chain as one Prefect flow, on tiny params, against real MLflow."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tasks import tracking
+from xfer.finetune import load_classifier
+from xfer.layout import Layout
+
+STAGES = ["fetch", "split", "features", "head", "finetune", "evaluate"]
+
+
+def test_every_stage_writes_its_files(pipeline_project):
+    root, result = pipeline_project
+    layout = Layout(root)
+    for path in [layout.manifest, layout.features / "current.json", layout.head_dir / "head.pt", layout.finetune_dir / "model.pt", layout.metrics("head"), layout.metrics("finetune")]:
+        assert path.is_file(), path
+    assert sorted(p.name for p in (layout.raw / "digits").iterdir()) == ["dataset.json", "handwritten", "printed"]
+    ev = json.loads(layout.metrics("eval").read_text())
+    for model in ("head", "finetune"):
+        for split in ("source_test", "target_test"):
+            m = ev[model][split]
+            assert 0 <= m["accuracy"] <= 1 and set(m) >= {"macro_precision", "macro_recall", "macro_f1"}
+        assert result["evaluate"][model]["target_test"] == ev[model]["target_test"]["accuracy"]
+    assert len(list(layout.plots.glob("confusion_*.png"))) == 4
+
+
+def test_target_test_never_trains_a_model(pipeline_project):
+    root, _ = pipeline_project
+    import pandas as pd
+
+    m = pd.read_csv(Layout(root).manifest)
+    # 12 per class, 25% test: 3 per class held out in each domain.
+    assert (m[(m.role == "target") & (m.split == "test")].groupby("label").size() == 3).all()
+    head_spec = json.loads((Layout(root).head_dir / "head.json").read_text())
+    assert head_spec["features_key"] == json.loads((Layout(root).features / "current.json").read_text())["key"]
+
+
+def test_mlflow_holds_grouped_stage_runs(pipeline_project):
+    root, result = pipeline_project
+    mlflow.set_tracking_uri(tracking.tracking_uri(Layout(root)))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("xfer")
+    parent_id = result["mlflow_pipeline_run"]
+    parent = client.get_run(parent_id)
+    assert parent.data.params["head.epochs"] == "4" and parent.data.tags["xfer.kind"] == "pipeline"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    by_stage = {r.data.tags["xfer.stage"]: r for r in children}
+    assert sorted(by_stage) == sorted(STAGES)
+    for stage, run in by_stage.items():
+        assert run.info.status == "FINISHED"
+        assert len(run.data.tags["git_commit"]) > 0
+        assert "time.work_s" in run.data.metrics
+    manifest_digest = by_stage["split"].data.tags["data_digest"]
+    assert by_stage["evaluate"].data.tags["data_digest"] == manifest_digest
+    assert by_stage["head"].data.params["head.lr"] == "0.01"
+    assert by_stage["finetune"].data.params["backbone.name"] == "test_efficientnet"
+    # One value per epoch, not only the last.
+    history = client.get_metric_history(by_stage["head"].info.run_id, "head.val_accuracy")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    ft_history = client.get_metric_history(by_stage["finetune"].info.run_id, "finetune.val_accuracy")
+    assert [m.step for m in ft_history] == [0, 1]
+    artifacts = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id)}
+    assert {"eval.json", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "plots")}
+    assert "plots/confusion_finetune_target_test.png" in plots
+    assert by_stage["evaluate"].data.metrics["finetune.target_test.accuracy"] == result["evaluate"]["finetune"]["target_test"]
+
+
+def test_logged_model_predicts_like_the_saved_one(pipeline_project):
+    root, _ = pipeline_project
+    mlflow.set_tracking_uri(tracking.tracking_uri(Layout(root)))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("xfer")
+    run = client.search_runs([exp.experiment_id], "tags.`xfer.stage` = 'finetune'")[0]
+    models = mlflow.search_logged_models(experiment_ids=[exp.experiment_id], output_format="list")
+    model = next(m for m in models if m.source_run_id == run.info.run_id)
+    signature = mlflow.models.get_model_info(model.model_uri).signature
+    assert tuple(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == (-1, 3, 32, 32)
+    logged = mlflow.pytorch.load_model(model.model_uri)
+    saved, spec = load_classifier(Layout(root).finetune_dir)
+    x = torch.randn(2, 3, spec.preprocessing["image_size"], spec.preprocessing["image_size"])
+    with torch.no_grad():
+        np.testing.assert_allclose(logged(x).numpy(), saved(x).numpy(), atol=1e-5)
