@@ -12,6 +12,11 @@ export PATH := $(BIN):$(PATH)
 # Prefect keeps its state (and its temporary server's database) in the project.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Offline: no telemetry from Prefect, MLflow or DVC.
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
 
 .PHONY: run test ui pipeline bench clean-venv
 

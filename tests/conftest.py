@@ -12,6 +12,8 @@ import pytest
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="xfer-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("XFER_PIPELINE_RUN_ID", None)
+# No telemetry: the tests run offline.
+os.environ.update(DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true")
 
 from helpers import TINY_PARAMS, write_params  # noqa: E402
 

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import yaml
 
+from xfer.config import parse_params
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The smallest pipeline that still exercises every stage: a 0.1 M-parameter
 # timm test model at 32 px on a few images per class.
-TINY_PARAMS = {
+_TINY_OVERRIDES = {
     "seed": 0,
     "data": {
         "dataset": "digits",
@@ -23,6 +25,8 @@ TINY_PARAMS = {
     "finetune": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "device": "cpu"},
     "evaluate": {"batch_size": 64},
 }
+# Written out in full, as DVC needs every key a stage names under `params:`.
+TINY_PARAMS = parse_params(_TINY_OVERRIDES).model_dump(mode="json")
 
 
 

@@ -28,7 +28,7 @@ def test_offline_lite0_weights_are_imagenet():
 def test_features_mode_has_no_classifier():
     model, prep, weights = create_backbone(BackboneConfig(name="test_efficientnet", pretrained=False, image_size=32))
     out = model.eval()(torch.zeros(2, 3, 32, 32))
-    assert out.shape == (2, model.num_features) and weights.digest == "random-init"
+    assert out.shape == (2, model.num_features) and weights.digest.startswith("random-init:")
     assert prep.image_size == 32
 
 
@@ -76,3 +76,15 @@ def test_to_tensor_normalises_grayscale_to_three_channels():
     img = Image.fromarray(np.full((8, 8), 255, dtype=np.uint8), mode="L")
     x = to_tensor(img, Preprocessing(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
     assert x.shape == (3, 16, 16) and torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_random_init_is_reproducible_and_named_by_its_weights():
+    cfg = BackboneConfig(name="test_efficientnet", pretrained=False)
+    torch.manual_seed(123)  # the caller's RNG state must not matter
+    a, _, wa = create_backbone(cfg)
+    b, _, wb = create_backbone(cfg)
+    assert wa.digest == wb.digest
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), k
+    _, _, other = create_backbone(BackboneConfig(name="test_resnet", pretrained=False))
+    assert other.digest != wa.digest

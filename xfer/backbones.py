@@ -8,6 +8,7 @@ timm model runs with `pretrained: false` or a local `weights:` file.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -79,7 +80,7 @@ def offline_pretrained_names() -> list[str]:
 @dataclass(frozen=True)
 class WeightsSource:
     path: Path | None
-    digest: str  # sha256 of the file, or "random-init"
+    digest: str  # sha256 of the file, or "random-init:<sha256 of the initial state>"
 
 
 def resolve_weights(cfg: BackboneConfig) -> WeightsSource:
@@ -138,13 +139,30 @@ def _load_weights(model: nn.Module, cfg: BackboneConfig, source: WeightsSource) 
         raise BackboneError(f"weights {source.path} do not fit {cfg.name}: e.g. {bad[:3]}")
 
 
+# Random init is seeded, so every stage that builds the same config (features,
+# then finetune) gets the same weights, and the feature cache key can name them.
+RANDOM_INIT_SEED = 0
+
+
+def state_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def create_backbone(cfg: BackboneConfig, num_classes: int = 0) -> tuple[nn.Module, Preprocessing, WeightsSource]:
     """Build the backbone with its weights; num_classes=0 gives pooled features."""
     check_model_name(cfg.name)
     source = resolve_weights(cfg)
-    # Build with the ImageNet classifier first so a full pretrained state_dict loads as is.
-    model = timm.create_model(cfg.name, pretrained=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        # Build with the ImageNet classifier first so a full pretrained state_dict loads as is.
+        model = timm.create_model(cfg.name, pretrained=False)
     _load_weights(model, cfg, source)
+    if source.path is None:
+        source = WeightsSource(None, f"random-init:{state_digest(model)}")
     if num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model, preprocessing_for(cfg, model), source
