@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(BIN)/python -m xfer.config params.yaml
 	$(BIN)/dvc repro
-	@$(BIN)/dvc metrics show
+	@echo; $(BIN)/xfer summary
 
 ## pipeline: the same chain as one Prefect flow in one process
 pipeline: $(STAMP)

@@ -3,11 +3,26 @@
     xfer validate [params.yaml]   check params.yaml, touch nothing
     xfer stage <name> [--root .]  run one stage as a Prefect flow
     xfer pipeline [--root .]      run the whole chain as one Prefect flow
+    xfer summary [metrics/eval.json]  the evaluation as a small table
 """
 
 from __future__ import annotations
 
 import sys
+
+
+def summary(args: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from xfer.metrics import format_results
+
+    path = Path(args[0] if args else "metrics/eval.json")
+    if not path.is_file():
+        print(f"xfer: {path} not found (run `make run` first)", file=sys.stderr)
+        return 2
+    print(format_results(json.loads(path.read_text())))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         from flows.pipeline import main as pipeline
 
         return pipeline(rest)
-    print(f"xfer: unknown command {command!r}; expected validate, stage or pipeline", file=sys.stderr)
+    if command == "summary":
+        return summary(rest)
+    print(f"xfer: unknown command {command!r}; expected validate, stage, pipeline or summary", file=sys.stderr)
     return 2
 
 

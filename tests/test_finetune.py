@@ -60,3 +60,24 @@ def test_device_choice():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             select_device("cuda")
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_freeze_bn_keeps_pretrained_running_statistics(freeze_bn):
+    model, _ = tiny_classifier()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def after_epoch(epoch, record):
+        # Read the weights as trained, before the best epoch is restored.
+        state = model.state_dict()
+        seen[epoch] = (
+            all(torch.equal(v, state[k]) for k, v in start.items() if k.endswith("running_mean")),
+            torch.equal(state["backbone.conv_stem.weight"], start["backbone.conv_stem.weight"]),
+        )
+
+    cfg = FinetuneConfig(epochs=1, batch_size=16, max_steps_per_epoch=2, freeze_bn=freeze_bn, device="cpu")
+    finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, on_epoch=after_epoch, progress=False)
+    stats_unchanged, weights_unchanged = seen[1]
+    assert stats_unchanged == freeze_bn
+    assert not weights_unchanged

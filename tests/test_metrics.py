@@ -1,7 +1,7 @@
 import numpy as np
 from sklearn import metrics as skm
 
-from xfer.metrics import classification_metrics, confusion_matrix
+from xfer.metrics import classification_metrics, confusion_matrix, format_results
 
 
 def test_metrics_match_scikit_learn():
@@ -24,3 +24,11 @@ def test_perfect_and_hand_checked():
     # class 0: P=1, R=0.5; class 1: P=2/3, R=1
     assert np.isclose(m["macro_precision"], (1 + 2 / 3) / 2) and np.isclose(m["macro_recall"], 0.75)
     assert confusion_matrix(y, np.array([0, 1, 1, 1]), 2).tolist() == [[1, 1], [0, 2]]
+
+
+def test_format_results_has_a_row_per_model_and_split():
+    m = {"accuracy": 0.5, "macro_precision": 0.25, "macro_recall": 0.125, "macro_f1": 1.0, "n": 4}
+    table = format_results({"head": {"source_test": m, "target_test": m}, "finetune": {"target_test": m}})
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[0].split()[:3] == ["model", "split", "accuracy"]
+    assert lines[3].split() == ["finetune", "target_test", "0.500", "0.250", "0.125", "1.000"]

@@ -91,10 +91,12 @@ class HeadConfig(_Strict):
 class FinetuneConfig(_Strict):
     epochs: int = Field(2, ge=0, le=1000)
     batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(3e-4, gt=0, le=10)
-    # The head starts trained, so it moves less than the backbone.
-    head_lr_scale: float = Field(0.1, gt=0, le=100)
+    lr: float = Field(1e-4, gt=0, le=10)
+    # The head's learning rate relative to the backbone's.
+    head_lr_scale: float = Field(1.0, gt=0, le=100)
     weight_decay: float = Field(1e-4, ge=0, le=1)
+    # Normalise with the pretrained running statistics instead of each batch's.
+    freeze_bn: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Cap on optimiser steps per epoch; null means the whole source train split.
     max_steps_per_epoch: int | None = Field(None, ge=1)

@@ -128,6 +128,8 @@ def finetune(
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     for epoch in range(1, cfg.epochs + 1):
         model.train()
+        if cfg.freeze_bn:
+            freeze_batchnorm(model)
         total, seen = 0.0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"finetune epoch {epoch}/{cfg.epochs}", unit="step", disable=not progress)
         for step, (x, y) in enumerate(loader):
@@ -150,6 +152,19 @@ def finetune(
             best_acc, best_state = record["val_accuracy"], copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     return model.eval(), history
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Keep every BatchNorm on its running statistics while the rest trains.
+
+    Pretrained BN statistics describe the source images well; batch
+    statistics of small, shifted batches do not, and timm's TF-ported models
+    update running stats with momentum 0.01, so train-mode and eval-mode
+    outputs drift apart for many epochs.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def build_classifier(spec: ClassifierSpec) -> Classifier:

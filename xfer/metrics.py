@@ -32,3 +32,13 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
         "macro_f1": float(f1[present].mean()),
         "n": int(cm.sum()),
     }
+
+
+def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """eval.json as a small table: one row per (model, test split)."""
+    cols = ["accuracy", "macro_precision", "macro_recall", "macro_f1"]
+    lines = [f"{'model':<10}{'split':<13}" + "".join(f"{c:>17}" for c in cols)]
+    for model, by_split in results.items():
+        for split, m in by_split.items():
+            lines.append(f"{model:<10}{split:<13}" + "".join(f"{m[c]:>17.3f}" for c in cols))
+    return "\n".join(lines)
