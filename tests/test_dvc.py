@@ -78,6 +78,11 @@ def test_head_param_change_does_not_recompute_features(repo):
     assert ran == {"head", "finetune", "evaluate"}, exp.stdout
     assert tree_digest(root, ["data/features"]) == before
     assert yaml.safe_load((root / "params.yaml").read_text())["head"]["epochs"] == 2
+    # The experiment is recorded with its params and metrics, for `dvc exp show`.
+    table = sh([dvc, "exp", "show", "--csv"], root, env).stdout
+    header, *lines = table.splitlines()
+    assert "head.target_test.accuracy" in header and "head.epochs" in header
+    assert len(lines) >= 2
 
 
 def test_bad_params_fail_fast_and_change_no_output(repo):
