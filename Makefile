@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 UI_PORT ?= 5000
+# The project whose MLflow store `make ui` serves.
+STORE ?= $(CURDIR)
 
 # The stages run `python -m ...` through dvc: make that the venv's python.
 export PATH := $(BIN):$(PATH)
@@ -42,7 +44,7 @@ test: $(STAMP)
 
 ## ui: the MLflow UI on http://127.0.0.1:$(UI_PORT) over this project's runs
 ui: $(STAMP)
-	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT) --workers 1
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db --default-artifact-root $(abspath $(STORE))/mlartifacts --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
 ## bench: per-stage wall time and orchestration overhead
 bench: $(STAMP)

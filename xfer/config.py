@@ -98,6 +98,8 @@ class FinetuneConfig(_Strict):
     # Normalise with the pretrained running statistics instead of each batch's.
     freeze_bn: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 autocast on CUDA (never on the CPU).
+    amp: bool = True
     # Cap on optimiser steps per epoch; null means the whole source train split.
     max_steps_per_epoch: int | None = Field(None, ge=1)
 

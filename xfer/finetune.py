@@ -67,25 +67,25 @@ def select_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def _autocast(device: torch.device):
+def _autocast(device: torch.device, amp: bool = True):
     # bf16 keeps fp32's range, so no loss scaling is needed; CPU stays fp32 for exactness.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, data: Dataset, batch_size: int, device: torch.device, progress: bool = False, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(model: nn.Module, data: Dataset, batch_size: int, device: torch.device, progress: bool = False, desc: str = "predict", amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
     model.eval().to(device)
     logits, labels = [], []
     for x, y in tqdm(DataLoader(data, batch_size=batch_size), desc=desc, unit="batch", disable=not progress):
-        with _autocast(device):
+        with _autocast(device, amp):
             out = model(x.to(device, non_blocking=True))
         logits.append(out.float().cpu().numpy())
         labels.append(y.numpy())
     return np.concatenate(logits), np.concatenate(labels)
 
 
-def _accuracy(model: nn.Module, data: Dataset, batch_size: int, device: torch.device) -> float:
-    logits, labels = predict_logits(model, data, batch_size, device)
+def _accuracy(model: nn.Module, data: Dataset, batch_size: int, device: torch.device, amp: bool) -> float:
+    logits, labels = predict_logits(model, data, batch_size, device, amp=amp)
     return float((logits.argmax(1) == labels).mean())
 
 
@@ -114,11 +114,11 @@ def finetune(
     loss_fn = nn.CrossEntropyLoss()
 
     def evaluate(epoch: int, train_loss: float | None) -> dict[str, float]:
-        record = {"val_accuracy": _accuracy(model, val, cfg.batch_size * 2, device)}
+        record = {"val_accuracy": _accuracy(model, val, cfg.batch_size * 2, device, cfg.amp)}
         if train_loss is not None:
             record["train_loss"] = train_loss
         for name, data in (monitor or {}).items():
-            record[f"{name}_accuracy"] = _accuracy(model, data, cfg.batch_size * 2, device)
+            record[f"{name}_accuracy"] = _accuracy(model, data, cfg.batch_size * 2, device, cfg.amp)
         if on_epoch:
             on_epoch(epoch, record)
         return record
@@ -136,7 +136,7 @@ def finetune(
             if step >= steps_per_epoch:
                 break
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(device):
+            with _autocast(device, cfg.amp):
                 loss = loss_fn(model(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
