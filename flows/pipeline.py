@@ -15,9 +15,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import STAGE_FLOWS, STAGES
+from flows.stages import STAGE_FLOWS, STAGES, check_params
 from tasks import tracking
-from xfer.config import ConfigError, load_params
+from xfer.config import load_params
 from xfer.layout import Layout
 
 
@@ -44,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
-    try:
-        load_params(Layout(Path(args.root)).params)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    if not check_params(args.root):
         return 2
     result = pipeline(root=args.root)
     print(result["evaluate"])

@@ -40,44 +40,33 @@ def _run_stage(stage: str, root: str) -> dict:
     return STAGE_TASKS[stage](layout, params)
 
 
-@flow(name="fetch")
-def fetch_flow(root: str = ".") -> dict:
-    return _run_stage("fetch", root)
+def _stage_flow(stage: str):
+    @flow(name=stage)
+    def stage_flow(root: str = ".") -> dict:
+        return _run_stage(stage, root)
+
+    stage_flow.__doc__ = f"The {stage} stage: tasks/{stage}.py on the project at `root`."
+    return stage_flow
 
 
-@flow(name="split")
-def split_flow(root: str = ".") -> dict:
-    return _run_stage("split", root)
+STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
+# Importable names, for `prefect deploy flows/stages.py:<stage>_flow`.
+fetch_flow = STAGE_FLOWS["fetch"]
+split_flow = STAGE_FLOWS["split"]
+features_flow = STAGE_FLOWS["features"]
+head_flow = STAGE_FLOWS["head"]
+finetune_flow = STAGE_FLOWS["finetune"]
+evaluate_flow = STAGE_FLOWS["evaluate"]
 
 
-@flow(name="features")
-def features_flow(root: str = ".") -> dict:
-    return _run_stage("features", root)
-
-
-@flow(name="head")
-def head_flow(root: str = ".") -> dict:
-    return _run_stage("head", root)
-
-
-@flow(name="finetune")
-def finetune_flow(root: str = ".") -> dict:
-    return _run_stage("finetune", root)
-
-
-@flow(name="evaluate")
-def evaluate_flow(root: str = ".") -> dict:
-    return _run_stage("evaluate", root)
-
-
-STAGE_FLOWS = {
-    "fetch": fetch_flow,
-    "split": split_flow,
-    "features": features_flow,
-    "head": head_flow,
-    "finetune": finetune_flow,
-    "evaluate": evaluate_flow,
-}
+def check_params(root: str) -> bool:
+    """Validate params.yaml before any flow starts; print the problem and return False if invalid."""
+    try:
+        load_params(Layout(Path(root)).params)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--root", default=".", help="project root holding params.yaml and data/ (default: .)")
     args = parser.parse_args(argv)
-    try:
-        load_params(Layout(Path(args.root)).params)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    if not check_params(args.root):
         return 2
     result = STAGE_FLOWS[args.stage](root=args.root)
     print(result)

@@ -35,12 +35,26 @@ def test_finetune_starts_from_the_probe_and_learns():
     assert (logits.argmax(1) == labels).mean() == max(r["val_accuracy"] for r in history)
 
 
+class CountingDataset(torch.utils.data.Dataset):
+    def __init__(self, inner):
+        self.inner, self.reads = inner, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.inner[i]
+
+
 def test_step_cap_limits_each_epoch():
     model, _ = tiny_classifier()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = FinetuneConfig(epochs=1, batch_size=8, max_steps_per_epoch=1, lr=1e-2, device="cpu")
-    _, history = finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False)
-    assert len(history) == 2
+    train = CountingDataset(toy_data(64, 0))
+    cfg = FinetuneConfig(epochs=2, batch_size=8, max_steps_per_epoch=1, lr=1e-2, device="cpu")
+    _, history = finetune(model, train, toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False)
+    assert len(history) == 3
+    # One batch of 8 per epoch, not the 8 batches the split holds.
+    assert train.reads == 2 * 8
 
 
 def test_save_load_round_trip(tmp_path):

@@ -8,6 +8,7 @@ pretrained features in the first steps.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -132,9 +133,8 @@ def finetune(
             freeze_batchnorm(model)
         total, seen = 0.0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"finetune epoch {epoch}/{cfg.epochs}", unit="step", disable=not progress)
-        for step, (x, y) in enumerate(loader):
-            if step >= steps_per_epoch:
-                break
+        # islice, not a break: a break would load one batch too many.
+        for x, y in itertools.islice(loader, steps_per_epoch):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, cfg.amp):
                 loss = loss_fn(model(x).float(), y)
