@@ -70,6 +70,28 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert "metrics/eval.json" in json.dumps(shown)
 
 
+def test_stage_processes_group_under_one_pipeline_run(repo):
+    """Six processes, one MLflow parent: the run keyed by params and git commit."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+    from xfer.config import load_params
+    from xfer.layout import Layout
+
+    root, env, _, _ = repo
+    mlflow.set_tracking_uri(tracking.tracking_uri(Layout(root)))
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("xfer")
+    stages = client.search_runs([exp.experiment_id], "tags.`xfer.kind` = 'stage'")
+    parents = {r.data.tags["mlflow.parentRunId"] for r in stages}
+    assert len(stages) == 6 and len(parents) == 1
+    parent = client.get_run(parents.pop())
+    commit = sh(["git", "rev-parse", "HEAD"], root, env).stdout.strip()
+    assert parent.data.tags["xfer.pipeline_key"] == tracking.pipeline_key(load_params(root / "params.yaml"), commit)
+    assert {r.data.tags["git_commit"] for r in stages} == {commit}
+
+
 def test_head_param_change_does_not_recompute_features(repo):
     root, env, dvc, _ = repo
     before = tree_digest(root, ["data/features"])
