@@ -1,6 +1,8 @@
 import pytest
 
-from xfer.io import atomic_dir, save_with, write_json
+import torch
+
+from xfer.io import atomic_dir, save_torch, save_with, write_json
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
@@ -36,3 +38,11 @@ def test_failed_atomic_dir_keeps_the_old_folder(tmp_path):
             raise RuntimeError("crash")
     assert sorted(p.name for p in dest.iterdir()) == ["a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_saved_weights_are_byte_identical_and_load_back(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    a, b = save_torch(tmp_path / "a.pt", state), save_torch(tmp_path / "b.pt", state)
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(torch.load(a, weights_only=True)["w"], state["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from xfer.backbones import Preprocessing
 from xfer.config import FinetuneConfig, HeadConfig
 from xfer.heads import build_head
-from xfer.io import save_with, write_json
+from xfer.io import save_torch, write_json
 
 WEIGHTS_FILE = "model.pt"
 SPEC_FILE = "model.json"
@@ -177,7 +177,7 @@ def save_classifier(out_dir: Path, model: Classifier, spec: ClassifierSpec) -> N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_with(out_dir / WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
+    save_torch(out_dir / WEIGHTS_FILE, state)
     write_json(out_dir / SPEC_FILE, asdict(spec))
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from xfer.config import HeadConfig
-from xfer.io import save_with, write_json
+from xfer.io import save_torch, write_json
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -87,7 +87,7 @@ def save_head(out_dir, head: nn.Module, cfg: HeadConfig, in_dim: int, class_name
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    save_with(out_dir / HEAD_WEIGHTS_FILE, lambda tmp: torch.save(state, tmp))
+    save_torch(out_dir / HEAD_WEIGHTS_FILE, state)
     spec = {"head": cfg.model_dump(), "in_dim": in_dim, "num_classes": len(class_names), "class_names": class_names, "features_key": features_key}
     write_json(out_dir / HEAD_SPEC_FILE, spec)
 

@@ -45,6 +45,22 @@ def write_json(dest: str | Path, obj: Any) -> Path:
     return write_text(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def save_torch(dest: str | Path, obj: Any) -> Path:
+    """torch.save, atomically and byte-for-byte reproducible.
+
+    torch.save to a path names the archive's inner folder after the file,
+    here a random temporary name; saving to a buffer names it "archive", so
+    equal weights give equal files and equal DVC hashes.
+    """
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(dest, buffer.getvalue())
+
+
 def save_with(dest: str | Path, save: Callable[[Path], None]) -> Path:
     """Call `save(tmp_path)` (torch.save, np.save, fig.savefig...) atomically."""
     with atomic_path(dest) as tmp:
