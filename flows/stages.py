@@ -20,6 +20,7 @@ from tasks.fetch import fetch
 from tasks.finetune import finetune
 from tasks.head import head
 from tasks.split import split
+from xfer.backbones import BackboneError, check_model_name, resolve_weights
 from xfer.config import ConfigError, load_params
 from xfer.layout import Layout
 
@@ -60,10 +61,16 @@ evaluate_flow = STAGE_FLOWS["evaluate"]
 
 
 def check_params(root: str) -> bool:
-    """Validate params.yaml before any flow starts; print the problem and return False if invalid."""
+    """Validate params.yaml before any flow starts; print the problem and return False if invalid.
+
+    Beyond the schema, the backbone name and weights file are checked here, so
+    a typo stops the first stage, not the features stage after fetch and split.
+    """
     try:
-        load_params(Layout(Path(root)).params)
-    except ConfigError as err:
+        params = load_params(Layout(Path(root)).params)
+        check_model_name(params.backbone.name)
+        resolve_weights(params.backbone)
+    except (ConfigError, BackboneError) as err:
         print(f"error: {err}", file=sys.stderr)
         return False
     return True

@@ -1,0 +1,30 @@
+"""Stage entry points refuse bad params before any work or any output."""
+
+import pytest
+
+from flows.stages import main
+from helpers import write_params
+
+
+@pytest.mark.parametrize(
+    ("backbone", "message"),
+    [
+        ({"name": "efficientnet_b99"}, "not a timm model"),
+        ({"name": "test_resnet", "pretrained": True}, "no offline pretrained weights"),
+        ({"name": "test_resnet", "weights": "missing.pt"}, "file not found"),
+    ],
+)
+def test_bad_backbone_stops_the_first_stage(tmp_path, tiny_params, capsys, backbone, message):
+    tiny_params["backbone"].update(backbone)
+    write_params(tmp_path, tiny_params)
+    assert main(["fetch", "--root", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_unknown_key_stops_the_first_stage(tmp_path, tiny_params, capsys):
+    tiny_params["head"]["colour"] = "red"
+    write_params(tmp_path, tiny_params)
+    assert main(["fetch", "--root", str(tmp_path)]) == 2
+    assert "head.colour" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
