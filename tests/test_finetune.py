@@ -24,13 +24,13 @@ def tiny_classifier(head_cfg=HeadConfig()):
 
 def test_finetune_starts_from_the_probe_and_learns():
     model, _ = tiny_classifier()
-    probe_weight = model.head.weight.detach().clone()
+    probe_weight = model.head.classifier.weight.detach().clone()
     cfg = FinetuneConfig(epochs=3, batch_size=16, lr=3e-3, device="cpu")
     epochs = []
     trained, history = finetune(model, toy_data(128, 0), toy_data(64, 1), cfg, torch.device("cpu"), seed=0, monitor={"target_val": toy_data(32, 2)}, on_epoch=lambda e, r: epochs.append(e), progress=False)
     assert epochs == [0, 1, 2, 3] and "train_loss" not in history[0]
     assert history[0]["val_accuracy"] < 0.75 < max(r["val_accuracy"] for r in history)
-    assert not torch.equal(trained.head.weight, probe_weight)
+    assert not torch.equal(trained.head.classifier.weight, probe_weight)
     logits, labels = predict_logits(trained, toy_data(64, 1), 32, torch.device("cpu"))
     assert (logits.argmax(1) == labels).mean() == max(r["val_accuracy"] for r in history)
 

@@ -1,45 +1,107 @@
 import numpy as np
+import pytest
 import torch
 
-from xfer.config import HeadConfig
-from xfer.heads import build_head, load_head, save_head, train_head
+from xfer.config import ConfigError, HeadConfig, parse_params
+from xfer.heads import HeadData, HeadNet, best_epoch, build_head, class_weights, load_head, predict_proba, save_head, train_head
 
 
-def blobs(n, seed, shift=0.0):
+def blobs(n, seed, shift=0.0, sizes=None):
     rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, n)
+    y = rng.integers(0, 3, n) if sizes is None else np.repeat(np.arange(len(sizes)), sizes)
     centers = np.eye(3, 16) * 4
-    x = centers[y] + rng.normal(size=(n, 16)) + shift
+    x = centers[y] + rng.normal(size=(len(y), 16)) + shift
     return x.astype(np.float32), y.astype(np.int64)
+
+
+def accuracy(head, data, domain="target"):
+    return (predict_proba(head, data[0], domain).argmax(1) == data[1]).mean()
 
 
 def test_linear_head_learns_separable_classes_and_reports_every_epoch():
     seen = []
-    head, history = train_head(HeadConfig(epochs=15, lr=0.05), blobs(300, 0), blobs(90, 1), 3, seed=0, monitor={"target_val": blobs(90, 2, shift=0.5)}, on_epoch=lambda e, r: seen.append(e))
+    data = HeadData(blobs(300, 0), blobs(90, 1), target_val=blobs(90, 2, shift=0.5))
+    head, history = train_head(HeadConfig(epochs=15, lr=0.05), data, 3, seed=0, on_epoch=lambda e, r: seen.append(e))
     assert seen == list(range(1, 16)) and len(history) == 15
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    x, y = blobs(200, 3)
-    with torch.no_grad():
-        acc = (head(torch.as_tensor(x)).argmax(1).numpy() == y).mean()
-    assert acc > 0.95 and "target_val_accuracy" in history[0]
+    assert accuracy(head, blobs(200, 3)) > 0.95 and "target_val_accuracy" in history[0]
 
 
-def test_best_epoch_by_validation_is_kept():
-    cfg = HeadConfig(epochs=6, lr=0.05)
-    head, history = train_head(cfg, blobs(200, 0), blobs(60, 1), 3, seed=0)
-    x, y = blobs(60, 1)
-    with torch.no_grad():
-        kept = (head(torch.as_tensor(x)).argmax(1).numpy() == y).mean()
-    assert np.isclose(kept, max(r["val_accuracy"] for r in history))
+def test_best_epoch_by_the_selection_rule_is_kept():
+    # Target val is shifted: the two rules disagree on some epochs.
+    data = HeadData(blobs(200, 0), blobs(60, 1), target_val=blobs(60, 2, shift=1.2))
+    for selection, val in (("source_val", blobs(60, 1)), ("target_val", blobs(60, 2, shift=1.2))):
+        cfg = HeadConfig(epochs=6, lr=0.05, selection=selection)
+        head, history = train_head(cfg, data, 3, seed=0)
+        kept = accuracy(head, val)
+        assert np.isclose(kept, max(r[f"{selection}_accuracy"] for r in history))
+        assert np.isclose(history[best_epoch(cfg, history) - 1][f"{selection}_accuracy"], kept)
+    assert HeadConfig(selection="target_val").uses_target_labels and not HeadConfig().uses_target_labels
 
 
-def test_mlp_head_shape_and_save_load(tmp_path):
-    cfg = HeadConfig(kind="mlp", hidden_dim=8, epochs=2)
-    head, _ = train_head(cfg, blobs(60, 0), blobs(30, 1), 3, seed=0)
-    assert isinstance(build_head(cfg, 16, 3), torch.nn.Sequential)
+def test_early_stopping_ends_after_patience_epochs_without_progress():
+    data = HeadData(blobs(200, 0), blobs(60, 1))
+    _, history = train_head(HeadConfig(epochs=200, lr=0.05, patience=3), data, 3, seed=0)
+    scores = [r["source_val_accuracy"] for r in history]
+    best = len(scores) - scores[::-1].index(max(scores))
+    assert len(history) < 200 and len(history) == best + 3
+
+
+def test_class_balanced_loss_weights_rare_classes_and_recovers_their_recall():
+    w = class_weights(np.array([0] * 90 + [1] * 10), 3)
+    assert w[1] / w[0] == pytest.approx(9.0) and w[2] == 0 and w[:2].mean() == pytest.approx(1.0)
+    # 300 vs 300 vs 12 rows, overlapping classes: the rare class loses its recall unweighted.
+    rng = np.random.default_rng(0)
+    sizes = [300, 300, 12]
+    y = np.repeat(np.arange(3), sizes)
+    x = (np.eye(3, 16)[y] * 1.5 + rng.normal(size=(len(y), 16))).astype(np.float32)
+    ty = np.repeat(np.arange(3), 200)
+    tx = (np.eye(3, 16)[ty] * 1.5 + rng.normal(size=(600, 16))).astype(np.float32)
+    data = HeadData((x, y), (x, y))
+    recall = {}
+    for balanced in (False, True):
+        head, _ = train_head(HeadConfig(epochs=30, lr=0.02, class_balanced=balanced), data, 3, seed=0)
+        pred = predict_proba(head, tx, "source").argmax(1)
+        recall[balanced] = (pred[ty == 2] == 2).mean()
+    assert recall[True] > recall[False] + 0.2, recall
+
+
+def test_label_smoothing_keeps_predictions_less_certain():
+    data = HeadData(blobs(200, 0), blobs(60, 1))
+    top = {}
+    for smoothing in (0.0, 0.3):
+        head, _ = train_head(HeadConfig(epochs=30, lr=0.05, label_smoothing=smoothing), data, 3, seed=0)
+        top[smoothing] = predict_proba(head, blobs(100, 2)[0], "source").max(1).mean()
+    assert top[0.3] < top[0.0] - 0.05 and top[0.3] < 0.9
+
+
+def test_adaptation_without_target_features_or_oracle_without_target_val_is_refused():
+    with pytest.raises(ValueError, match="unlabelled target"):
+        train_head(HeadConfig(method="mcc"), HeadData(blobs(30, 0), blobs(9, 1)), 3, seed=0)
+    with pytest.raises(ValueError, match="target_val"):
+        train_head(HeadConfig(selection="target_val"), HeadData(blobs(30, 0), blobs(9, 1)), 3, seed=0)
+
+
+def test_aligning_method_on_a_linear_head_is_a_config_error_naming_the_fix():
+    with pytest.raises(ConfigError) as err:
+        parse_params({"head": {"kind": "linear", "method": "dann"}})
+    assert "head" in str(err.value) and "kind: mlp" in str(err.value)
+    with pytest.raises(ConfigError, match="head.method"):
+        parse_params({"head": {"method": "fancy"}})
+
+
+def test_mlp_head_with_domain_norm_save_load_round_trip(tmp_path):
+    cfg = HeadConfig(kind="mlp", hidden_dim=8, epochs=2, domain_norm=True, method="coral")
+    data = HeadData(blobs(60, 0), blobs(30, 1), target_train=blobs(60, 2, shift=3.0)[0])
+    head, _ = train_head(cfg, data, 3, seed=0)
+    assert isinstance(build_head(cfg, 16, 3), HeadNet) and head.embed_dim == 8
+    # The stored target statistics are the target train features'.
+    assert torch.allclose(head.feature_mean[1], torch.as_tensor(data.target_train.mean(0)), atol=1e-5)
     save_head(tmp_path, head, cfg, 16, ["a", "b", "c"], "key")
     loaded, spec = load_head(tmp_path)
     x = torch.as_tensor(blobs(5, 2)[0])
     with torch.no_grad():
-        assert torch.equal(head(x), loaded(x))
-    assert spec["class_names"] == ["a", "b", "c"] and spec["features_key"] == "key"
+        for domain in ("source", "target"):
+            assert torch.equal(head(x, domain), loaded(x, domain))
+        assert not torch.equal(loaded(x, "source"), loaded(x, "target"))
+    assert spec["class_names"] == ["a", "b", "c"] and spec["features_key"] == "key" and spec["head"]["method"] == "coral"

@@ -76,16 +76,59 @@ class BackboneConfig(_Strict):
 
 class FeaturesConfig(_Strict):
     batch_size: int = Field(128, ge=1, le=4096)
+    # float16 halves the cache on disk; either loads memory-mapped.
+    dtype: Literal["float32", "float16"] = "float32"
+    # DataLoader worker processes decoding images; 0 decodes in the main process.
+    num_workers: int = Field(0, ge=0, le=64)
+
+
+ADAPTATION_METHODS = ("source_only", "coral", "mmd", "dann", "cdan", "mcc", "self_training")
+# Methods that move the features themselves: they need a trainable layer below the classifier.
+FEATURE_ALIGNING_METHODS = ("coral", "mmd", "dann", "cdan")
+AdaptationMethod = Literal["source_only", "coral", "mmd", "dann", "cdan", "mcc", "self_training"]
 
 
 class HeadConfig(_Strict):
     kind: Literal["linear", "mlp"] = "linear"
     hidden_dim: int = Field(256, ge=1, le=8192)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # Domain adaptation on cached features; target labels are never seen.
+    method: AdaptationMethod = "source_only"
+    # Weight of the adaptation loss against the source classification loss.
+    adapt_weight: float = Field(1.0, ge=0, le=100)
+    # self_training: where pseudo-labels come from: the nearest target class centroid
+    # (refreshed each epoch) or the model's own argmax.
+    pseudo_labels: Literal["centroid", "confidence"] = "centroid"
+    # self_training: a target row trains only when the model gives its pseudo-label this probability.
+    pseudo_threshold: float = Field(0.9, gt=0, lt=1)
+    # mcc: temperature that softens predictions before the class-confusion matrix.
+    mcc_temperature: float = Field(2.5, gt=0, le=100)
+    # Standardise each domain's features with its own mean and std (feature-level AdaBN).
+    domain_norm: bool = False
     epochs: int = Field(60, ge=1, le=10000)
     batch_size: int = Field(256, ge=1, le=65536)
     lr: float = Field(3e-3, gt=0, le=10)
     weight_decay: float = Field(1e-4, ge=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Weight the loss by inverse class frequency, for imbalanced source data.
+    class_balanced: bool = False
+    # Model selection: source_val, or target_val (uses target labels: an oracle, reported as such).
+    selection: Literal["source_val", "target_val"] = "source_val"
+    # Stop after this many epochs without a better selection score; null = run every epoch.
+    patience: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _aligning_needs_hidden_layer(self) -> "HeadConfig":
+        if self.method in FEATURE_ALIGNING_METHODS and self.kind == "linear":
+            raise ValueError(
+                f"method {self.method!r} aligns the head's hidden features, which a linear head lacks; "
+                f"set head.kind: mlp, or choose a method that works on a linear head: source_only, mcc, self_training"
+            )
+        return self
+
+    @property
+    def uses_target_labels(self) -> bool:
+        return self.selection == "target_val"
 
 
 class FinetuneConfig(_Strict):
@@ -102,6 +145,9 @@ class FinetuneConfig(_Strict):
     amp: bool = True
     # Cap on optimiser steps per epoch; null means the whole source train split.
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    # The linear probe that starts the classifier (LP-FT), trained on cached source features.
+    probe_epochs: int = Field(60, ge=1, le=10000)
+    probe_lr: float = Field(3e-3, gt=0, le=10)
 
 
 class EvaluateConfig(_Strict):

@@ -1,89 +1,216 @@
-"""Classifier heads and their training on cached features."""
+"""Classifier heads on cached features, trained with or without domain adaptation.
+
+A head is `HeadNet`: optional per-domain standardisation of the features,
+an optional hidden layer (the representation adaptation aligns), and a
+linear classifier. `train_head` trains it on labelled source features and,
+for an adaptation method, unlabelled target features; the epoch kept is
+the best by the model-selection rule the config names.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from xfer.adapt import build_adaptation_loss
 from xfer.config import HeadConfig
 from xfer.io import save_torch, write_json
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+DOMAINS = ("source", "target")
+Labelled = tuple[np.ndarray, np.ndarray]
 
 
-def build_head(cfg: HeadConfig, in_dim: int, num_classes: int) -> nn.Module:
-    if cfg.kind == "linear":
-        return nn.Linear(in_dim, num_classes)
-    return nn.Sequential(
-        nn.Linear(in_dim, cfg.hidden_dim),
-        nn.ReLU(),
-        nn.Dropout(cfg.dropout),
-        nn.Linear(cfg.hidden_dim, num_classes),
-    )
+class HeadNet(nn.Module):
+    """features -> [per-domain standardisation] -> [Linear-ReLU-Dropout] -> Linear -> logits."""
+
+    def __init__(self, in_dim: int, num_classes: int, kind: str = "linear", hidden_dim: int = 256, dropout: float = 0.0, domain_norm: bool = False):
+        super().__init__()
+        self.domain_norm = domain_norm
+        # Row 0: source statistics, row 1: target. Kept even when unused, so every head saves alike.
+        self.register_buffer("feature_mean", torch.zeros(len(DOMAINS), in_dim))
+        self.register_buffer("feature_std", torch.ones(len(DOMAINS), in_dim))
+        if kind == "mlp":
+            self.hidden: nn.Module = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+            self.embed_dim = hidden_dim
+        else:
+            self.hidden = nn.Identity()
+            self.embed_dim = in_dim
+        self.classifier = nn.Linear(self.embed_dim, num_classes)
+
+    def fit_domain_norm(self, source: np.ndarray, target: np.ndarray) -> None:
+        for i, x in enumerate((source, target)):
+            x = torch.as_tensor(np.asarray(x, dtype=np.float32))
+            self.feature_mean[i] = x.mean(0)
+            # A constant feature keeps std 1 instead of dividing by zero.
+            self.feature_std[i] = torch.where(x.std(0) > 1e-6, x.std(0), torch.ones(()))
+
+    def embed(self, features: torch.Tensor, domain: str = "target") -> torch.Tensor:
+        if self.domain_norm:
+            i = DOMAINS.index(domain)
+            features = (features - self.feature_mean[i]) / self.feature_std[i]
+        return self.hidden(features)
+
+    def forward(self, features: torch.Tensor, domain: str = "target") -> torch.Tensor:
+        """Logits; `domain` picks the standardisation when domain_norm is on (new data is target data)."""
+        return self.classifier(self.embed(features, domain))
+
+
+def build_head(cfg: HeadConfig, in_dim: int, num_classes: int) -> HeadNet:
+    return HeadNet(in_dim, num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout, cfg.domain_norm)
+
+
+@dataclass(frozen=True)
+class HeadData:
+    """The feature sets a head sees. Target train rows come without labels."""
+
+    source_train: Labelled
+    source_val: Labelled
+    target_train: np.ndarray | None = None
+    target_val: Labelled | None = None
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x, dtype=np.float32))
 
 
 @torch.no_grad()
-def accuracy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, domain: str = "target") -> float:
     model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
+    return float((model(x, domain).argmax(1) == y).float().mean())
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled to mean 1 over the classes present."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    weights *= (counts > 0).sum() / weights.sum()
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def selection_set(cfg: HeadConfig) -> str:
+    """The history key the selection rule maximises."""
+    return f"{cfg.selection}_accuracy"
 
 
 def train_head(
     cfg: HeadConfig,
-    train: tuple[np.ndarray, np.ndarray],
-    val: tuple[np.ndarray, np.ndarray],
+    data: HeadData,
     num_classes: int,
     seed: int,
-    monitor: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     on_epoch: EpochCallback | None = None,
-) -> tuple[nn.Module, list[dict[str, float]]]:
-    """Train on `train`, keep the epoch with the best `val` accuracy.
+) -> tuple[HeadNet, list[dict[str, float]]]:
+    """Train a head; return it at the epoch best by `cfg.selection`, and every epoch's record.
 
-    `monitor` sets (e.g. target val) are only reported each epoch, never
-    used to choose anything.
+    Each record has train_loss, source_val_accuracy and (with target val)
+    target_val_accuracy; adaptation methods add adapt_loss. Target val is
+    only used to choose the epoch under the oracle rule `selection: target_val`.
     """
+    needs_target = cfg.method != "source_only" or cfg.domain_norm
+    if needs_target and data.target_train is None:
+        raise ValueError(f"head.method {cfg.method!r} (or domain_norm) needs unlabelled target train features")
+    if cfg.selection == "target_val" and data.target_val is None:
+        raise ValueError("head.selection 'target_val' needs labelled target val features")
     torch.manual_seed(seed)
-    x, y = (torch.as_tensor(a) for a in train)
-    vx, vy = (torch.as_tensor(a) for a in val)
-    monitored = {k: tuple(torch.as_tensor(a) for a in v) for k, v in (monitor or {}).items()}
+    x, y = _tensor(data.source_train[0]), torch.as_tensor(data.source_train[1], dtype=torch.long)
+    xt = _tensor(data.target_train) if data.target_train is not None else None
+    evals = {"source_val": (_tensor(data.source_val[0]), torch.as_tensor(data.source_val[1], dtype=torch.long), "source")}
+    if data.target_val is not None:
+        evals["target_val"] = (_tensor(data.target_val[0]), torch.as_tensor(data.target_val[1], dtype=torch.long), "target")
+
     head = build_head(cfg, x.shape[1], num_classes)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
+    if cfg.domain_norm:
+        head.fit_domain_norm(data.source_train[0], data.target_train)
+    adapt = build_adaptation_loss(cfg.method, head.embed_dim, num_classes, pseudo_threshold=cfg.pseudo_threshold, pseudo_labels=cfg.pseudo_labels, mcc_temperature=cfg.mcc_temperature)
+    params = list(head.parameters()) + (list(adapt.parameters()) if adapt is not None else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weight = class_weights(data.source_train[1], num_classes) if cfg.class_balanced else None
     gen = torch.Generator().manual_seed(seed)
-    best_acc, best_state, history = -1.0, None, []
+    steps_per_epoch = -(-len(x) // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+
+    key = selection_set(cfg)
+    best_score, best_state, history, since_best = -1.0, None, [], 0
+    step = 0
     for epoch in range(1, cfg.epochs + 1):
+        if adapt is not None:
+            with torch.no_grad():
+                head.eval()
+                f_all = head.embed(xt, "target")
+                adapt.refresh(f_all, head.classifier(f_all))
+            adapt.train()
         head.train()
-        total, seen = 0.0, 0
+        sums = {"train_loss": 0.0, "adapt_loss": 0.0}
         for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
-            loss = loss_fn(head(x[idx]), y[idx])
+            step += 1
+            logits_s = head(x[idx], "source")
+            loss = F.cross_entropy(logits_s, y[idx], weight=weight, label_smoothing=cfg.label_smoothing)
+            if adapt is not None:
+                adapt.set_progress(step / total_steps)
+                t_idx = torch.randint(len(xt), (len(idx),), generator=gen)
+                f_s = head.embed(x[idx], "source")
+                f_t = head.embed(xt[t_idx], "target")
+                adapt_loss = adapt(f_s, f_t, head.classifier(f_s), head.classifier(f_t), index_t=t_idx)
+                loss = loss + cfg.adapt_weight * adapt_loss
+                sums["adapt_loss"] += adapt_loss.item() * len(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-            seen += len(idx)
-        record = {"train_loss": total / seen, "val_accuracy": accuracy_of(head, vx, vy)}
-        for name, (mx, my) in monitored.items():
-            record[f"{name}_accuracy"] = accuracy_of(head, mx, my)
+            sums["train_loss"] += loss.item() * len(idx)
+        record = {"train_loss": sums["train_loss"] / len(x)}
+        if adapt is not None:
+            record["adapt_loss"] = sums["adapt_loss"] / len(x)
+        for name, (vx, vy, domain) in evals.items():
+            record[f"{name}_accuracy"] = accuracy_of(head, vx, vy, domain)
         history.append(record)
         if on_epoch:
             on_epoch(epoch, record)
-        if record["val_accuracy"] > best_acc:
-            best_acc, best_state = record["val_accuracy"], copy.deepcopy(head.state_dict())
+        # Ties go to the later epoch: source val saturates early, and the adaptation loss
+        # only has its say after that, so "first best" would keep a barely adapted head.
+        if record[key] >= best_score:
+            best_score, best_state, since_best = record[key], copy.deepcopy(head.state_dict()), 0
+        else:
+            since_best += 1
+            if cfg.patience is not None and since_best >= cfg.patience:
+                break
     head.load_state_dict(best_state)
     return head.eval(), history
+
+
+def best_epoch(cfg: HeadConfig, history: list[dict[str, float]]) -> int:
+    """1-based epoch train_head kept: the last with the best selection score."""
+    key = selection_set(cfg)
+    scores = [r[key] for r in history]
+    return len(scores) - scores[::-1].index(max(scores))
+
+
+@torch.no_grad()
+def predict_proba(head: HeadNet, features: np.ndarray, domain: str, batch_size: int = 4096) -> np.ndarray:
+    head.eval()
+    out = [F.softmax(head(_tensor(features[i : i + batch_size]), domain), 1).numpy() for i in range(0, len(features), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, head.classifier.out_features), np.float32)
+
+
+@torch.no_grad()
+def embed(head: HeadNet, features: np.ndarray, domain: str, batch_size: int = 4096) -> np.ndarray:
+    """The representation the classifier sees (what adaptation aligns)."""
+    head.eval()
+    return np.concatenate([head.embed(_tensor(features[i : i + batch_size]), domain).numpy() for i in range(0, len(features), batch_size)])
 
 
 HEAD_WEIGHTS_FILE = "head.pt"
 HEAD_SPEC_FILE = "head.json"
 
 
-def save_head(out_dir, head: nn.Module, cfg: HeadConfig, in_dim: int, class_names: list[str], features_key: str) -> None:
+def save_head(out_dir, head: HeadNet, cfg: HeadConfig, in_dim: int, class_names: list[str], features_key: str) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
@@ -92,7 +219,7 @@ def save_head(out_dir, head: nn.Module, cfg: HeadConfig, in_dim: int, class_name
     write_json(out_dir / HEAD_SPEC_FILE, spec)
 
 
-def load_head(model_dir) -> tuple[nn.Module, dict]:
+def load_head(model_dir) -> tuple[HeadNet, dict]:
     model_dir = Path(model_dir)
     for f in (HEAD_WEIGHTS_FILE, HEAD_SPEC_FILE):
         if not (model_dir / f).is_file():

@@ -49,6 +49,10 @@ class Layout:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    def stage_plots(self, stage: str) -> Path:
+        """plots/<stage>/: each stage owns its own folder of figures (one DVC output each)."""
+        return self.plots / stage
+
     @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow.db"

@@ -42,3 +42,8 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
         for split, m in by_split.items():
             lines.append(f"{model:<10}{split:<13}" + "".join(f"{m[c]:>17.3f}" for c in cols))
     return "\n".join(lines)
+
+
+def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
+    """Recall of each true class (row); 0 for a class with no rows."""
+    return _safe_div(np.diag(cm).astype(float), cm.sum(1).astype(float))
