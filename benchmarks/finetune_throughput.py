@@ -14,6 +14,7 @@ default params, fp32 and bf16 on CUDA) checks that training works there.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -66,7 +67,7 @@ def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], ep
     from xfer.data.images import ImageRows
     from xfer.data.split import build_manifest, rows
     from xfer.features import extract
-    from xfer.heads import train_head
+    from xfer.heads import HeadData, train_head
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -83,11 +84,10 @@ def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], ep
             part = rows(manifest, role, split)
             return ImageRows(part.path.tolist(), part.label.tolist(), prep, root)
 
-        probe, _ = train_head(HeadConfig(), select("source", "train"), select("source", "val"), 10, seed=0)
+        probe, _ = train_head(HeadConfig(), HeadData(select("source", "train"), select("source", "val")), 10, seed=0)
         for amp in amp_modes:
             body, _, _ = create_backbone(BackboneConfig(name=backbone, image_size=64))
-            head = torch.nn.Linear(body.num_features, 10)
-            head.load_state_dict(probe.state_dict())
+            head = copy.deepcopy(probe)
             cfg = FinetuneConfig(epochs=epochs, amp=amp)
             start = time.perf_counter()
             _, history = finetune(Classifier(body, head), data("source", "train"), data("source", "val"), cfg, device, seed=0, monitor={"target_val": data("target", "val")}, progress=False)

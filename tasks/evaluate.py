@@ -15,8 +15,8 @@ from xfer.finetune import load_classifier, predict_logits, select_device
 from xfer.heads import load_head
 from xfer.io import write_json
 from xfer.layout import Layout
-from xfer.metrics import classification_metrics, confusion_matrix
-from xfer.plots import save_confusion_matrix
+from xfer.metrics import classification_metrics, confusion_matrix, per_class_accuracy
+from xfer.plots import per_class_accuracy_figure, save_confusion_matrix, save_figure
 
 # (manifest role, split) -> the name used in eval.json and plot files.
 EVAL_SETS = {("source", "test"): "source_test", ("target", "test"): "target_test"}
@@ -34,20 +34,27 @@ def evaluate(layout: Layout, params: Params) -> dict:
             names = head_spec["class_names"]
             results: dict[str, dict] = {"head": {}, "finetune": {}}
             plots = []
+            plot_dir = layout.stage_plots("evaluate")
             for (role, split), set_name in EVAL_SETS.items():
                 x, y = fs.select(role, split)
                 with torch.no_grad():
-                    head_pred = head(torch.as_tensor(x)).argmax(1).numpy()
+                    # A head with domain_norm standardises each domain with that domain's statistics.
+                    head_pred = head(torch.as_tensor(x), role).argmax(1).numpy()
                 part = rows(manifest, role, split)
                 data = ImageRows(part.path.tolist(), part.label.tolist(), spec.prep(), layout.root)
                 logits, labels = predict_logits(classifier, data, params.evaluate.batch_size, device, progress=True, desc=f"evaluate {set_name}")
+                per_class = {}
                 for model_name, truth, pred in (("head", y, head_pred), ("finetune", labels, logits.argmax(1))):
                     results[model_name][set_name] = classification_metrics(truth, pred, len(names))
                     cm = confusion_matrix(truth, pred, len(names))
-                    path = layout.plots / f"confusion_{model_name}_{set_name}.png"
+                    per_class[model_name] = per_class_accuracy(cm)
+                    results[model_name][set_name]["per_class_accuracy"] = dict(zip(names, per_class[model_name].round(6).tolist()))
+                    path = plot_dir / f"confusion_{model_name}_{set_name}.png"
                     acc = results[model_name][set_name]["accuracy"]
                     save_confusion_matrix(path, cm, names, f"{model_name} on {set_name} (accuracy {acc:.3f})")
                     plots.append(path)
+                path = plot_dir / f"per_class_accuracy_{set_name}.png"
+                plots.append(save_figure(path, per_class_accuracy_figure(per_class, names, f"per-class accuracy on {set_name}")))
             write_json(layout.metrics("eval"), results)
         run.log_metrics(results)
         run.log_artifact(layout.metrics("eval"))

@@ -1,4 +1,9 @@
-"""finetune stage: the whole network, classifier initialised from the head."""
+"""finetune stage: the whole network, its classifier started from a linear probe (LP-FT).
+
+The probe is trained here, on the cached source features, not taken from the
+head stage: the head may be adapted, an MLP, or selected by an oracle, and a
+change to any of that must not rerun fine-tuning.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +18,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.tracking import stage_run
+from xfer import features as feats
 from xfer.backbones import create_backbone
-from xfer.config import Params
+from xfer.config import HeadConfig, Params
 from xfer.data.images import ImageRows
-from xfer.data.split import read_manifest, rows
+from xfer.data.split import class_names, read_manifest, rows
 from xfer.finetune import Classifier, ClassifierSpec, finetune as run_finetune, save_classifier, select_device
-from xfer.heads import load_head
+from xfer.heads import HeadData, train_head
 from xfer.io import write_json
 from xfer.layout import Layout
 
@@ -49,10 +55,13 @@ def finetune(layout: Layout, params: Params) -> dict:
         with run.work():
             device = select_device(cfg.device)
             logger.info("fine-tuning on %s", device)
-            head, head_spec = load_head(layout.head_dir)
-            backbone, prep, _ = create_backbone(params.backbone, num_classes=0)
-            model = Classifier(backbone, head)
             manifest = read_manifest(layout.manifest)
+            names = class_names(manifest)
+            fs = feats.load_current(layout.features)
+            probe_cfg = HeadConfig(kind="linear", epochs=cfg.probe_epochs, lr=cfg.probe_lr)
+            probe, _ = train_head(probe_cfg, HeadData(fs.select("source", "train"), fs.select("source", "val")), len(names), params.seed)
+            backbone, prep, _ = create_backbone(params.backbone, num_classes=0)
+            model = Classifier(backbone, probe)
 
             def data(role: str, split: str) -> ImageRows:
                 part = rows(manifest, role, split)
@@ -70,10 +79,10 @@ def finetune(layout: Layout, params: Params) -> dict:
             )
             spec = ClassifierSpec(
                 backbone=params.backbone.name,
-                head=head_spec["head"],
-                feature_dim=head_spec["in_dim"],
-                num_classes=head_spec["num_classes"],
-                class_names=head_spec["class_names"],
+                head=probe_cfg.model_dump(),
+                feature_dim=fs.features.shape[1],
+                num_classes=len(names),
+                class_names=names,
                 preprocessing=prep.as_dict(),
             )
             save_classifier(layout.finetune_dir, model, spec)

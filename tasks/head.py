@@ -1,33 +1,81 @@
-"""head stage: a classifier head trained on cached source features."""
+"""head stage: a classifier head on cached features, adapted to the target if asked."""
 
 from __future__ import annotations
 
-from prefect import task
+import numpy as np
+import torch
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.tracking import stage_run
 from xfer import features as feats
 from xfer.config import Params
 from xfer.data.split import class_names, read_manifest
-from xfer.heads import save_head, train_head
+from xfer.diagnostics import proxy_a_distance, tsne_coordinates
+from xfer.heads import HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
 from xfer.io import write_json
 from xfer.layout import Layout
+from xfer.plots import save_figure, tsne_figure
+
+
+def head_data(fs: feats.FeatureSet) -> HeadData:
+    """Labelled source train/val; target train without its labels; target val for reports (or the oracle rule)."""
+    target_train, _ = fs.select("target", "unlabeled")
+    return HeadData(fs.select("source", "train"), fs.select("source", "val"), target_train, fs.select("target", "val"))
+
+
+def domain_gap(fs: feats.FeatureSet, model: HeadNet, seed: int) -> dict:
+    """Proxy A-distance and t-SNE coordinates, before (backbone features) and after adaptation.
+
+    "After" is the layer adaptation changed: the hidden layer of an MLP head
+    (or the per-domain standardised features), else, for a plain linear head
+    whose input features never move, its logits.
+    """
+    (xs, ys), (xt, yt) = fs.select("source", "train"), fs.select("target", "unlabeled")
+    if isinstance(model.hidden, torch.nn.Identity) and not model.domain_norm:
+        after = ("head logits", predict_logits(model, xs, "source"), predict_logits(model, xt, "target"))
+    else:
+        after = ("head representation", embed(model, xs, "source"), embed(model, xt, "target"))
+    spaces = {"backbone features": (xs, xt), after[0]: after[1:]}
+    distances, panels = {}, {}
+    for name, (s, t) in spaces.items():
+        distances[name] = proxy_a_distance(s, t, seed)
+        coords, domain, rows = tsne_coordinates(s, t, seed)
+        # Target labels only colour the picture; nothing is trained on them.
+        labels = np.empty(len(rows), dtype=np.int64)
+        labels[domain == 0], labels[domain == 1] = ys[rows[domain == 0]], yt[rows[domain == 1]]
+        panels[f"{name} (proxy A-distance {distances[name]:.2f})"] = (coords, domain, labels)
+    return {"before": distances["backbone features"], "after": distances[after[0]], "after_space": after[0], "panels": panels}
 
 
 @task(name="head", cache_policy=NO_CACHE)
 def head(layout: Layout, params: Params) -> dict:
+    logger = get_run_logger()
+    cfg = params.head
     with stage_run("head", layout, params, ["seed", "head"]) as run:
         with run.work():
             fs = feats.load_current(layout.features)
             names = class_names(read_manifest(layout.manifest))
-            train = fs.select("source", "train")
-            val = fs.select("source", "val")
-            monitor = {"target_val": fs.select("target", "val")}
-            model, history = train_head(params.head, train, val, len(names), params.seed, monitor, run.epoch_logger("head"))
-            save_head(layout.head_dir, model, params.head, fs.features.shape[1], names, fs.meta["key"])
-            best = max(history, key=lambda r: r["val_accuracy"])
-            summary = {"best_epoch": history.index(best) + 1, "source_val_accuracy": best["val_accuracy"], "target_val_accuracy": best["target_val_accuracy"], "epochs": len(history)}
+            logger.info("head: %s on %s, method %s, selection %s", cfg.kind, fs.meta["key"], cfg.method, cfg.selection)
+            model, history = train_head(cfg, head_data(fs), len(names), params.seed, run.epoch_logger("head"))
+            save_head(layout.head_dir, model, cfg, fs.features.shape[1], names, fs.meta["key"])
+            kept = best_epoch(cfg, history)
+            gap = domain_gap(fs, model, params.seed)
+            tsne = save_figure(layout.stage_plots("head") / "tsne.png", tsne_figure(gap["panels"], names, f"source (o) vs target (x), head method {cfg.method}"))
+            summary = {
+                "method": cfg.method,
+                "selection": cfg.selection,
+                "uses_target_labels": cfg.uses_target_labels,
+                "best_epoch": kept,
+                "epochs_run": len(history),
+                "source_val_accuracy": history[kept - 1]["source_val_accuracy"],
+                "target_val_accuracy": history[kept - 1]["target_val_accuracy"],
+                "proxy_a_distance": {"backbone": gap["before"], "head": gap["after"]},
+                "proxy_a_distance_head_space": gap["after_space"],
+            }
             write_json(layout.metrics("head"), summary)
+        run.set_tags({"head.method": cfg.method, "head.selection": cfg.selection, "uses_target_labels": str(cfg.uses_target_labels).lower()})
         run.log_metrics(summary, prefix="best.")
         run.log_artifact(layout.metrics("head"))
-    return summary
+        run.log_artifact(tsne, "plots")
+    return {k: v for k, v in summary.items() if k != "proxy_a_distance"}

@@ -92,18 +92,19 @@ def test_stage_processes_group_under_one_pipeline_run(repo):
     assert {r.data.tags["git_commit"] for r in stages} == {commit}
 
 
-def test_head_param_change_does_not_recompute_features(repo):
+def test_head_method_change_reruns_head_and_evaluate_only(repo):
     root, env, dvc, _ = repo
-    before = tree_digest(root, ["data/features"])
-    exp = sh([dvc, "exp", "run", "-S", "head.epochs=2"], root, env)
+    before = tree_digest(root, ["data/features", "models/finetune"])
+    exp = sh([dvc, "exp", "run", "-S", "head.method=mcc", "-S", "head.epochs=2"], root, env)
     ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"head", "finetune", "evaluate"}, exp.stdout
-    assert tree_digest(root, ["data/features"]) == before
-    assert yaml.safe_load((root / "params.yaml").read_text())["head"]["epochs"] == 2
+    assert ran == {"head", "evaluate"}, exp.stdout
+    assert tree_digest(root, ["data/features", "models/finetune"]) == before
+    assert yaml.safe_load((root / "params.yaml").read_text())["head"]["method"] == "mcc"
+    assert json.loads((root / "metrics/head.json").read_text())["method"] == "mcc"
     # The experiment is recorded with its params and metrics, for `dvc exp show`.
     table = sh([dvc, "exp", "show", "--csv"], root, env).stdout
     header, *lines = table.splitlines()
-    assert "head.target_test.accuracy" in header and "head.epochs" in header
+    assert "head.target_test.accuracy" in header and "head.method" in header
     assert len(lines) >= 2
 
 
@@ -132,7 +133,7 @@ def test_bad_params_fail_fast_and_change_no_output(repo):
 def test_prefect_pipeline_writes_what_dvc_writes(repo, pipeline_project):
     """Same params, two runners (fresh DVC repo vs one Prefect flow): same files."""
     root, env, dvc, _ = repo
-    # The exp run above changed head.epochs; bring the workspace back to the committed params.
+    # The exp run above changed head params; bring the workspace back to the committed params.
     sh(["git", "checkout", "params.yaml"], root, env)
     sh([dvc, "repro"], root, env)
     other, _ = pipeline_project

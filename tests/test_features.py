@@ -1,3 +1,9 @@
+import fcntl
+import multiprocessing as mp
+import os
+import threading
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -42,9 +48,64 @@ def test_extract_matches_a_direct_forward_pass_in_any_batching(tmp_path, manifes
     np.testing.assert_allclose(a[7], direct, atol=1e-5)
 
 
+def test_extract_with_loader_workers_gives_the_same_rows_in_the_same_order(tmp_path, manifest):
+    model = backbone()
+    inline = feats.extract(model, manifest, PREP, batch_size=3, root=tmp_path, progress=False)
+    workers = feats.extract(model, manifest, PREP, batch_size=3, root=tmp_path, progress=False, num_workers=2)
+    np.testing.assert_array_equal(inline, workers)
+
+
+# A thread-exit hook like the one Prefect 3.8's log service registers in a flow
+# run: harmless in the process that registered it, fatal in a forked copy.
+_HOOK = {"armed": False, "registered": False, "parent": os.getpid()}
+
+
+def _hook_that_fails_in_forked_copies():
+    if _HOOK["armed"] and os.getpid() != _HOOK["parent"]:
+        raise AssertionError("a thread-exit hook of the parent ran in a forked child")
+
+
+def test_loader_workers_do_not_inherit_the_callers_thread_exit_hooks(tmp_path, manifest):
+    if not _HOOK["registered"]:
+        # Private, as in Prefect (prefect/_internal/concurrency/services.py); there is no way to unregister.
+        threading._register_atexit(_hook_that_fails_in_forked_copies)
+        _HOOK["registered"] = True
+    _HOOK["armed"] = True
+    try:
+        model = backbone()
+        for _ in range(3):
+            got = feats.extract(model, manifest, PREP, batch_size=4, root=tmp_path, progress=False, num_workers=1)
+            assert got.shape == (10, model.num_features)
+    finally:
+        _HOOK["armed"] = False
+
+
+def _to_tensor_reference(img, prep):
+    """to_tensor as it was before it was made faster: the numbers it must still give."""
+    img = img.convert("RGB").resize((prep.image_size, prep.image_size), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(prep.mean).view(3, 1, 1)
+    std = torch.tensor(prep.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "1", "LA"])
+@pytest.mark.parametrize("shape", [(8, 8), (70, 100), (5, 3)])
+def test_to_tensor_gives_exactly_the_reference_numbers(mode, shape):
+    from xfer.data.images import to_tensor
+
+    rng = np.random.default_rng(sum(map(ord, mode)) + shape[0])
+    img = Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8), mode="RGB").convert(mode)
+    for prep in (PREP, Preprocessing(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), Preprocessing(17, (0.1, 0.9, 0.3), (2.0, 0.7, 1.3))):
+        got, want = to_tensor(img, prep), _to_tensor_reference(img, prep)
+        assert got.dtype == torch.float32 and got.shape == (3, prep.image_size, prep.image_size)
+        assert torch.equal(got, want), f"{mode} {shape} {prep}: max diff {(got - want).abs().max()}"
+
+
 def test_key_changes_with_every_input(manifest):
     base = feats.cache_key("m", "w1", PREP, manifest)
     assert base == feats.cache_key("m", "w1", PREP, manifest.copy())
+    assert base == feats.cache_key("m", "w1", PREP, manifest, dtype="float32")
     changed = manifest.copy()
     changed.loc[3, "sha256"] = "f" * 64
     assert len({
@@ -53,7 +114,16 @@ def test_key_changes_with_every_input(manifest):
         feats.cache_key("m", "w2", PREP, manifest),
         feats.cache_key("m", "w1", Preprocessing(64, PREP.mean, PREP.std), manifest),
         feats.cache_key("m", "w1", PREP, changed),
-    }) == 5
+        feats.cache_key("m", "w1", PREP, manifest, dtype="float16"),
+    }) == 6
+
+
+def test_unknown_dtype_is_refused_with_the_choices(manifest, tmp_path):
+    with pytest.raises(feats.FeatureCacheError, match="float32, float16"):
+        feats.cache_key("m", "w1", PREP, manifest, dtype="bfloat16")
+    with pytest.raises(feats.FeatureCacheError, match="float64"):
+        feats.get_or_compute(tmp_path, "k", lambda: np.zeros((10, 2)), manifest, {}, dtype="float64")
+    assert list(tmp_path.iterdir()) == [tmp_path / "img"]
 
 
 def test_entry_round_trip_and_selection(tmp_path, manifest):
@@ -61,10 +131,153 @@ def test_entry_round_trip_and_selection(tmp_path, manifest):
     feats.write_entry(tmp_path / "cache", "k1", x, manifest, {"backbone": "m"})
     feats.set_current(tmp_path / "cache", "k1")
     fs = feats.load_current(tmp_path / "cache")
-    assert fs.meta["key"] == "k1" and fs.meta["dim"] == 2
+    assert fs.meta["key"] == "k1" and fs.meta["dim"] == 2 and fs.meta["dtype"] == "float32"
     sx, sy = fs.select("target", "test")
     np.testing.assert_array_equal(sx, x[6:])
     np.testing.assert_array_equal(sy, manifest.label.to_numpy()[6:])
+
+
+def test_float16_entry_is_memory_mapped_and_selects_as_float32(tmp_path, manifest):
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 3, (10, 64)).astype(np.float32)
+    entry, hit = feats.get_or_compute(tmp_path / "cache", "k16", lambda: x, manifest, {}, dtype="float16")
+    assert not hit
+    fs = feats.load_entry(entry)
+    assert isinstance(fs.features, np.memmap) and fs.features.dtype == np.float16
+    assert fs.meta["dtype"] == "float16"
+    # float16 keeps 11 significant bits: a relative error of at most 2**-11.
+    np.testing.assert_allclose(fs.features, x, rtol=2**-11, atol=0)
+    sx, _ = fs.select("source", "train")
+    assert type(sx) is np.ndarray and sx.dtype == np.float32
+    np.testing.assert_array_equal(sx, x[:6].astype(np.float16).astype(np.float32))
+    # Half the bytes on disk (plus the same .npy header).
+    f32 = feats.write_entry(tmp_path / "cache", "k32", x, manifest, {})
+    size = lambda e: (e / feats.FEATURES_FILE).stat().st_size  # noqa: E731
+    assert size(entry) - 128 == (size(f32) - 128) // 2
+
+
+def test_float16_overflow_is_refused_not_stored_as_inf(tmp_path, manifest):
+    x = np.full((10, 2), 1e6, np.float32)
+    with pytest.raises(feats.FeatureCacheError, match="1e[+]06, beyond the float16 range; store them as float32"):
+        feats.write_entry(tmp_path, "k", x, manifest, {}, dtype="float16")
+    assert list(tmp_path.iterdir()) == [tmp_path / "img"]
+
+
+def test_a_hit_never_computes(tmp_path, manifest):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        if len(calls) > 1:
+            raise AssertionError("compute ran on a cache hit")
+        return np.ones((10, 4), np.float32)
+
+    first = feats.get_or_compute(tmp_path, "k", compute, manifest, {"backbone": "m"})
+    second = feats.get_or_compute(tmp_path, "k", compute, manifest, {"backbone": "m"})
+    assert first == (tmp_path / "k", False) and second == (tmp_path / "k", True)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(feats.load_entry(tmp_path / "k").features, np.ones((10, 4)))
+
+
+# --- two real processes on one key -------------------------------------------------
+
+
+def _compute_slowly_and_count(counter: str) -> np.ndarray:
+    # O_APPEND: both processes' lines land whole, so a second computation would show.
+    with open(counter, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(0.5)
+    return np.arange(20, dtype=np.float32).reshape(10, 2)
+
+
+def _racer(cache_root, manifest, counter, barrier, results):
+    code = 1
+    try:
+        barrier.wait(timeout=30)
+        entry, hit = feats.get_or_compute(cache_root, "shared", lambda: _compute_slowly_and_count(counter), manifest, {"backbone": "m"})
+        results.put((os.getpid(), str(entry), hit))
+        results.close()
+        results.join_thread()
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        # A forked child inherits the parent's atexit hooks, and Prefect's (registered once the
+        # suite has started a Prefect server) fail outside the parent: skip them.
+        os._exit(code)
+
+
+def _die_while_computing(cache_root, manifest, started):
+    def compute():
+        started.set()
+        time.sleep(30)  # killed long before this ends
+
+    feats.get_or_compute(cache_root, "k", compute, manifest, {})
+
+
+def _mp():
+    # fork, not spawn: a spawned child re-imports torch (seconds each). Forked
+    # children are separate processes all the same: each opens its own lock
+    # file descriptor after the fork, and they touch no torch thread pool.
+    return mp.get_context("fork")
+
+
+def test_two_processes_on_one_key_compute_it_once(tmp_path, manifest):
+    ctx = _mp()
+    cache, counter = tmp_path / "cache", tmp_path / "calls.txt"
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(cache, manifest, str(counter), barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcomes = sorted((results.get(timeout=60) for _ in procs), key=lambda r: r[2])
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert len(counter.read_text().splitlines()) == 1
+    (miss_pid, miss_entry, miss_hit), (_, hit_entry, hit_hit) = outcomes
+    assert (miss_hit, hit_hit) == (False, True) and miss_entry == hit_entry == str(cache / "shared")
+    assert counter.read_text().split() == [str(miss_pid)]
+    fs = feats.load_entry(cache / "shared")
+    np.testing.assert_array_equal(fs.features, np.arange(20, dtype=np.float32).reshape(10, 2))
+    assert sorted(p.name for p in cache.iterdir()) == ["shared", "shared.lock"]
+
+
+def _assert_lock_is_free(cache_root, key):
+    fd = os.open(feats.lock_path(cache_root, key), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
+    finally:
+        os.close(fd)
+
+
+def test_a_crash_in_compute_leaves_nothing_and_no_held_lock(tmp_path, manifest):
+    def crash():
+        raise RuntimeError("out of memory mid-extraction")
+
+    with pytest.raises(RuntimeError, match="mid-extraction"):
+        feats.get_or_compute(tmp_path / "cache", "k", crash, manifest, {})
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["k.lock"]
+    _assert_lock_is_free(tmp_path / "cache", "k")
+    entry, hit = feats.get_or_compute(tmp_path / "cache", "k", lambda: np.ones((10, 2), np.float32), manifest, {})
+    assert not hit and feats.is_complete(entry)
+
+
+def test_a_process_killed_while_computing_does_not_block_the_key(tmp_path, manifest):
+    ctx = _mp()
+    cache, started = tmp_path / "cache", ctx.Event()
+    proc = ctx.Process(target=_die_while_computing, args=(cache, manifest, started))
+    proc.start()
+    assert started.wait(timeout=60), "the child never started computing"
+    with pytest.raises(BlockingIOError):  # it really holds the lock while it computes
+        _assert_lock_is_free(cache, "k")
+    proc.kill()
+    proc.join(timeout=30)
+    assert [p.name for p in cache.iterdir()] == ["k.lock"]
+    _assert_lock_is_free(cache, "k")
+    entry, hit = feats.get_or_compute(cache, "k", lambda: np.ones((10, 2), np.float32), manifest, {})
+    assert not hit and feats.is_complete(entry)
 
 
 def test_incomplete_entry_is_refused(tmp_path, manifest):
@@ -75,3 +288,11 @@ def test_incomplete_entry_is_refused(tmp_path, manifest):
         feats.load_entry(tmp_path / "k1")
     with pytest.raises(feats.FeatureCacheError, match="features stage"):
         feats.load_current(tmp_path / "empty")
+
+
+def test_an_incomplete_entry_is_recomputed_whole(tmp_path, manifest):
+    feats.write_entry(tmp_path, "k1", np.zeros((10, 2), np.float32), manifest, {})
+    (tmp_path / "k1" / feats.META_FILE).unlink()
+    entry, hit = feats.get_or_compute(tmp_path, "k1", lambda: np.ones((10, 2), np.float32), manifest, {})
+    assert not hit
+    np.testing.assert_array_equal(feats.load_entry(entry).features, np.ones((10, 2)))

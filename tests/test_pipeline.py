@@ -26,7 +26,14 @@ def test_every_stage_writes_its_files(pipeline_project):
             m = ev[model][split]
             assert 0 <= m["accuracy"] <= 1 and set(m) >= {"macro_precision", "macro_recall", "macro_f1"}
         assert result["evaluate"][model]["target_test"] == ev[model]["target_test"]["accuracy"]
-    assert len(list(layout.plots.glob("confusion_*.png"))) == 4
+    assert len(list(layout.stage_plots("evaluate").glob("confusion_*.png"))) == 4
+    assert len(list(layout.stage_plots("evaluate").glob("per_class_accuracy_*.png"))) == 2
+    assert (layout.stage_plots("head") / "tsne.png").is_file()
+    head = json.loads(layout.metrics("head").read_text())
+    assert head["method"] == "source_only" and head["uses_target_labels"] is False
+    assert 0 <= head["proxy_a_distance"]["backbone"] <= 2
+    per_class = ev["head"]["target_test"]["per_class_accuracy"]
+    assert len(per_class) == 10 and np.isclose(np.mean(list(per_class.values())), ev["head"]["target_test"]["macro_recall"])
 
 
 def test_target_test_never_trains_a_model(pipeline_project):
@@ -60,7 +67,7 @@ def test_mlflow_holds_grouped_stage_runs(pipeline_project):
     assert by_stage["head"].data.params["head.lr"] == "0.01"
     assert by_stage["finetune"].data.params["backbone.name"] == "test_efficientnet"
     # One value per epoch, not only the last.
-    history = client.get_metric_history(by_stage["head"].info.run_id, "head.val_accuracy")
+    history = client.get_metric_history(by_stage["head"].info.run_id, "head.source_val_accuracy")
     assert [m.step for m in history] == [1, 2, 3, 4]
     ft_history = client.get_metric_history(by_stage["finetune"].info.run_id, "finetune.val_accuracy")
     assert [m.step for m in ft_history] == [0, 1]
@@ -68,6 +75,8 @@ def test_mlflow_holds_grouped_stage_runs(pipeline_project):
     assert {"eval.json", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "plots")}
     assert "plots/confusion_finetune_target_test.png" in plots
+    head_plots = {a.path for a in client.list_artifacts(by_stage["head"].info.run_id, "plots")}
+    assert head_plots == {"plots/tsne.png"}
     assert by_stage["evaluate"].data.metrics["finetune.target_test.accuracy"] == result["evaluate"]["finetune"]["target_test"]
 
 

@@ -34,3 +34,14 @@ def test_readme_figures_match_a_default_run(tmp_path, prefect_api):
         measured = [got[k] for k in ("accuracy", "macro_precision", "macro_recall", "macro_f1")]
         # Three decimals, as printed; a little slack for BLAS differences between CPUs.
         assert values == pytest.approx(measured, abs=0.006), (model, split)
+
+
+@pytest.mark.parametrize("name", ["adaptation", "features"])
+def test_readme_benchmark_tables_are_the_ones_the_scripts_wrote(name):
+    """benchmarks/<name>.py writes results/<name>.md; the README shows that file, unedited."""
+    text = (REPO / "README.md").read_text()
+    block = re.search(rf"<!-- {name}:begin -->\n(.*?)<!-- {name}:end -->", text, re.S)
+    assert block, f"README lacks the {name} benchmark table"
+    assert block.group(1) == (REPO / "benchmarks" / "results" / f"{name}.md").read_text()
+    written = json.loads((REPO / "benchmarks" / "results" / f"{name}.json").read_text())
+    assert written, f"results/{name}.json is empty"

@@ -151,14 +151,14 @@ def train_head(
         sums = {"train_loss": 0.0, "adapt_loss": 0.0}
         for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
             step += 1
-            logits_s = head(x[idx], "source")
+            f_s = head.embed(x[idx], "source")
+            logits_s = head.classifier(f_s)
             loss = F.cross_entropy(logits_s, y[idx], weight=weight, label_smoothing=cfg.label_smoothing)
             if adapt is not None:
                 adapt.set_progress(step / total_steps)
                 t_idx = torch.randint(len(xt), (len(idx),), generator=gen)
-                f_s = head.embed(x[idx], "source")
                 f_t = head.embed(xt[t_idx], "target")
-                adapt_loss = adapt(f_s, f_t, head.classifier(f_s), head.classifier(f_t), index_t=t_idx)
+                adapt_loss = adapt(f_s, f_t, logits_s, head.classifier(f_t), index_t=t_idx)
                 loss = loss + cfg.adapt_weight * adapt_loss
                 sums["adapt_loss"] += adapt_loss.item() * len(idx)
             opt.zero_grad(set_to_none=True)
@@ -193,10 +193,15 @@ def best_epoch(cfg: HeadConfig, history: list[dict[str, float]]) -> int:
 
 
 @torch.no_grad()
-def predict_proba(head: HeadNet, features: np.ndarray, domain: str, batch_size: int = 4096) -> np.ndarray:
+def predict_logits(head: HeadNet, features: np.ndarray, domain: str, batch_size: int = 4096) -> np.ndarray:
     head.eval()
-    out = [F.softmax(head(_tensor(features[i : i + batch_size]), domain), 1).numpy() for i in range(0, len(features), batch_size)]
+    out = [head(_tensor(features[i : i + batch_size]), domain).numpy() for i in range(0, len(features), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, head.classifier.out_features), np.float32)
+
+
+def predict_proba(head: HeadNet, features: np.ndarray, domain: str, batch_size: int = 4096) -> np.ndarray:
+    logits = torch.as_tensor(predict_logits(head, features, domain, batch_size))
+    return F.softmax(logits, 1).numpy()
 
 
 @torch.no_grad()

@@ -55,12 +55,14 @@ def tsne_figure(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], cl
     for ax, (name, (coords, domain, labels)) in zip(axes[0], panels.items()):
         for d, marker, label in ((0, "o", "source"), (1, "x", "target")):
             rows = domain == d
-            ax.scatter(coords[rows, 0], coords[rows, 1], c=[cmap(int(v) % cmap.N) for v in labels[rows]], marker=marker, s=10 if d == 0 else 14, linewidths=0.8, alpha=0.7, label=label)
+            ax.scatter(coords[rows, 0], coords[rows, 1], c=[cmap(int(v) % cmap.N) for v in labels[rows]], marker=marker, s=10 if d == 0 else 14, linewidths=0.8, alpha=0.7)
+            # Colour is the class; the legend names only the marker.
+            ax.scatter([], [], c="grey", marker=marker, label=label)
         ax.set_title(name)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.legend(loc="best", fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(f"{title}; colour = class ({', '.join(class_names[:10])}{', ...' if len(class_names) > 10 else ''})")
     fig.tight_layout()
     return fig
 
