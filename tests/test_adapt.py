@@ -112,6 +112,7 @@ def test_centroid_labels_correct_a_misplaced_boundary():
 
 def test_centroid_pseudo_labels_need_a_refresh_and_batch_rows():
     loss = PseudoLabelLoss(0.5, labelling="centroid")
+    assert loss.wants_refresh and not PseudoLabelLoss(0.5).wants_refresh and not CoralLoss().wants_refresh
     with pytest.raises(RuntimeError, match="refresh"):
         loss(None, torch.randn(4, 3), None, torch.randn(4, 2), index_t=torch.arange(4))
     loss.refresh(torch.randn(10, 3), torch.randn(10, 2))

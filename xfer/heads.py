@@ -141,11 +141,12 @@ def train_head(
     best_score, best_state, history, since_best = -1.0, None, [], 0
     step = 0
     for epoch in range(1, cfg.epochs + 1):
-        if adapt is not None:
+        if adapt is not None and adapt.wants_refresh:
             with torch.no_grad():
                 head.eval()
                 f_all = head.embed(xt, "target")
                 adapt.refresh(f_all, head.classifier(f_all))
+        if adapt is not None:
             adapt.train()
         head.train()
         sums = {"train_loss": 0.0, "adapt_loss": 0.0}

@@ -37,12 +37,7 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str], title: s
 
 
 def save_confusion_matrix(path: Path, cm: np.ndarray, class_names: Sequence[str], title: str) -> Path:
-    fig = confusion_matrix_figure(cm, class_names, title)
-    try:
-        save_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(path, confusion_matrix_figure(cm, class_names, title))
 
 
 def tsne_figure(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], class_names: Sequence[str], title: str):

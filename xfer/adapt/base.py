@@ -20,6 +20,11 @@ class AdaptationLoss(nn.Module):
     def set_progress(self, progress: float) -> None:
         """Training progress in [0, 1], for losses with a schedule (the adversarial ones)."""
 
+    #: True when `refresh` does something; the trainer then embeds the whole target set each epoch.
+    @property
+    def wants_refresh(self) -> bool:
+        return False
+
     def refresh(self, features_t: torch.Tensor, logits_t: torch.Tensor) -> None:
         """Once per epoch, the whole unlabelled target set (no gradient), for losses that label it."""
 

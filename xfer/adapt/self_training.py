@@ -50,6 +50,10 @@ class PseudoLabelLoss(AdaptationLoss):
         self.register_buffer("pseudo", torch.zeros(0, dtype=torch.long), persistent=False)
         self.last_mask_rate = 0.0
 
+    @property
+    def wants_refresh(self) -> bool:
+        return self.labelling == "centroid"
+
     @torch.no_grad()
     def refresh(self, features_t: torch.Tensor, logits_t: torch.Tensor) -> None:
         if self.labelling == "centroid":
