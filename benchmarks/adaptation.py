@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))
 from xfer import features as feats  # noqa: E402
 from xfer.backbones import create_backbone  # noqa: E402
 from xfer.config import HeadConfig, Params, load_params  # noqa: E402
-from xfer.data.digits import write_digits  # noqa: E402
+from xfer.data.fetch import fetch_dataset  # noqa: E402
+from xfer.data.sources import resolve_source  # noqa: E402
 from xfer.data.split import build_manifest  # noqa: E402
 from xfer.heads import HeadData, best_epoch, predict_proba, train_head  # noqa: E402
 from xfer.io import write_json, write_text  # noqa: E402
@@ -56,11 +57,10 @@ ORACLE = "target_oracle"
 
 def digits_features(params: Params) -> feats.FeatureSet:
     """The default dataset's features, computed once into benchmarks/.cache/."""
-    raw = CACHE / "raw"
-    if not (raw / params.data.target_domain).is_dir():
-        d = params.data.digits
-        write_digits(raw, d.source_per_class, d.target_per_class, params.seed, progress=True)
-    manifest = build_manifest(raw, params.data.source_domain, params.data.target_domain, params.data.split, params.seed, root=CACHE)
+    dataset_dir = CACHE / "data" / "raw" / resolve_source(params.data).name
+    if not dataset_dir.is_dir():
+        fetch_dataset(params.data, dataset_dir.parent, CACHE / "data" / "downloads", root=CACHE)
+    manifest, _ = build_manifest(dataset_dir, params.data, params.seed, root=CACHE)
     model, prep, weights = create_backbone(params.backbone, num_classes=0)
     key = feats.cache_key(params.backbone.name, weights.digest, prep, manifest, params.features.dtype)
     meta = {"backbone": params.backbone.name, "weights_digest": weights.digest, "preprocessing": prep.as_dict()}

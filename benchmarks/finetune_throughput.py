@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xfer.backbones import create_backbone  # noqa: E402
-from xfer.config import BackboneConfig, FinetuneConfig, SplitConfig  # noqa: E402
+from xfer.config import BackboneConfig, FinetuneConfig  # noqa: E402
 from xfer.finetune import Classifier, finetune, select_device  # noqa: E402
 
 
@@ -63,7 +63,8 @@ def classifier(backbone: str) -> Classifier:
 def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], epochs: int) -> None:
     """The pipeline's path on the real digits: linear probe on frozen features, then fine-tune."""
     from xfer.config import HeadConfig
-    from xfer.data.digits import write_digits
+    from xfer.config import DataConfig
+    from xfer.data.fetch import fetch_dataset
     from xfer.data.images import ImageRows
     from xfer.data.split import build_manifest, rows
     from xfer.features import extract
@@ -71,8 +72,8 @@ def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], ep
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        write_digits(root / "digits", source_per_class=220, target_per_class=None, seed=0, progress=False)
-        manifest = build_manifest(root / "digits", "printed", "handwritten", SplitConfig(), seed=0, root=root)
+        fetch_dataset(DataConfig(), root / "data/raw", root / "data/downloads", root=root, progress=False)
+        manifest, _ = build_manifest(root / "data/raw/digits", DataConfig(), seed=0, root=root)
         body, prep, _ = create_backbone(BackboneConfig(name=backbone, image_size=64))
         feats = extract(body, manifest, prep, 256, root=root, device=str(device), progress=False)
 

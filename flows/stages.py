@@ -22,6 +22,7 @@ from tasks.head import head
 from tasks.split import split
 from xfer.backbones import BackboneError, check_model_name, resolve_weights
 from xfer.config import ConfigError, load_params
+from xfer.data.sources import SourceError, check_source, resolve_source
 from xfer.layout import Layout
 
 STAGE_TASKS = {
@@ -63,14 +64,16 @@ evaluate_flow = STAGE_FLOWS["evaluate"]
 def check_params(root: str) -> bool:
     """Validate params.yaml before any flow starts; print the problem and return False if invalid.
 
-    Beyond the schema, the backbone name and weights file are checked here, so
-    a typo stops the first stage, not the features stage after fetch and split.
+    Beyond the schema, the backbone name, the weights file and a local dataset
+    path are checked here, so a typo stops the first stage, not a later one
+    after fetch and split.
     """
     try:
         params = load_params(Layout(Path(root)).params)
         check_model_name(params.backbone.name)
         resolve_weights(params.backbone)
-    except (ConfigError, BackboneError) as err:
+        check_source(resolve_source(params.data), Path(root))
+    except (ConfigError, BackboneError, SourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return False
     return True

@@ -1,4 +1,4 @@
-"""fetch stage: materialise the dataset as one ImageFolder per domain."""
+"""fetch stage: materialise the dataset as one ImageFolder per domain, validated."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.tracking import stage_run
 from xfer.config import Params
-from xfer.data.fetch import fetch_dataset
+from xfer.data.download import DownloadError
+from xfer.data.fetch import REPORT, SUMMARY, fetch_dataset
+from xfer.data.sources import resolve_source
 from xfer.io import sha256_file, sha256_json
 from xfer.layout import Layout
 
@@ -19,12 +21,20 @@ def raw_digest(layout: Layout, dataset: str) -> str:
     return sha256_json([(p.relative_to(root).as_posix(), sha256_file(p)) for p in files])
 
 
-@task(name="fetch", cache_policy=NO_CACHE)
+def network_failed(task, task_run, state) -> bool:
+    """Retry a dropped or refused download (it resumes from its .part file); never a bad checksum or layout."""
+    return isinstance(state.data, DownloadError)
+
+
+@task(name="fetch", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=network_failed)
 def fetch(layout: Layout, params: Params) -> dict:
-    with stage_run("fetch", layout, params, ["seed", "data"]) as run:
+    name = resolve_source(params.data).name
+    with stage_run("fetch", layout, params, ["data"]) as run:
         with run.work():
-            summary = fetch_dataset(params.data, layout.raw, params.seed)
-        run.set_tags({"data_digest": raw_digest(layout, params.data.dataset)})
+            summary = fetch_dataset(params.data, layout.raw, layout.downloads, root=layout.root)
+        run.set_tags({"data_digest": raw_digest(layout, name), "dataset": name})
         run.log_metrics({d: v["images"] for d, v in summary["domains"].items()}, prefix="images.")
-        run.log_artifact(layout.raw / params.data.dataset / "dataset.json")
+        run.log_metrics({d: v["corrupt"] for d, v in summary["domains"].items()}, prefix="corrupt.")
+        run.log_artifact(layout.raw / name / SUMMARY)
+        run.log_artifact(layout.raw / name / REPORT)
     return {"images": {d: v["images"] for d, v in summary["domains"].items()}}

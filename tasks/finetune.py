@@ -16,6 +16,7 @@ import torch
 from mlflow.models import infer_signature
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from torch.utils.data import ConcatDataset
 
 from tasks.tracking import stage_run
 from xfer import features as feats
@@ -67,9 +68,13 @@ def finetune(layout: Layout, params: Params) -> dict:
                 part = rows(manifest, role, split)
                 return ImageRows(part.path.tolist(), part.label.tolist(), prep, layout.root)
 
+            # The labelled target budget (if any) trains with the source rows.
+            train = data("source", "train")
+            if len(rows(manifest, "target", "train")):
+                train = ConcatDataset([train, data("target", "train")])
             model, history = run_finetune(
                 model,
-                data("source", "train"),
+                train,
                 data("source", "val"),
                 cfg,
                 device,

@@ -19,9 +19,15 @@ from xfer.plots import save_figure, tsne_figure
 
 
 def head_data(fs: feats.FeatureSet) -> HeadData:
-    """Labelled source train/val; target train without its labels; target val for reports (or the oracle rule)."""
-    target_train, _ = fs.select("target", "unlabeled")
-    return HeadData(fs.select("source", "train"), fs.select("source", "val"), target_train, fs.select("target", "val"))
+    """Labelled source train/val; every target train row without its label, plus the labelled
+    target budget (if any) with its labels; target val for reports (or the oracle rule)."""
+    unlabeled, _ = fs.select("target", "unlabeled")
+    labeled = fs.select("target", "train")
+    target_train = np.concatenate([unlabeled, labeled[0]]) if len(labeled[1]) else unlabeled
+    return HeadData(
+        fs.select("source", "train"), fs.select("source", "val"), target_train, fs.select("target", "val"),
+        target_labeled=labeled if len(labeled[1]) else None,
+    )
 
 
 def domain_gap(fs: feats.FeatureSet, model: HeadNet, seed: int) -> dict:
@@ -57,7 +63,8 @@ def head(layout: Layout, params: Params) -> dict:
             fs = feats.load_current(layout.features)
             names = class_names(read_manifest(layout.manifest))
             logger.info("head: %s on %s, method %s, selection %s", cfg.kind, fs.meta["key"], cfg.method, cfg.selection)
-            model, history = train_head(cfg, head_data(fs), len(names), params.seed, run.epoch_logger("head"))
+            data = head_data(fs)
+            model, history = train_head(cfg, data, len(names), params.seed, run.epoch_logger("head"))
             save_head(layout.head_dir, model, cfg, fs.features.shape[1], names, fs.meta["key"])
             kept = best_epoch(cfg, history)
             gap = domain_gap(fs, model, params.seed)
@@ -66,6 +73,7 @@ def head(layout: Layout, params: Params) -> dict:
                 "method": cfg.method,
                 "selection": cfg.selection,
                 "uses_target_labels": cfg.uses_target_labels,
+                "target_labels_trained_on": 0 if data.target_labeled is None else len(data.target_labeled[1]),
                 "best_epoch": kept,
                 "epochs_run": len(history),
                 "source_val_accuracy": history[kept - 1]["source_val_accuracy"],

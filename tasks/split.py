@@ -1,4 +1,4 @@
-"""split stage: ImageFolder domains -> data/splits/manifest.csv."""
+"""split stage: the fetched catalog -> data/splits/manifest.csv and its report."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.tracking import stage_run
 from xfer.config import Params
+from xfer.data.sources import resolve_source
 from xfer.data.split import build_manifest
-from xfer.io import save_with
+from xfer.io import save_with, write_json
 from xfer.layout import Layout
 
 
@@ -16,16 +17,12 @@ from xfer.layout import Layout
 def split(layout: Layout, params: Params) -> dict:
     with stage_run("split", layout, params, ["seed", "data"]) as run:
         with run.work():
-            manifest = build_manifest(
-                layout.raw / params.data.dataset,
-                params.data.source_domain,
-                params.data.target_domain,
-                params.data.split,
-                params.seed,
-                root=layout.root,
-            )
+            dataset_dir = layout.raw / resolve_source(params.data).name
+            manifest, report = build_manifest(dataset_dir, params.data, params.seed, root=layout.root)
             save_with(layout.manifest, lambda tmp: manifest.to_csv(tmp, index=False))
-        counts = manifest.groupby(["role", "split"]).size()
-        run.log_metrics({f"{role}.{split}": int(n) for (role, split), n in counts.items()}, prefix="rows.")
+            write_json(layout.split_report, report)
+        run.log_metrics({k.replace("/", "."): n for k, n in report["rows"].items()}, prefix="rows.")
+        run.log_metrics({"duplicates_removed": report["duplicates_removed"]["dropped"]})
         run.log_artifact(layout.manifest)
-    return {f"{role}/{split}": int(n) for (role, split), n in counts.items()}
+        run.log_artifact(layout.split_report)
+    return report["rows"]

@@ -12,6 +12,7 @@ git commit, created by whichever stage runs first.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -134,6 +135,23 @@ class StageRun:
         mlflow.set_tags(tags)
 
 
+# Mappings whose keys are the user's folder and class names: logged whole, as JSON,
+# since MLflow param keys allow only a few characters.
+USER_KEYED = (("data", "domains"), ("data", "classes", "rename"))
+
+
+def loggable_params(section: dict[str, Any]) -> dict[str, Any]:
+    """flatten(section), with user-keyed mappings as one JSON value each."""
+    section = json.loads(json.dumps(section))
+    for path in USER_KEYED:
+        parent = section
+        for key in path[:-1]:
+            parent = parent.get(key, {}) if isinstance(parent, dict) else {}
+        if isinstance(parent, dict) and isinstance(parent.get(path[-1]), dict):
+            parent[path[-1]] = json.dumps(parent[path[-1]], sort_keys=True)
+    return flatten(section)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, layout: Layout, params: Params, sections: list[str]) -> Iterator[StageRun]:
     """An MLflow run for `stage`, nested under the pipeline run, with its params logged."""
@@ -143,7 +161,7 @@ def stage_run(stage: str, layout: Layout, params: Params, sections: list[str]) -
     parent = resolve_pipeline_run(layout, params, experiment_id, git)
     tags = {TAG_KIND: "stage", TAG_STAGE: stage, PARENT_TAG: parent, **git}
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
-        mlflow.log_params(flatten(params.section(*sections)))
+        mlflow.log_params(loggable_params(params.section(*sections)))
         handle = StageRun(run)
         yield handle
         # Read after the work: the split stage's own manifest, not the one it replaced.

@@ -33,9 +33,8 @@ def tree_digest(root: Path, parts) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, prefect_api):
-    root = tmp_path_factory.mktemp("dvcrepo")
+def make_repo(root: Path, params: dict, prefect_api: str):
+    """The project's code and `params` in a fresh git + DVC repo at `root`: (env, dvc)."""
     for name in CODE:
         src = REPO / name
         if src.is_dir():
@@ -43,7 +42,7 @@ def repo(tmp_path_factory, prefect_api):
         else:
             shutil.copy(src, root / name)
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
-    write_params(root, TINY_PARAMS)
+    write_params(root, params)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "PREFECT_API_URL": prefect_api}
     env.pop("XFER_PIPELINE_RUN_ID", None)
     sh(["git", "init", "-q"], root, env)
@@ -54,6 +53,13 @@ def repo(tmp_path_factory, prefect_api):
     sh([dvc, "config", "core.analytics", "false"], root, env)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "init"], root, env)
+    return env, dvc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, prefect_api):
+    root = tmp_path_factory.mktemp("dvcrepo")
+    env, dvc = make_repo(root, TINY_PARAMS, prefect_api)
     first = sh([dvc, "repro"], root, env)
     return root, env, dvc, first
 
@@ -146,3 +152,45 @@ def test_prefect_pipeline_writes_what_dvc_writes(repo, pipeline_project):
     for model in ("head", "finetune"):
         for split in ("source_test", "target_test"):
             assert ours[model][split]["accuracy"] == pytest.approx(theirs[model][split]["accuracy"], abs=0.02)
+
+
+def test_push_and_pull_through_a_local_remote_restore_data_and_manifest(repo, tmp_path):
+    root, env, dvc, _ = repo
+    tracked = ["data/raw", "data/splits"]
+    before = tree_digest(root, tracked)
+    sh([dvc, "remote", "add", "-d", "--local", "shared", str(tmp_path / "remote")], root, env)
+    sh([dvc, "push"], root, env)
+    for part in tracked:
+        shutil.rmtree(root / part)
+    shutil.rmtree(root / ".dvc" / "cache")
+    pulled = sh([dvc, "pull"], root, env)
+    assert tree_digest(root, tracked) == before, pulled.stdout
+    assert "Running stage" not in sh([dvc, "repro"], root, env).stdout
+
+
+def test_a_local_two_domain_folder_runs_end_to_end(tmp_path, prefect_api):
+    """Acceptance: the user's own ImageFolder domains (outside the repo) through `dvc repro`."""
+    from datasets import image_folder
+
+    image_folder(tmp_path / "shelves", {"store_a": 10, "store_b": 8}, wrapper="export", inner="images")
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["data"].update(dataset="../shelves", source_domain="store_a", target_domain="store_b")
+    params["data"]["split"].update(target_shots=1)
+    root = tmp_path / "project"
+    root.mkdir()
+    env, dvc = make_repo(root, params, prefect_api)
+    run = sh([dvc, "repro"], root, env)
+    for stage in ["fetch", "split", "features", "head", "finetune", "evaluate"]:
+        assert f"Running stage '{stage}'" in run.stdout
+    manifest = (root / "data/splits/manifest.csv").read_text()
+    assert "data/raw/shelves/store_b/cat/" in manifest
+    report = json.loads((root / "data/raw/shelves/validation.json").read_text())
+    assert report["domains"]["store_a"]["images"] == 30 and report["domains"]["store_b"]["images"] == 24
+    split = json.loads((root / "data/splits/report.json").read_text())
+    assert split["rows"]["target/train"] == 3
+    scores = json.loads((root / "metrics/eval.json").read_text())
+    assert 0 <= scores["head"]["target_test"]["accuracy"] <= 1
+    # Changing only the split seed reruns split and after, never fetch.
+    again = sh([dvc, "exp", "run", "-S", "seed=1"], root, env)
+    ran = {line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage")}
+    assert "fetch" not in ran and "split" in ran, again.stdout

@@ -105,3 +105,16 @@ def test_mlp_head_with_domain_norm_save_load_round_trip(tmp_path):
             assert torch.equal(head(x, domain), loaded(x, domain))
         assert not torch.equal(loaded(x, "source"), loaded(x, "target"))
     assert spec["class_names"] == ["a", "b", "c"] and spec["features_key"] == "key" and spec["head"]["method"] == "coral"
+
+
+def test_labelled_target_rows_train_the_head_with_the_source():
+    """A few labelled target rows (semi-supervised budget) fix a shift source rows alone cannot."""
+    from shifts import rotated_clusters
+
+    source = rotated_clusters(100, seed=0)
+    target_test = rotated_clusters(100, seed=2, angle_deg=60)
+    shots = rotated_clusters(5, seed=1, angle_deg=60)
+    cfg = HeadConfig(epochs=40, lr=0.02)
+    plain, _ = train_head(cfg, HeadData(source, rotated_clusters(30, seed=3)), 4, seed=0)
+    semi, _ = train_head(cfg, HeadData(source, rotated_clusters(30, seed=3), target_labeled=shots), 4, seed=0)
+    assert accuracy(semi, target_test) > accuracy(plain, target_test) + 0.15

@@ -19,7 +19,8 @@ def test_every_stage_writes_its_files(pipeline_project):
     layout = Layout(root)
     for path in [layout.manifest, layout.features / "current.json", layout.head_dir / "head.pt", layout.finetune_dir / "model.pt", layout.metrics("head"), layout.metrics("finetune")]:
         assert path.is_file(), path
-    assert sorted(p.name for p in (layout.raw / "digits").iterdir()) == ["dataset.json", "handwritten", "printed"]
+    assert sorted(p.name for p in (layout.raw / "digits").iterdir()) == ["dataset.json", "handwritten", "images.csv", "printed", "validation.json"]
+    assert layout.split_report.is_file()
     ev = json.loads(layout.metrics("eval").read_text())
     for model in ("head", "finetune"):
         for split in ("source_test", "target_test"):

@@ -27,41 +27,93 @@ class DigitsConfig(_Strict):
 
     source_per_class: int = Field(220, ge=10, le=5000)
     target_per_class: int | None = Field(None, ge=5)
+    # Seeds the rendering and the target draw. Not the global seed, so that changing
+    # that one (splits, training) never regenerates, or for a real dataset refetches, data.
+    seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
 class SplitConfig(_Strict):
+    """Fractions are per class and per domain; what is left is train (target: unlabeled)."""
+
     source_val: float = Field(0.15, gt=0, lt=0.5)
     source_test: float = Field(0.15, gt=0, lt=0.5)
     target_val: float = Field(0.15, gt=0, lt=0.5)
     target_test: float = Field(0.3, gt=0, lt=0.6)
+    # Labelled target train rows (semi-supervised adaptation): a fraction of each
+    # class, or k images per class (`target_shots`). At most one of the two.
+    target_labeled: float = Field(0.0, ge=0, lt=0.9)
+    target_shots: int | None = Field(None, ge=1, le=100000)
 
     @model_validator(mode="after")
     def _leaves_training_rows(self) -> "SplitConfig":
         if self.source_val + self.source_test >= 0.9:
             raise ValueError("source_val + source_test must leave at least 10% for source train")
-        if self.target_val + self.target_test >= 0.9:
-            raise ValueError("target_val + target_test must leave at least 10% for target train")
+        if self.target_val + self.target_test + self.target_labeled >= 0.9:
+            raise ValueError("target_val + target_test + target_labeled must leave at least 10% of the target unlabeled")
+        if self.target_labeled > 0 and self.target_shots is not None:
+            raise ValueError(
+                f"give the labelled target budget once: target_labeled (a fraction, got {self.target_labeled}) "
+                f"or target_shots (per class, got {self.target_shots}), and set the other to 0 / null"
+            )
         return self
 
 
-BUILTIN_DOMAINS = {"digits": ("printed", "handwritten")}
+class ClassesConfig(_Strict):
+    """How class folders become classes, across every domain of the dataset."""
+
+    # {folder name: class name}: merge spellings that differ between domains.
+    rename: dict[str, str] = {}
+    # Classes left out everywhere (after renaming), e.g. ones some domains lack.
+    drop: list[str] = []
 
 
 class DataConfig(_Strict):
-    dataset: Literal["digits"] = "digits"
-    source_domain: str = "printed"
+    # digits (builtin) | a registry name (xfer/data/registry.yaml, e.g. office31) |
+    # a local folder or archive (./path, /path) | an http(s) URL to an archive.
+    dataset: str = Field("digits", min_length=1)
+    # sha256 of the archive; required for a URL, checked for a local archive.
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    # Folder under data/raw/; null = the registry name, or the folder's / archive's name.
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # {domain: folder inside the dataset holding one folder per class}; null = the
+    # registry's layout, or found: <domain>/[wrapper folders/]<class>/<image>.
+    domains: dict[str, str] | None = None
+    classes: ClassesConfig = ClassesConfig()
+    # Refuse archives that would unpack to more than this.
+    max_unpacked_gb: float = Field(100.0, gt=0)
+    # Unreadable images are left out and counted; more than this share of a domain stops the fetch.
+    max_corrupt_fraction: float = Field(0.01, ge=0, le=1)
+    # One domain, or a list of domains that together form the labelled source.
+    source_domain: str | list[str] = "printed"
     target_domain: str = "handwritten"
     digits: DigitsConfig = DigitsConfig()
     split: SplitConfig = SplitConfig()
 
+    @property
+    def source_domains(self) -> tuple[str, ...]:
+        return (self.source_domain,) if isinstance(self.source_domain, str) else tuple(self.source_domain)
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        return (*self.source_domains, self.target_domain)
+
     @model_validator(mode="after")
-    def _domains_exist(self) -> "DataConfig":
-        domains = BUILTIN_DOMAINS[self.dataset]
-        for key in ("source_domain", "target_domain"):
-            if getattr(self, key) not in domains:
-                raise ValueError(f"{key} {getattr(self, key)!r} is not a domain of {self.dataset!r}; choose from {list(domains)}")
-        if self.source_domain == self.target_domain:
-            raise ValueError("source_domain and target_domain must differ")
+    def _source_is_valid(self) -> "DataConfig":
+        from xfer.data.sources import SourceError, resolve_source
+
+        if not self.source_domains or len(set(self.source_domains)) != len(self.source_domains):
+            raise ValueError(f"source_domain must name one domain or a list of distinct domains, got {self.source_domain!r}")
+        if self.target_domain in self.source_domains:
+            raise ValueError(f"target_domain {self.target_domain!r} is also a source domain; they must differ")
+        try:
+            source = resolve_source(self)
+        except SourceError as err:
+            raise ValueError(str(err)) from None
+        if source.domains is not None:
+            for key, names in (("source_domain", self.source_domains), ("target_domain", (self.target_domain,))):
+                unknown = [n for n in names if n not in source.domains]
+                if unknown:
+                    raise ValueError(f"{key} {unknown} not a domain of {source.name!r}; choose from {list(source.domains)}")
         return self
 
 

@@ -70,12 +70,17 @@ def build_head(cfg: HeadConfig, in_dim: int, num_classes: int) -> HeadNet:
 
 @dataclass(frozen=True)
 class HeadData:
-    """The feature sets a head sees. Target train rows come without labels."""
+    """The feature sets a head sees.
+
+    target_train comes without labels (for adaptation); target_labeled is the
+    optional labelled target budget (semi-supervised), trained like source rows.
+    """
 
     source_train: Labelled
     source_val: Labelled
     target_train: np.ndarray | None = None
     target_val: Labelled | None = None
+    target_labeled: Labelled | None = None
 
 
 def _tensor(x: np.ndarray) -> torch.Tensor:
@@ -122,6 +127,9 @@ def train_head(
     torch.manual_seed(seed)
     x, y = _tensor(data.source_train[0]), torch.as_tensor(data.source_train[1], dtype=torch.long)
     xt = _tensor(data.target_train) if data.target_train is not None else None
+    has_labeled = data.target_labeled is not None and len(data.target_labeled[1]) > 0
+    if has_labeled:
+        xl, yl = _tensor(data.target_labeled[0]), torch.as_tensor(data.target_labeled[1], dtype=torch.long)
     evals = {"source_val": (_tensor(data.source_val[0]), torch.as_tensor(data.source_val[1], dtype=torch.long), "source")}
     if data.target_val is not None:
         evals["target_val"] = (_tensor(data.target_val[0]), torch.as_tensor(data.target_val[1], dtype=torch.long), "target")
@@ -155,6 +163,10 @@ def train_head(
             f_s = head.embed(x[idx], "source")
             logits_s = head.classifier(f_s)
             loss = F.cross_entropy(logits_s, y[idx], weight=weight, label_smoothing=cfg.label_smoothing)
+            if has_labeled:
+                l_idx = torch.randint(len(xl), (min(len(idx), len(xl)),), generator=gen)
+                logits_l = head.classifier(head.embed(xl[l_idx], "target"))
+                loss = loss + F.cross_entropy(logits_l, yl[l_idx], weight=weight, label_smoothing=cfg.label_smoothing)
             if adapt is not None:
                 adapt.set_progress(step / total_steps)
                 t_idx = torch.randint(len(xt), (len(idx),), generator=gen)

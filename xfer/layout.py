@@ -23,8 +23,17 @@ class Layout:
         return self.root / "data" / "raw"
 
     @property
+    def downloads(self) -> Path:
+        """Verified archives, kept so a refetch never downloads twice; not a DVC output."""
+        return self.root / "data" / "downloads"
+
+    @property
     def manifest(self) -> Path:
         return self.root / "data" / "splits" / "manifest.csv"
+
+    @property
+    def split_report(self) -> Path:
+        return self.root / "data" / "splits" / "report.json"
 
     @property
     def features(self) -> Path:

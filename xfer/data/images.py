@@ -20,15 +20,6 @@ class ImageReadError(ValueError):
     """An image file is missing or cannot be decoded."""
 
 
-def check_image(path: str | Path) -> None:
-    """Decode `path` fully; raise ImageReadError naming the file if that fails."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
-        raise ImageReadError(f"cannot read image {path}: {err}") from None
-
-
 @functools.lru_cache(maxsize=16)
 def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     # Built once per preprocessing, not once per image.

@@ -3,8 +3,10 @@
 The manifest is the contract every later stage reads. Columns:
 path, label, class_name, domain, role (source/target), split, sha256.
 Source rows are split train/val/test. Target rows are split
-unlabeled/val/test: `unlabeled` rows may be used for adaptation without
-their labels, and target `test` is never used for training or selection.
+train/unlabeled/val/test: `train` is the labelled target budget
+(semi-supervised; empty by default), `unlabeled` rows may be used for
+adaptation without their labels, and target `test` is never used for
+training or selection, not even as a content duplicate.
 """
 
 from __future__ import annotations
@@ -14,80 +16,121 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xfer.config import SplitConfig
-from xfer.data.images import IMAGE_SUFFIXES, check_image
-from xfer.io import sha256_file
+from xfer.config import DataConfig, SplitConfig
+from xfer.data.validate import read_catalog
 
 MANIFEST_COLUMNS = ["path", "label", "class_name", "domain", "role", "split", "sha256"]
 SOURCE_SPLITS = ("train", "val", "test")
-TARGET_SPLITS = ("unlabeled", "val", "test")
+TARGET_SPLITS = ("train", "unlabeled", "val", "test")
 
 
 class SplitError(ValueError):
     """The raw data cannot be split as asked."""
 
 
-def scan_domain(domain_dir: Path, root: Path) -> pd.DataFrame:
-    """Every image under domain_dir/<class>/, with paths relative to `root`."""
-    if not domain_dir.is_dir():
-        raise SplitError(f"domain folder not found: {domain_dir}")
-    rows = []
-    for class_dir in sorted(p for p in domain_dir.iterdir() if p.is_dir()):
-        for img in sorted(class_dir.iterdir()):
-            if img.suffix.lower() in IMAGE_SUFFIXES and img.is_file():
-                rows.append((img.relative_to(root).as_posix(), class_dir.name, img))
-    if not rows:
-        raise SplitError(f"no images found in {domain_dir} (expected <class>/<image> folders)")
-    df = pd.DataFrame(rows, columns=["path", "class_name", "file"])
-    return df
+# Where a content duplicate may stay: the first group listed keeps it, later ones drop it.
+# Target test comes last, so no test image is ever also seen in training or selection.
+SPLIT_PRECEDENCE = [("source", "train"), ("target", "train"), ("target", "unlabeled"), ("source", "val"), ("target", "val"), ("source", "test"), ("target", "test")]
 
 
-def _stratified_assign(labels: np.ndarray, names: tuple[str, str, str], fractions: tuple[float, float], seed: int) -> np.ndarray:
-    """Per class: shuffle, then the first rows to names[2] (test), the next to names[1] (val)."""
-    rng = np.random.default_rng(seed)
+def _domain_rng(seed: int, role: str, position: int) -> np.random.Generator:
+    """One generator per domain, so equal-sized domains don't get mirrored splits."""
+    salt = {"source": 0, "target": 1}[role]
+    if position == 0:
+        return np.random.default_rng(seed * 2 + salt)
+    return np.random.default_rng([seed, salt, position])
+
+
+def _count(n: int, fraction: float) -> int:
+    return max(1, round(n * fraction)) if fraction > 0 else 0
+
+
+def assign_splits(labels: np.ndarray, role: str, cfg: SplitConfig, rng: np.random.Generator, domain: str, class_names: list[str]) -> np.ndarray:
+    """Per class: shuffle, then test, then val, then (target) the labelled budget; the rest trains."""
     out = np.empty(len(labels), dtype=object)
-    val_frac, test_frac = fractions
+    val_frac, test_frac = (cfg.source_val, cfg.source_test) if role == "source" else (cfg.target_val, cfg.target_test)
+    rest_name = "train" if role == "source" else "unlabeled"
     for label in np.unique(labels):
         idx = np.flatnonzero(labels == label)
         rng.shuffle(idx)
         n = len(idx)
-        n_test = max(1, round(n * test_frac))
-        n_val = max(1, round(n * val_frac))
-        if n - n_test - n_val < 1:
-            raise SplitError(f"class {label!r} has {n} images: too few for train, val and test")
-        out[idx[:n_test]] = names[2]
-        out[idx[n_test : n_test + n_val]] = names[1]
-        out[idx[n_test + n_val :]] = names[0]
+        n_test, n_val = _count(n, test_frac), _count(n, val_frac)
+        n_labeled = 0
+        if role == "target":
+            n_labeled = cfg.target_shots if cfg.target_shots is not None else _count(n, cfg.target_labeled)
+        left = n - n_test - n_val - n_labeled
+        if role == "source" and left < 1 or left < 0:
+            need = n_test + n_val + n_labeled + (role == "source")
+            raise SplitError(
+                f"class {class_names[label]!r} of {role} domain {domain!r} has {n} images, too few for "
+                f"{n_test} test + {n_val} val" + (f" + {n_labeled} labelled" if n_labeled else "") + f" (+ train): needs {need}"
+            )
+        out[idx[:n_test]] = "test"
+        out[idx[n_test : n_test + n_val]] = "val"
+        out[idx[n_test + n_val : n_test + n_val + n_labeled]] = "train"
+        out[idx[n_test + n_val + n_labeled :]] = rest_name
     return out
 
 
-def build_manifest(raw_root: Path, source: str, target: str, cfg: SplitConfig, seed: int, root: Path = Path(".")) -> pd.DataFrame:
-    """The manifest for raw_root/<source> and raw_root/<target>; every image is decoded once."""
-    src = scan_domain(raw_root / source, root)
-    tgt = scan_domain(raw_root / target, root)
-    class_names = sorted(set(src.class_name))
-    unknown = sorted(set(tgt.class_name) - set(class_names))
-    if unknown:
-        raise SplitError(f"target domain {target!r} has classes the source lacks: {unknown}")
-    label_of = {name: i for i, name in enumerate(class_names)}
+def drop_duplicates(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Keep each image content once: within a domain the first path, across splits by SPLIT_PRECEDENCE."""
+    rank = {group: i for i, group in enumerate(SPLIT_PRECEDENCE)}
+    order = manifest.apply(lambda r: rank[(r.role, r.split)], axis=1) if len(manifest) else pd.Series(dtype=int)
+    ranked = manifest.assign(_rank=order).sort_values(["_rank", "path"], kind="stable")
+    keep = ~ranked.duplicated("sha256", keep="first")
+    dropped = ranked[~keep]
+    report = {
+        "dropped": int(len(dropped)),
+        "dropped_by_split": {f"{r}/{s}": int(n) for (r, s), n in dropped.groupby(["role", "split"]).size().items()},
+        "examples": dropped.path.head(20).tolist(),
+    }
+    return manifest[manifest.index.isin(ranked.index[keep])], report
+
+
+def build_manifest(dataset_dir: Path, cfg: DataConfig, seed: int, root: Path = Path(".")) -> tuple[pd.DataFrame, dict]:
+    """The manifest for the configured source domain(s) and target domain, and its split report.
+
+    Reads the fetch stage's catalog (images.csv): images were decoded and hashed there.
+    """
+    dataset_dir = Path(dataset_dir)
+    catalog = read_catalog(dataset_dir)
+    known = sorted(catalog.domain.unique())
+    missing = [d for d in cfg.domain_names if d not in known]
+    if missing:
+        raise SplitError(f"domain(s) {missing} not in {dataset_dir.name!r}; its domains are {known} (data.source_domain / data.target_domain)")
+    names = sorted(catalog.class_name.unique())
+    label_of = {name: i for i, name in enumerate(names)}
+    prefix = dataset_dir.relative_to(root).as_posix() if dataset_dir.is_relative_to(root) else dataset_dir.as_posix()
 
     parts = []
-    for df, domain, role, names, fracs, salt in (
-        (src, source, "source", SOURCE_SPLITS, (cfg.source_val, cfg.source_test), 0),
-        (tgt, target, "target", TARGET_SPLITS, (cfg.target_val, cfg.target_test), 1),
-    ):
-        df = df.copy()
-        df["label"] = df.class_name.map(label_of).astype(int)
-        df["domain"] = domain
-        df["role"] = role
-        # Different seeds per domain so equal-sized domains don't get mirrored splits.
-        df["split"] = _stratified_assign(df.label.to_numpy(), names, fracs, seed * 2 + salt)
+    roles = [(d, "source", i) for i, d in enumerate(cfg.source_domains)] + [(cfg.target_domain, "target", 0)]
+    for domain, role, position in roles:
+        df = catalog[catalog.domain == domain].sort_values("path", ignore_index=True)
+        lacking = sorted(set(names) - set(df.class_name))
+        if lacking:
+            raise SplitError(f"{role} domain {domain!r} has no images of classes {lacking}: refetch with data.classes.drop")
+        df = df.assign(label=df.class_name.map(label_of).astype(int), role=role, path=prefix + "/" + df.path)
+        df["split"] = assign_splits(df.label.to_numpy(), role, cfg.split, _domain_rng(seed, role, position), domain, names)
         parts.append(df)
     manifest = pd.concat(parts, ignore_index=True)
-    for f in manifest.file:
-        check_image(f)
-    manifest["sha256"] = [sha256_file(f) for f in manifest.file]
-    return manifest[MANIFEST_COLUMNS]
+    manifest, duplicates = drop_duplicates(manifest)
+    manifest = manifest[MANIFEST_COLUMNS].reset_index(drop=True)
+    return manifest, split_report(manifest, duplicates, cfg)
+
+
+def split_report(manifest: pd.DataFrame, duplicates: dict, cfg: DataConfig) -> dict:
+    counts = manifest.groupby(["domain", "role", "split", "class_name"]).size()
+    per_split: dict = {}
+    for (domain, role, split, name), n in counts.items():
+        per_split.setdefault(f"{role}/{split}", {}).setdefault(domain, {})[name] = int(n)
+    return {
+        "source_domains": list(cfg.source_domains),
+        "target_domain": cfg.target_domain,
+        "target_labeled": {"fraction": cfg.split.target_labeled, "shots": cfg.split.target_shots},
+        "rows": {k: sum(sum(c.values()) for c in v.values()) for k, v in per_split.items()},
+        "per_class": per_split,
+        "duplicates_removed": duplicates,
+    }
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

@@ -1,0 +1,238 @@
+"""Download one file over http(s): resumable, verified, published by one rename.
+
+    dest exists with the right sha256 -> nothing to do, no network
+    otherwise stream into <dest>.part  -> a dropped connection reconnects with
+        `Range: bytes=<bytes so far>-` (206 appends; 200 means the server ignores
+        Range: start over), up to `attempts` connections
+    complete -> sha256 checked -> os.replace(<dest>.part, dest)
+
+A .part that survives a failed call (network down for longer than the
+attempts last) is resumed by the next call, e.g. a Prefect task retry: a
+multi-gigabyte archive is never fetched twice because a connection dropped.
+Standard library only (urllib), so the core package needs no new dependency.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tqdm.auto import tqdm
+
+from xfer import __version__
+from xfer.io import sha256_file
+
+USER_AGENT = f"xfer/{__version__} (dataset download; Python urllib)"
+SCHEMES = ("http", "https")
+# Worth asking again within the same call: the server may be busy, not wrong.
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+BACKOFF_S = 1.0  # first pause between connections; doubles, at most BACKOFF_MAX_S
+BACKOFF_MAX_S = 15.0
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
+
+
+class DownloadError(RuntimeError):
+    """The network failed and went on failing for every attempt: retrying later may help."""
+
+
+class ChecksumError(ValueError):
+    """The bytes arrived but are not the file expected: retrying will not help."""
+
+
+class _Retry(Exception):
+    """This connection failed in a way another connection may not (internal)."""
+
+
+def download(
+    url: str,
+    dest: Path,
+    sha256: str | None,
+    *,
+    progress: bool = True,
+    attempts: int = 5,
+    timeout: float = 30.0,
+    chunk_size: int = 1 << 20,
+) -> Path:
+    """Make `dest` a copy of `url` whose sha256 is `sha256`; returns `dest`.
+
+    sha256=None skips the check (the caller decides whether that is allowed) but
+    still publishes atomically. Raises DownloadError when every attempt failed
+    (the .part is kept for the next call), ChecksumError on a wrong digest (the
+    .part is deleted; an earlier `dest` is left as it was).
+    """
+    check_url(url)
+    expected = check_sha256(sha256)
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    dest = Path(dest)
+    if expected is not None and dest.is_file() and sha256_file(dest) == expected:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = _PartFile(part_path(dest), hashing=expected is not None)
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    failures = []
+    for attempt in range(1, attempts + 1):
+        if attempt > 1:
+            time.sleep(backoff(attempt - 1))
+        try:
+            _transfer(opener, url, part, timeout, chunk_size, progress, dest.name)
+            break
+        except _Retry as e:
+            failures.append(f"attempt {attempt}: {e}")
+    else:
+        raise DownloadError(
+            f"downloading {url} failed {attempts} times ({'; '.join(failures)}); "
+            f"the {part.size()} bytes received are kept in {part.path}, and the next call resumes from there"
+        )
+    if expected is not None:
+        actual = part.digest()
+        if actual != expected:
+            part.path.unlink()
+            raise ChecksumError(
+                f"{url}: sha256 mismatch: expected {expected}, got {actual}; the download was deleted"
+                + (f" and the earlier {dest} left as it was" if dest.exists() else "")
+            )
+    os.replace(part.path, dest)
+    return dest
+
+
+def check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in SCHEMES or not parts.netloc:
+        raise ValueError(f"cannot download {url!r}: only http:// and https:// URLs are allowed (a local file is given by its path)")
+
+
+def check_sha256(sha256: str | None) -> str | None:
+    """The digest in lower case, refused before any network access if it cannot be one."""
+    if sha256 is None:
+        return None
+    if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+        raise ValueError(f"sha256 must be 64 hexadecimal digits (or None to skip the check), got {sha256!r}")
+    return sha256.lower()
+
+
+def part_path(dest: Path) -> Path:
+    """Where an unfinished download of `dest` lives: same folder, so publishing is a rename."""
+    return dest.with_name(dest.name + ".part")
+
+
+def backoff(failures: int) -> float:
+    return min(BACKOFF_S * 2 ** (failures - 1), BACKOFF_MAX_S)
+
+
+class _PartFile:
+    """The .part on disk, and its sha256 computed while streaming when that covers every byte.
+
+    A .part left by an earlier call holds bytes this call never saw, so its
+    digest must then be read back from disk.
+    """
+
+    def __init__(self, path: Path, hashing: bool):
+        self.path = path
+        self.hashing = hashing
+        self.hasher = hashlib.sha256() if hashing and self.size() == 0 else None
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def restart(self) -> None:
+        """Empty the .part (the server sends the whole file again)."""
+        self.path.write_bytes(b"")
+        self.hasher = hashlib.sha256() if self.hashing else None
+
+    def digest(self) -> str:
+        return self.hasher.hexdigest() if self.hasher is not None else sha256_file(self.path)
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a redirect to ftp://; only http(s) is allowed, redirected or not."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urlsplit(newurl).scheme.lower() not in SCHEMES:
+            raise DownloadError(f"{req.full_url} redirects to {newurl!r}: only http:// and https:// URLs are allowed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _transfer(opener, url: str, part: _PartFile, timeout: float, chunk_size: int, progress: bool, desc: str) -> None:
+    """One connection: append what the server sends to the .part; _Retry if it stops short."""
+    offset = part.size()
+    response = _open(opener, url, offset, timeout)
+    with response:
+        if response.status == 416:
+            return _unsatisfiable(response, part, offset)
+        total = _expected_total(url, response, part, offset)
+        offset = part.size()  # 0 if the server sent the whole file again
+        length = _int_header(response, "Content-Length")
+        received = 0
+        with open(part.path, "ab") as f, tqdm(total=total, initial=offset, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
+            while True:
+                try:
+                    block = response.read(chunk_size)
+                except (OSError, http.client.HTTPException) as e:
+                    raise _Retry(f"connection lost after {offset + received} bytes: {e!r}") from e
+                if not block:
+                    break
+                f.write(block)
+                if part.hasher is not None:
+                    part.hasher.update(block)
+                received += len(block)
+                bar.update(len(block))
+    if length is not None and received < length:
+        raise _Retry(f"connection closed after {offset + received} of {offset + length} bytes")
+
+
+def _open(opener, url: str, offset: int, timeout: float):
+    """The server's response (416 included); _Retry for what may pass, DownloadError for what will not."""
+    headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and offset:
+            return e  # the .part may already be whole: the caller reads Content-Range
+        e.close()
+        if e.code in RETRYABLE_STATUS:
+            raise _Retry(f"HTTP {e.code} {e.reason}") from e
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (not retried)") from e
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", e)
+        raise _Retry(f"cannot connect: {reason!r}") from e
+
+
+def _unsatisfiable(response, part: _PartFile, offset: int) -> None:
+    """416 to `Range: bytes=<offset>-`: done if the .part already holds the whole file, else start over."""
+    found = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+    if found and int(found.group(1)) == offset:
+        return
+    part.restart()
+    raise _Retry(f"server cannot resume from byte {offset} (HTTP 416); starting again from the beginning")
+
+
+def _expected_total(url: str, response, part: _PartFile, offset: int) -> int | None:
+    """The whole file's size if the server says it; empties the .part when the reply starts at byte 0."""
+    if response.status == 206:
+        found = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+        if found is None or int(found.group(1)) != offset:
+            part.restart()
+            raise _Retry(f"asked for bytes {offset}- but got Content-Range {response.headers.get('Content-Range')!r}; starting again")
+        return None if found.group(3) == "*" else int(found.group(3))
+    if response.status == 200:
+        if offset:
+            part.restart()  # the server ignores Range and sends the whole file
+        return _int_header(response, "Content-Length")
+    raise DownloadError(f"{url}: unexpected HTTP {response.status} {response.reason} (expected 200, or 206 to a Range request)")
+
+
+def _int_header(response, name: str) -> int | None:
+    value = response.headers.get(name)
+    return int(value) if value is not None and value.strip().isdigit() else None
