@@ -25,9 +25,10 @@ from xfer.config import HeadConfig, Params
 from xfer.data.images import ImageRows
 from xfer.data.split import class_names, read_manifest, rows
 from xfer.finetune import Classifier, ClassifierSpec, finetune as run_finetune, save_classifier, select_device
-from xfer.heads import HeadData, train_head
-from xfer.io import write_json
+from xfer.heads import HeadData, build_head, train_head
+from xfer.io import sha256_file, sha256_json, write_json
 from xfer.layout import Layout
+from xfer.strategies import PROBE_STARTED
 
 
 def log_model(model: Classifier, spec: ClassifierSpec) -> None:
@@ -60,9 +61,14 @@ def finetune(layout: Layout, params: Params) -> dict:
             names = class_names(manifest)
             fs = feats.load_current(layout.features)
             probe_cfg = HeadConfig(kind="linear", epochs=cfg.probe_epochs, lr=cfg.probe_lr)
-            probe, _ = train_head(probe_cfg, HeadData(fs.select("source", "train"), fs.select("source", "val")), len(names), params.seed)
-            backbone, prep, _ = create_backbone(params.backbone, num_classes=0)
+            if cfg.strategy in PROBE_STARTED:
+                probe, _ = train_head(probe_cfg, HeadData(fs.select("source", "train"), fs.select("source", "val")), len(names), params.seed)
+            else:  # `full`: a fresh classifier, the baseline LP-FT is measured against
+                torch.manual_seed(params.seed)
+                probe = build_head(probe_cfg, fs.features.shape[1], len(names))
+            backbone, prep, weights = create_backbone(params.backbone, num_classes=0)
             model = Classifier(backbone, probe)
+            run_key = sha256_json({"params": params.section("seed", "backbone", "finetune"), "weights": weights.digest, "manifest": sha256_file(layout.manifest), "features": fs.meta["key"]})
 
             def data(role: str, split: str) -> ImageRows:
                 part = rows(manifest, role, split)
@@ -81,6 +87,8 @@ def finetune(layout: Layout, params: Params) -> dict:
                 params.seed,
                 monitor={"target_val": data("target", "val")},
                 on_epoch=run.epoch_logger("finetune"),
+                checkpoint_dir=layout.checkpoints / "finetune",
+                run_key=run_key,
             )
             spec = ClassifierSpec(
                 backbone=params.backbone.name,
@@ -93,6 +101,7 @@ def finetune(layout: Layout, params: Params) -> dict:
             save_classifier(layout.finetune_dir, model, spec)
             best = max(history, key=lambda r: r["val_accuracy"])
             summary = {
+                "strategy": cfg.strategy,
                 "best_epoch": history.index(best),
                 "source_val_accuracy": best["val_accuracy"],
                 "target_val_accuracy": best["target_val_accuracy"],

@@ -1,25 +1,18 @@
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
-from xfer.backbones import create_backbone
-from xfer.config import BackboneConfig, FinetuneConfig, HeadConfig
-from xfer.finetune import Classifier, ClassifierSpec, finetune, load_classifier, predict_logits, save_classifier, select_device
-from xfer.heads import build_head
-
-
-def toy_data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randn(n, 3, 32, 32, generator=g) * 0.3
-    x[y == 1, :, :16] += 1.5  # class 1: bright top half
-    return TensorDataset(x, y)
-
-
-def tiny_classifier(head_cfg=HeadConfig()):
-    torch.manual_seed(0)
-    backbone, prep, _ = create_backbone(BackboneConfig(name="test_efficientnet", pretrained=False, image_size=32))
-    return Classifier(backbone, build_head(head_cfg, backbone.num_features, 2)), prep
+from finetune_toys import NoisyData, tiny_classifier, toy_data
+from xfer.checkpoints import CHECKPOINT_FILE
+from xfer.config import ConfigError, FinetuneConfig, HeadConfig, parse_params
+from xfer.finetune import ClassifierSpec, finetune, load_classifier, lr_factor, predict_logits, save_classifier, select_device
+from xfer.strategies import backbone_groups, param_groups
 
 
 def test_finetune_starts_from_the_probe_and_learns():
@@ -95,3 +88,157 @@ def test_freeze_bn_keeps_pretrained_running_statistics(freeze_bn):
     stats_unchanged, weights_unchanged = seen[1]
     assert stats_unchanged == freeze_bn
     assert not weights_unchanged
+
+
+def snapshots(model):
+    """on_epoch callback recording every parameter as trained (before the best epoch is restored)."""
+    seen = {}
+
+    def record(epoch, _):
+        seen[epoch] = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    return seen, record
+
+
+def changed(before, after, names):
+    return {n for n in names if not torch.equal(before[n], after[n])}
+
+
+def test_partial_leaves_exactly_the_first_k_block_groups_unchanged():
+    model, _ = tiny_classifier()
+    groups = [[f"backbone.{n}" for n in g] for g in backbone_groups(model.backbone)]
+    assert len(groups) >= 4
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    buffers = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
+    seen, record = snapshots(model)
+    # freeze_bn off: the unfrozen groups' BatchNorms learn statistics, the frozen ones must not.
+    cfg = FinetuneConfig(strategy="partial", frozen_blocks=2, epochs=2, batch_size=16, lr=1e-2, freeze_bn=False, device="cpu")
+    finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, on_epoch=record, progress=False)
+    frozen = [n for g in groups[:2] for n in g]
+    trainable = [n for g in groups[2:] for n in g] + [n for n in start if n.startswith("head.")]
+    assert changed(start, seen[2], frozen) == set()
+    assert changed(start, seen[2], trainable) == set(trainable)
+    after = model.backbone.state_dict()
+    frozen_modules = {n.rsplit(".", 1)[0].removeprefix("backbone.") for n in frozen}
+    for key, value in buffers.items():
+        assert torch.equal(after[key], value) == (key.rsplit(".", 1)[0] in frozen_modules), key
+
+
+def test_head_only_and_gradual_unfreeze_top_down():
+    model, _ = tiny_classifier()
+    groups = [[f"backbone.{n}" for n in g] for g in backbone_groups(model.backbone)]
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    seen, record = snapshots(model)
+    cfg = FinetuneConfig(strategy="gradual", unfreeze_every=1, epochs=3, batch_size=16, lr=1e-2, device="cpu")
+    finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, on_epoch=record, progress=False)
+    backbone = [n for g in groups for n in g]
+    assert changed(start, seen[1], backbone) == set()  # epoch 1: head only
+    assert changed(start, seen[2], backbone) == set(groups[-1])  # epoch 2: + the top group
+    assert changed(seen[2], seen[3], backbone) == set(groups[-1] + groups[-2])  # epoch 3: + the next one down
+    assert changed(start, seen[1], [n for n in start if n.startswith("head.")])
+
+    model, _ = tiny_classifier()
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    seen, record = snapshots(model)
+    finetune(model, toy_data(64, 0), toy_data(16, 1), cfg.model_copy(update={"strategy": "head_only", "epochs": 1}), torch.device("cpu"), seed=0, on_epoch=record, progress=False)
+    assert changed(start, seen[1], backbone) == set()
+
+
+def test_strategy_params_are_checked():
+    with pytest.raises(ConfigError, match="frozen_blocks >= 1"):
+        parse_params({"finetune": {"strategy": "partial"}})
+    with pytest.raises(ConfigError, match="only strategy 'partial' uses it"):
+        parse_params({"finetune": {"frozen_blocks": 2}})
+    model, _ = tiny_classifier()
+    n = len(backbone_groups(model.backbone))
+    cfg = FinetuneConfig(strategy="partial", frozen_blocks=n, epochs=1, device="cpu")
+    with pytest.raises(ValueError, match=f"has {n} block groups; freeze at most {n - 1}"):
+        finetune(model, toy_data(16, 0), toy_data(8, 1), cfg, torch.device("cpu"), seed=0, progress=False)
+
+
+def test_layer_decay_and_the_schedule():
+    model, _ = tiny_classifier()
+    groups = param_groups(model, FinetuneConfig(lr=1.0, layer_decay=0.5, head_lr_scale=10))
+    n = len(groups) - 1
+    assert [g["lr"] for g in groups] == [0.5 ** (n - i) for i in range(n)] + [10.0]
+    factor = lr_factor(FinetuneConfig(epochs=2, schedule="cosine", warmup_epochs=0.5), steps_per_epoch=10)
+    assert [factor(s) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert factor(5 + 15 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert factor(19) < 0.02
+    assert lr_factor(FinetuneConfig(epochs=2), 10)(13) == 1.0
+
+
+def test_ema_weights_are_what_is_evaluated_and_kept():
+    model, _ = tiny_classifier()
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = FinetuneConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, lr=5e-2, ema_decay=0.75, device="cpu")
+    raw = {}
+    trained, history = finetune(model, toy_data(64, 0), toy_data(64, 1), cfg, torch.device("cpu"), seed=0, progress=False,
+                                on_epoch=lambda e, r: raw.update({k: v.detach().clone() for k, v in model.state_dict().items()}))
+    # on_epoch sees the raw weights; one step later the average is 0.75 * start + 0.25 * raw.
+    ema = {k: 0.75 * start[k] + 0.25 * v if v.dtype.is_floating_point else v for k, v in raw.items()}
+    kept = ema if history[1]["val_accuracy"] > history[0]["val_accuracy"] else start
+    final = trained.state_dict()
+    assert all(torch.allclose(final[k].float(), kept[k].float(), atol=1e-6) for k in kept)
+    assert not torch.equal(raw["backbone.conv_stem.weight"], ema["backbone.conv_stem.weight"])
+
+
+def test_weight_ema_averages_and_applies_temporarily():
+    from xfer.finetune import WeightEMA
+
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = WeightEMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model)
+    assert torch.equal(ema.state["weight"], torch.full((1, 2), 2.0))
+    with ema.applied(model):
+        assert torch.equal(model.weight, torch.full((1, 2), 2.0))
+    assert torch.equal(model.weight, torch.full((1, 2), 3.0))
+
+
+def test_early_stopping_stops_after_patience_epochs_without_progress():
+    model, _ = tiny_classifier()
+    cfg = FinetuneConfig(epochs=6, batch_size=16, lr=1e-9, patience=2, device="cpu")
+    _, history = finetune(model, toy_data(32, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False)
+    # A learning rate too small to move the val accuracy: epochs 1 and 2 bring nothing, then it stops.
+    assert len(history) == 3
+
+
+def run_child(out, ckpt, delay):
+    return subprocess.Popen([sys.executable, str(Path(__file__).parent / "finetune_child.py"), str(out), str(ckpt), str(delay)])
+
+
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    """SIGKILL in epoch 2, restart: epochs 2-4 run again from the epoch-1 checkpoint, same final weights."""
+    assert run_child(tmp_path / "straight", tmp_path / "ckpt_straight", 0).wait(timeout=300) == 0
+    child = run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0.01)
+    checkpoint = tmp_path / "ckpt_killed" / CHECKPOINT_FILE
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into epoch 2 (about 1 s of slow batches)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait(timeout=60) == -signal.SIGKILL
+    assert checkpoint.exists() and not (tmp_path / "killed" / "weights.pt").exists()
+    assert (tmp_path / "killed" / "epochs.txt").read_text().split() == ["0", "1"]
+
+    assert run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0).wait(timeout=300) == 0
+    assert (tmp_path / "killed" / "epochs.txt").read_text().split() == ["0", "1", "2", "3", "4"]
+    assert not checkpoint.exists()  # a finished run leaves no checkpoint to resume
+    straight = torch.load(tmp_path / "straight" / "weights.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "weights.pt", weights_only=True)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
+    model, _ = tiny_classifier()
+    cfg = FinetuneConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, device="cpu")
+    from xfer.checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path, {"key": "other run", "epoch": 1})
+    _, history = finetune(model, toy_data(32, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, checkpoint_dir=tmp_path, run_key="this run")
+    assert len(history) == 2 and not (tmp_path / CHECKPOINT_FILE).exists()

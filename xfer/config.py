@@ -184,6 +184,25 @@ class HeadConfig(_Strict):
 
 
 class FinetuneConfig(_Strict):
+    # Which backbone weights train (xfer/strategies.py): head_only | partial (the first
+    # `frozen_blocks` block groups frozen) | full (fresh classifier) | lp_ft (classifier from
+    # the linear probe, then everything) | gradual (block groups unfrozen top-down).
+    strategy: Literal["head_only", "partial", "full", "lp_ft", "gradual"] = "lp_ft"
+    frozen_blocks: int = Field(0, ge=0, le=1000)
+    # gradual: epochs between unfreezing one more block group (epoch 1 trains the head only).
+    unfreeze_every: int = Field(1, ge=1, le=1000)
+    # Layer-wise learning-rate decay: block group i of n trains at lr * layer_decay ** (n - i).
+    layer_decay: float = Field(1.0, gt=0, le=1)
+    schedule: Literal["constant", "cosine"] = "constant"
+    # Linear warmup from 0, in epochs (may be fractional).
+    warmup_epochs: float = Field(0.0, ge=0, le=1000)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Exponential moving average of the weights (evaluated and kept instead of the raw ones); null = off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    # Stop after this many epochs without a better source val accuracy; null = run every epoch.
+    patience: int | None = Field(None, ge=1)
+    # torch.use_deterministic_algorithms: bit-exact reruns and resumes, at some speed.
+    deterministic: bool = False
     epochs: int = Field(2, ge=0, le=1000)
     batch_size: int = Field(64, ge=1, le=4096)
     lr: float = Field(1e-4, gt=0, le=10)
@@ -200,6 +219,14 @@ class FinetuneConfig(_Strict):
     # The linear probe that starts the classifier (LP-FT), trained on cached source features.
     probe_epochs: int = Field(60, ge=1, le=10000)
     probe_lr: float = Field(3e-3, gt=0, le=10)
+
+    @model_validator(mode="after")
+    def _strategy_knobs(self) -> "FinetuneConfig":
+        if self.strategy == "partial" and self.frozen_blocks < 1:
+            raise ValueError("strategy 'partial' freezes the first frozen_blocks block groups: set frozen_blocks >= 1")
+        if self.strategy != "partial" and self.frozen_blocks:
+            raise ValueError(f"frozen_blocks is {self.frozen_blocks} but only strategy 'partial' uses it (strategy is {self.strategy!r})")
+        return self
 
 
 class EvaluateConfig(_Strict):

@@ -1,15 +1,18 @@
-"""Fine-tuning the whole network, starting from a trained head (LP-FT).
+"""Fine-tuning the network on images, by a strategy (xfer/strategies.py).
 
-Linear probe first (the head stage), then every weight moves: starting the
-classifier from the probe keeps the random-head gradients from wrecking the
-pretrained features in the first steps.
+The default, LP-FT: a linear probe on cached features first, then every
+weight moves; starting the classifier from the probe keeps the random-head
+gradients from wrecking the pretrained features in the first steps. The loop
+checkpoints every epoch (xfer/checkpoints.py) and resumes a killed run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,9 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from xfer.backbones import Preprocessing
+from xfer.checkpoints import load_checkpoint, remove_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xfer.config import FinetuneConfig, HeadConfig
 from xfer.heads import build_head
 from xfer.io import save_torch, write_json
+from xfer.strategies import apply_freezing, backbone_groups, check_strategy, frozen_groups, param_groups
 
 WEIGHTS_FILE = "model.pt"
 SPEC_FILE = "model.json"
@@ -100,37 +105,68 @@ def finetune(
     monitor: dict[str, Dataset] | None = None,
     on_epoch: EpochCallback | None = None,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    run_key: str = "",
 ) -> tuple[Classifier, list[dict[str, float]]]:
-    """Train every weight on `train`; keep the epoch (0 = the probe) with the best `val` accuracy."""
+    """Fine-tune by `cfg.strategy`; keep the epoch (0 = the start) with the best `val` accuracy.
+
+    With `checkpoint_dir`, the state after every epoch is saved there, and a
+    checkpoint of the same `run_key` left by a killed run is resumed.
+    """
+    previous_determinism = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(cfg.deterministic or previous_determinism)
+    try:
+        return _finetune(model, train, val, cfg, device, seed, monitor or {}, on_epoch, progress, checkpoint_dir, run_key)
+    finally:
+        torch.use_deterministic_algorithms(previous_determinism)
+
+
+def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress, checkpoint_dir, run_key):
     torch.manual_seed(seed)
     model.to(device)
-    opt = torch.optim.AdamW(
-        [
-            {"params": model.backbone.parameters(), "lr": cfg.lr},
-            {"params": model.head.parameters(), "lr": cfg.lr * cfg.head_lr_scale},
-        ],
-        weight_decay=cfg.weight_decay,
-    )
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size, generator=torch.Generator().manual_seed(seed))
-    loss_fn = nn.CrossEntropyLoss()
+    groups = backbone_groups(model.backbone)
+    check_strategy(cfg, model.backbone)
+    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    shuffle = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size, generator=shuffle)
+    steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
 
     def evaluate(epoch: int, train_loss: float | None) -> dict[str, float]:
-        record = {"val_accuracy": _accuracy(model, val, cfg.batch_size * 2, device, cfg.amp)}
-        if train_loss is not None:
-            record["train_loss"] = train_loss
-        for name, data in (monitor or {}).items():
-            record[f"{name}_accuracy"] = _accuracy(model, data, cfg.batch_size * 2, device, cfg.amp)
+        with ema.applied(model) if ema is not None else contextlib.nullcontext():
+            record = {"val_accuracy": _accuracy(model, val, cfg.batch_size * 2, device, cfg.amp)}
+            if train_loss is not None:
+                record["train_loss"] = train_loss
+            for name, data in monitor.items():
+                record[f"{name}_accuracy"] = _accuracy(model, data, cfg.batch_size * 2, device, cfg.amp)
+            state = copy.deepcopy(model.state_dict())
         if on_epoch:
             on_epoch(epoch, record)
-        return record
+        return record, state
 
-    history = [evaluate(0, None)]
-    best_acc, best_state = history[0]["val_accuracy"], copy.deepcopy(model.state_dict())
-    steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
-    for epoch in range(1, cfg.epochs + 1):
+    resumed = load_checkpoint(checkpoint_dir, run_key) if checkpoint_dir is not None else None
+    if resumed is None:
+        record, best_state = evaluate(0, None)
+        history, best_acc, since_best, first_epoch = [record], record["val_accuracy"], 0, 1
+    else:
+        model.load_state_dict(resumed["model"])
+        opt.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        if ema is not None:
+            ema.state = resumed["ema"]
+        history, best_state, best_acc, since_best = resumed["history"], resumed["best_state"], resumed["best_acc"], resumed["since_best"]
+        set_rng_state(resumed["rng"], shuffle)
+        first_epoch = resumed["epoch"] + 1
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if cfg.patience is not None and since_best >= cfg.patience:
+            break
         model.train()
         if cfg.freeze_bn:
             freeze_batchnorm(model)
+        apply_freezing(model.backbone, groups, frozen_groups(cfg, len(groups), epoch))
         total, seen = 0.0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"finetune epoch {epoch}/{cfg.epochs}", unit="step", disable=not progress)
         # islice, not a break: a break would load one batch too many.
@@ -141,17 +177,74 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update(model)
             total += loss.item() * len(y)
             seen += len(y)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
-        record = evaluate(epoch, total / max(seen, 1))
+        record, state = evaluate(epoch, total / max(seen, 1))
         history.append(record)
         if record["val_accuracy"] > best_acc:
-            best_acc, best_state = record["val_accuracy"], copy.deepcopy(model.state_dict())
+            best_acc, best_state, since_best = record["val_accuracy"], state, 0
+        else:
+            since_best += 1
+        if checkpoint_dir is not None:
+            save_checkpoint(checkpoint_dir, {
+                "key": run_key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": scheduler.state_dict(), "ema": ema.state if ema is not None else None,
+                "history": history, "best_state": best_state, "best_acc": best_acc, "since_best": since_best,
+                "rng": rng_state(shuffle),
+            })
+    for param in model.parameters():
+        param.requires_grad_(True)
     model.load_state_dict(best_state)
+    remove_checkpoint(checkpoint_dir)
     return model.eval(), history
+
+
+def lr_factor(cfg: FinetuneConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of each group's lr at optimiser step `step`: linear warmup, then constant or cosine to 0."""
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    total = max(cfg.epochs * steps_per_epoch, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights (buffers copied as they are)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.state[key].mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
+            else:
+                self.state[key].copy_(value)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """The model with the averaged weights inside the block, its own weights after."""
+        own = copy.deepcopy(model.state_dict())
+        model.load_state_dict(self.state)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(own)
 
 
 def freeze_batchnorm(model: nn.Module) -> None:

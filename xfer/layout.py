@@ -48,6 +48,11 @@ class Layout:
         return self.root / "models" / "finetune"
 
     @property
+    def checkpoints(self) -> Path:
+        """Resumable training state, per stage; removed when a run finishes. Not a DVC output."""
+        return self.root / "checkpoints"
+
+    @property
     def metrics_dir(self) -> Path:
         return self.root / "metrics"
 

@@ -1,0 +1,43 @@
+"""A tiny classifier and images it can learn, for fine-tuning tests (importable by child processes)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from xfer.backbones import create_backbone
+from xfer.config import BackboneConfig, HeadConfig
+from xfer.finetune import Classifier
+from xfer.heads import build_head
+
+
+def toy_data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 3, 32, 32, generator=g) * 0.3
+    x[y == 1, :, :16] += 1.5  # class 1: bright top half
+    return TensorDataset(x, y)
+
+
+def tiny_classifier(head_cfg: HeadConfig = HeadConfig()):
+    torch.manual_seed(0)
+    backbone, prep, _ = create_backbone(BackboneConfig(name="test_efficientnet", pretrained=False, image_size=32))
+    return Classifier(backbone, build_head(head_cfg, backbone.num_features, 2)), prep
+
+
+class NoisyData(Dataset):
+    """Adds noise drawn from torch's global generator (like a random augmentation), optionally slowly."""
+
+    def __init__(self, inner: Dataset, delay_s: float = 0.0):
+        self.inner, self.delay_s = inner, delay_s
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        x, y = self.inner[i]
+        return x + 0.1 * torch.randn_like(x), y
