@@ -22,6 +22,7 @@ from tasks.tracking import stage_run
 from xfer import features as feats
 from xfer.backbones import create_backbone
 from xfer.config import HeadConfig, Params
+from xfer.data.augment import build_augmentation
 from xfer.data.images import ImageRows
 from xfer.data.split import class_names, read_manifest, rows
 from xfer.finetune import Classifier, ClassifierSpec, finetune as run_finetune, save_classifier, select_device
@@ -70,14 +71,16 @@ def finetune(layout: Layout, params: Params) -> dict:
             model = Classifier(backbone, probe)
             run_key = sha256_json({"params": params.section("seed", "backbone", "finetune"), "weights": weights.digest, "manifest": sha256_file(layout.manifest), "features": fs.meta["key"]})
 
-            def data(role: str, split: str) -> ImageRows:
+            augment = build_augmentation(cfg.augment)
+
+            def data(role: str, split: str, train: bool = False) -> ImageRows:
                 part = rows(manifest, role, split)
-                return ImageRows(part.path.tolist(), part.label.tolist(), prep, layout.root)
+                return ImageRows(part.path.tolist(), part.label.tolist(), prep, layout.root, augment=augment if train else None)
 
             # The labelled target budget (if any) trains with the source rows.
-            train = data("source", "train")
+            train = data("source", "train", train=True)
             if len(rows(manifest, "target", "train")):
-                train = ConcatDataset([train, data("target", "train")])
+                train = ConcatDataset([train, data("target", "train", train=True)])
             model, history = run_finetune(
                 model,
                 train,
@@ -89,6 +92,8 @@ def finetune(layout: Layout, params: Params) -> dict:
                 on_epoch=run.epoch_logger("finetune"),
                 checkpoint_dir=layout.checkpoints / "finetune",
                 run_key=run_key,
+                target=data("target", "unlabeled", train=True) if cfg.method != "source_only" else None,
+                target_plain=data("target", "unlabeled") if cfg.method != "source_only" else None,
             )
             spec = ClassifierSpec(
                 backbone=params.backbone.name,
@@ -102,6 +107,7 @@ def finetune(layout: Layout, params: Params) -> dict:
             best = max(history, key=lambda r: r["val_accuracy"])
             summary = {
                 "strategy": cfg.strategy,
+                "method": cfg.method,
                 "best_epoch": history.index(best),
                 "source_val_accuracy": best["val_accuracy"],
                 "target_val_accuracy": best["target_val_accuracy"],

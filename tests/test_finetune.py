@@ -242,3 +242,43 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     save_checkpoint(tmp_path, {"key": "other run", "epoch": 1})
     _, history = finetune(model, toy_data(32, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, checkpoint_dir=tmp_path, run_key="this run")
     assert len(history) == 2 and not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+class CountingReads(torch.utils.data.Dataset):
+    def __init__(self, inner):
+        self.inner, self.reads = inner, 0
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.inner[i]
+
+
+@pytest.mark.parametrize("method", ["dann", "self_training", "mcc"])
+def test_adaptation_while_fine_tuning_trains_on_unlabelled_target_batches(method):
+    model, _ = tiny_classifier()
+    target, plain = CountingReads(toy_data(48, 5)), CountingReads(toy_data(48, 5))
+    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=3e-3, device="cpu", method=method, pseudo_threshold=0.5)
+    seen = {}
+    start_head = model.head.classifier.weight.detach().clone()
+
+    def record(epoch, _):
+        seen[epoch] = model.head.classifier.weight.detach().clone()
+
+    finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False,
+             target=target, target_plain=plain, on_epoch=record)
+    # 4 source batches per epoch -> 4 target batches of 16 per epoch, drawn from the augmented set.
+    assert target.reads == 2 * 4 * 16
+    # Only self-training reads the plain target set: once per epoch, to label it.
+    assert plain.reads == (2 * 48 if method == "self_training" else 0)
+    assert not torch.equal(seen[1], start_head)
+
+
+def test_adaptation_needs_target_images_and_a_trainable_backbone():
+    model, _ = tiny_classifier()
+    with pytest.raises(ValueError, match="needs unlabelled target images"):
+        finetune(model, toy_data(16, 0), toy_data(8, 1), FinetuneConfig(epochs=1, method="mcc", device="cpu"), torch.device("cpu"), seed=0, progress=False)
+    with pytest.raises(ConfigError, match="which strategy 'head_only' freezes"):
+        parse_params({"finetune": {"strategy": "head_only", "method": "coral"}})

@@ -183,6 +183,16 @@ class HeadConfig(_Strict):
         return self.selection == "target_val"
 
 
+class AugmentConfig(_Strict):
+    """Random augmentations of fine-tuning train images (never val or test); all off = none."""
+
+    # Random resized crop keeping at least this fraction of the area; null = off.
+    crop_scale: float | None = Field(None, gt=0, le=1)
+    flip: bool = False  # horizontal, with probability 0.5 (off for digits and text)
+    rotation_deg: float = Field(0.0, ge=0, le=180)  # uniform in [-deg, deg]
+    color_jitter: float = Field(0.0, ge=0, le=1)  # brightness, contrast and saturation strength
+
+
 class FinetuneConfig(_Strict):
     # Which backbone weights train (xfer/strategies.py): head_only | partial (the first
     # `frozen_blocks` block groups frozen) | full (fresh classifier) | lp_ft (classifier from
@@ -203,6 +213,14 @@ class FinetuneConfig(_Strict):
     patience: int | None = Field(None, ge=1)
     # torch.use_deterministic_algorithms: bit-exact reruns and resumes, at some speed.
     deterministic: bool = False
+    augment: AugmentConfig = AugmentConfig()
+    # Adaptation while fine-tuning: the losses of xfer/adapt/ on the backbone's pooled
+    # features, with labelled source batches and unlabelled target batches together.
+    method: AdaptationMethod = "source_only"
+    adapt_weight: float = Field(1.0, ge=0, le=100)
+    pseudo_labels: Literal["centroid", "confidence"] = "centroid"  # self_training
+    pseudo_threshold: float = Field(0.9, gt=0, lt=1)  # self_training
+    mcc_temperature: float = Field(2.5, gt=0, le=100)  # mcc
     epochs: int = Field(2, ge=0, le=1000)
     batch_size: int = Field(64, ge=1, le=4096)
     lr: float = Field(1e-4, gt=0, le=10)
@@ -224,6 +242,8 @@ class FinetuneConfig(_Strict):
     def _strategy_knobs(self) -> "FinetuneConfig":
         if self.strategy == "partial" and self.frozen_blocks < 1:
             raise ValueError("strategy 'partial' freezes the first frozen_blocks block groups: set frozen_blocks >= 1")
+        if self.method in FEATURE_ALIGNING_METHODS and self.strategy == "head_only":
+            raise ValueError(f"method {self.method!r} aligns backbone features, which strategy 'head_only' freezes; choose another strategy or method")
         if self.strategy != "partial" and self.frozen_blocks:
             raise ValueError(f"frozen_blocks is {self.frozen_blocks} but only strategy 'partial' uses it (strategy is {self.strategy!r})")
         return self

@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from xfer.adapt import build_adaptation_loss
+from xfer.adapt.base import AdaptationLoss
 from xfer.backbones import Preprocessing
 from xfer.checkpoints import load_checkpoint, remove_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xfer.config import FinetuneConfig, HeadConfig
@@ -107,32 +109,42 @@ def finetune(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     run_key: str = "",
+    target: Dataset | None = None,
+    target_plain: Dataset | None = None,
 ) -> tuple[Classifier, list[dict[str, float]]]:
     """Fine-tune by `cfg.strategy`; keep the epoch (0 = the start) with the best `val` accuracy.
 
     With `checkpoint_dir`, the state after every epoch is saved there, and a
     checkpoint of the same `run_key` left by a killed run is resumed.
+    With `cfg.method` other than source_only, `target` (unlabelled target
+    rows, augmented like `train`) feeds the adaptation loss; `target_plain`,
+    the same rows unaugmented, is what self-training labels each epoch.
     """
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(cfg.deterministic or previous_determinism)
     try:
-        return _finetune(model, train, val, cfg, device, seed, monitor or {}, on_epoch, progress, checkpoint_dir, run_key)
+        return _finetune(model, train, val, cfg, device, seed, monitor or {}, on_epoch, progress, checkpoint_dir, run_key, target, target_plain or target)
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
 
 
-def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress, checkpoint_dir, run_key):
+def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress, checkpoint_dir, run_key, target, target_plain):
     torch.manual_seed(seed)
     model.to(device)
     groups = backbone_groups(model.backbone)
     check_strategy(cfg, model.backbone)
-    opt = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
+    adaptation = TargetAdaptation.build(cfg, model, target, target_plain, seed, device)
+    groups_to_train = param_groups(model, cfg)
+    if adaptation is not None and any(True for _ in adaptation.loss.parameters()):  # DANN/CDAN discriminators
+        groups_to_train.append({"params": list(adaptation.loss.parameters()), "lr": cfg.lr * cfg.head_lr_scale, "name": "adaptation"})
+    opt = torch.optim.AdamW(groups_to_train, weight_decay=cfg.weight_decay)
     shuffle = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size, generator=shuffle)
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    total_steps = max(cfg.epochs * steps_per_epoch, 1)
 
     def evaluate(epoch: int, train_loss: float | None) -> dict[str, float]:
         with ema.applied(model) if ema is not None else contextlib.nullcontext():
@@ -156,6 +168,8 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
         scheduler.load_state_dict(resumed["scheduler"])
         if ema is not None:
             ema.state = resumed["ema"]
+        if adaptation is not None:
+            adaptation.load_state_dict(resumed["adaptation"])
         history, best_state, best_acc, since_best = resumed["history"], resumed["best_state"], resumed["best_acc"], resumed["since_best"]
         set_rng_state(resumed["rng"], shuffle)
         first_epoch = resumed["epoch"] + 1
@@ -163,6 +177,8 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
     for epoch in range(first_epoch, cfg.epochs + 1):
         if cfg.patience is not None and since_best >= cfg.patience:
             break
+        if adaptation is not None:  # before train mode: self-training labels the target in eval mode
+            adaptation.start_epoch(model, cfg.batch_size * 2)
         model.train()
         if cfg.freeze_bn:
             freeze_batchnorm(model)
@@ -170,10 +186,15 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
         total, seen = 0.0, 0
         bar = tqdm(total=steps_per_epoch, desc=f"finetune epoch {epoch}/{cfg.epochs}", unit="step", disable=not progress)
         # islice, not a break: a break would load one batch too many.
-        for x, y in itertools.islice(loader, steps_per_epoch):
+        for step, (x, y) in enumerate(itertools.islice(loader, steps_per_epoch), start=(epoch - 1) * steps_per_epoch + 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(device, cfg.amp):
-                loss = loss_fn(model(x).float(), y)
+                if adaptation is None:
+                    loss = loss_fn(model(x).float(), y)
+                else:
+                    features_s = model.head.embed(model.backbone(x), "source")
+                    logits_s = model.head.classifier(features_s)
+                    loss = loss_fn(logits_s.float(), y) + cfg.adapt_weight * adaptation.loss_on_batch(model, features_s, logits_s, step / total_steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -197,12 +218,88 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
                 "scheduler": scheduler.state_dict(), "ema": ema.state if ema is not None else None,
                 "history": history, "best_state": best_state, "best_acc": best_acc, "since_best": since_best,
                 "rng": rng_state(shuffle),
+                "adaptation": adaptation.state_dict() if adaptation is not None else None,
             })
     for param in model.parameters():
         param.requires_grad_(True)
     model.load_state_dict(best_state)
     remove_checkpoint(checkpoint_dir)
     return model.eval(), history
+
+
+class WithIndex(Dataset):
+    """(image, row number): what self-training needs to look up a row's pseudo-label."""
+
+    def __init__(self, inner: Dataset):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int):
+        return self.inner[i][0], i
+
+
+class TargetAdaptation:
+    """An adaptation loss of xfer/adapt/ fed with unlabelled target batches while fine-tuning.
+
+    The target rows are drawn by their own seeded generator, a fresh pass each
+    epoch, so a resumed run draws the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, loss: AdaptationLoss, target: Dataset, target_plain: Dataset, batch_size: int, seed: int, device: torch.device):
+        self.loss = loss.to(device)
+        self.target_plain, self.device = target_plain, device
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.loader = DataLoader(WithIndex(target), batch_size=batch_size, shuffle=True, drop_last=len(target) > batch_size, generator=self.generator)
+        self.batches = iter(())
+
+    @classmethod
+    def build(cls, cfg: FinetuneConfig, model: Classifier, target, target_plain, seed: int, device) -> "TargetAdaptation | None":
+        if cfg.method == "source_only":
+            return None
+        if target is None or len(target) == 0:
+            raise ValueError(f"finetune.method {cfg.method!r} needs unlabelled target images (the target 'unlabeled' split is empty)")
+        loss = build_adaptation_loss(
+            cfg.method, model.head.embed_dim, model.head.classifier.out_features,
+            pseudo_threshold=cfg.pseudo_threshold, pseudo_labels=cfg.pseudo_labels, mcc_temperature=cfg.mcc_temperature,
+        )
+        return cls(loss, target, target_plain, cfg.batch_size, seed, device)
+
+    def start_epoch(self, model: Classifier, batch_size: int) -> None:
+        self.batches = iter(self.loader)
+        self.loss.train()
+        if self.loss.wants_refresh:
+            features, logits = embed_rows(model, self.target_plain, batch_size, self.device)
+            self.loss.refresh(features, logits)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return next(self.batches)
+        except StopIteration:  # the target set is smaller than the source: another pass
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+    def loss_on_batch(self, model: Classifier, features_s: torch.Tensor, logits_s: torch.Tensor, progress: float) -> torch.Tensor:
+        x_t, index_t = self.next_batch()
+        features_t = model.head.embed(model.backbone(x_t.to(self.device, non_blocking=True)), "target")
+        self.loss.set_progress(progress)
+        return self.loss(features_s, features_t, logits_s, model.head.classifier(features_t), index_t=index_t.to(self.device))
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss.load_state_dict(state["loss"])
+        self.generator.set_state(state["generator"])
+
+
+@torch.no_grad()
+def embed_rows(model: Classifier, data: Dataset, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's input features and logits of every row, in eval mode."""
+    model.eval()
+    features = torch.cat([model.head.embed(model.backbone(x.to(device)), "target") for x, _ in DataLoader(data, batch_size=batch_size)])
+    return features, model.head.classifier(features)
 
 
 def lr_factor(cfg: FinetuneConfig, steps_per_epoch: int) -> Callable[[int], float]:

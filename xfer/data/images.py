@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -48,13 +48,15 @@ def to_tensor(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
 class ImageRows(Dataset):
     """(tensor, label) for a list of image paths, resolved against `root`."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], prep: Preprocessing, root: str | Path = "."):
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], prep: Preprocessing, root: str | Path = ".", augment: Callable[[Image.Image], Image.Image] | None = None):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)
         self.labels = [int(v) for v in labels]
         self.prep = prep
         self.root = Path(root)
+        # Random augmentation of the decoded image (train rows only; see xfer/data/augment.py).
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -63,7 +65,7 @@ class ImageRows(Dataset):
         path = self.root / self.paths[i]
         try:
             with Image.open(path) as img:
-                x = to_tensor(img, self.prep)
+                x = to_tensor(self.augment(img) if self.augment is not None else img, self.prep)
         except (OSError, UnidentifiedImageError) as err:
             raise ImageReadError(f"cannot read image {path}: {err}") from None
         return x, self.labels[i]
