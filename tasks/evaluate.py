@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -15,7 +16,7 @@ from xfer.finetune import load_classifier, predict_logits, select_device
 from xfer.heads import load_head
 from xfer.io import write_json
 from xfer.layout import Layout
-from xfer.metrics import classification_metrics, confusion_matrix, per_class_accuracy
+from xfer.metrics import classification_metrics, confusion_matrix, fuse_probabilities, per_class_accuracy, softmax
 from xfer.plots import per_class_accuracy_figure, save_confusion_matrix, save_figure
 
 # (manifest role, split) -> the name used in eval.json and plot files.
@@ -32,21 +33,29 @@ def evaluate(layout: Layout, params: Params) -> dict:
             classifier, spec = load_classifier(layout.finetune_dir)
             device = select_device("auto")
             names = head_spec["class_names"]
-            results: dict[str, dict] = {"head": {}, "finetune": {}}
+            results: dict[str, dict] = {"head": {}, "finetune": {}, "fusion": {}}
             plots = []
             plot_dir = layout.stage_plots("evaluate")
             for (role, split), set_name in EVAL_SETS.items():
                 x, y = fs.select(role, split)
                 with torch.no_grad():
                     # A head with domain_norm standardises each domain with that domain's statistics.
-                    head_pred = head(torch.as_tensor(x), role).argmax(1).numpy()
+                    head_probs = torch.softmax(head(torch.as_tensor(x), role), 1).numpy()
                 part = rows(manifest, role, split)
                 data = ImageRows(part.path.tolist(), part.label.tolist(), spec.prep(), layout.root)
                 logits, labels = predict_logits(classifier, data, params.evaluate.batch_size, device, progress=True, desc=f"evaluate {set_name}")
+                if not np.array_equal(labels, y):
+                    raise RuntimeError(f"{set_name}: cached features and manifest rows are out of order; rerun the features stage")
+                predictions = {
+                    "head": head_probs.argmax(1),
+                    "finetune": logits.argmax(1),
+                    # Fusion: the mean of the two models' class probabilities.
+                    "fusion": fuse_probabilities([head_probs, softmax(logits)]).argmax(1),
+                }
                 per_class = {}
-                for model_name, truth, pred in (("head", y, head_pred), ("finetune", labels, logits.argmax(1))):
-                    results[model_name][set_name] = classification_metrics(truth, pred, len(names))
-                    cm = confusion_matrix(truth, pred, len(names))
+                for model_name, pred in predictions.items():
+                    results[model_name][set_name] = classification_metrics(y, pred, len(names))
+                    cm = confusion_matrix(y, pred, len(names))
                     per_class[model_name] = per_class_accuracy(cm)
                     results[model_name][set_name]["per_class_accuracy"] = dict(zip(names, per_class[model_name].round(6).tolist()))
                     path = plot_dir / f"confusion_{model_name}_{set_name}.png"

@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 from sklearn import metrics as skm
 
@@ -32,3 +33,16 @@ def test_format_results_has_a_row_per_model_and_split():
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].split()[:3] == ["model", "split", "accuracy"]
     assert lines[3].split() == ["finetune", "target_test", "0.500", "0.250", "0.125", "1.000"]
+
+
+def test_fusion_averages_probabilities_and_can_fix_a_model():
+    from xfer.metrics import fuse_probabilities, softmax
+
+    head = np.array([[0.45, 0.55], [0.2, 0.8]])  # wrong on row 0
+    finetune = np.array([[0.9, 0.1], [0.6, 0.4]])  # wrong on row 1
+    fused = fuse_probabilities([head, finetune])
+    np.testing.assert_allclose(fused, [[0.675, 0.325], [0.4, 0.6]])
+    assert fused.argmax(1).tolist() == [0, 1]
+    np.testing.assert_allclose(softmax(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]])
+    with pytest.raises(ValueError, match="one shape"):
+        fuse_probabilities([head, finetune[:1]])

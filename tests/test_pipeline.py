@@ -22,12 +22,13 @@ def test_every_stage_writes_its_files(pipeline_project):
     assert sorted(p.name for p in (layout.raw / "digits").iterdir()) == ["dataset.json", "handwritten", "images.csv", "printed", "validation.json"]
     assert layout.split_report.is_file()
     ev = json.loads(layout.metrics("eval").read_text())
-    for model in ("head", "finetune"):
+    assert set(ev) == {"head", "finetune", "fusion"}
+    for model in ("head", "finetune", "fusion"):
         for split in ("source_test", "target_test"):
             m = ev[model][split]
             assert 0 <= m["accuracy"] <= 1 and set(m) >= {"macro_precision", "macro_recall", "macro_f1"}
         assert result["evaluate"][model]["target_test"] == ev[model]["target_test"]["accuracy"]
-    assert len(list(layout.stage_plots("evaluate").glob("confusion_*.png"))) == 4
+    assert len(list(layout.stage_plots("evaluate").glob("confusion_*.png"))) == 6  # head, finetune, fusion x 2 splits
     assert len(list(layout.stage_plots("evaluate").glob("per_class_accuracy_*.png"))) == 2
     assert (layout.stage_plots("head") / "tsne.png").is_file()
     head = json.loads(layout.metrics("head").read_text())

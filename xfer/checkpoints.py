@@ -11,6 +11,7 @@ checkpoint is ignored, never resumed.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 from typing import Any
@@ -77,3 +78,5 @@ def remove_checkpoint(folder: Path | None) -> None:
     """After a finished run: its checkpoint would only ever resume to the end."""
     if folder is not None:
         (Path(folder) / CHECKPOINT_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # left if something else lives there
+            Path(folder).rmdir()

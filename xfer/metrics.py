@@ -47,3 +47,16 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
 def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
     """Recall of each true class (row); 0 for a class with no rows."""
     return _safe_div(np.diag(cm).astype(float), cm.sum(1).astype(float))
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(1, keepdims=True)
+
+
+def fuse_probabilities(probabilities: list[np.ndarray]) -> np.ndarray:
+    """The ensemble of several models: the mean of their class-probability rows."""
+    if not probabilities or len({p.shape for p in probabilities}) != 1:
+        raise ValueError(f"fusion needs one or more probability arrays of one shape, got {[p.shape for p in probabilities]}")
+    return np.mean(probabilities, axis=0)
