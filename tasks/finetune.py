@@ -1,12 +1,15 @@
-"""finetune stage: the whole network, its classifier started from a linear probe (LP-FT).
+"""finetune stage: fine-tune by the configured strategy (xfer/finetune_job.py), then track it.
 
-The probe is trained here, on the cached source features, not taken from the
-head stage: the head may be adapted, an MLP, or selected by an oracle, and a
-change to any of that must not rerun fine-tuning.
+One process, or `finetune.devices` torchrun workers whose rank 0 writes the
+outputs; either way this process logs the epochs and the model to MLflow.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import mlflow
@@ -16,20 +19,12 @@ import torch
 from mlflow.models import infer_signature
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from torch.utils.data import ConcatDataset
 
 from tasks.tracking import stage_run
-from xfer import features as feats
-from xfer.backbones import create_backbone
-from xfer.config import HeadConfig, Params
-from xfer.data.augment import build_augmentation
-from xfer.data.images import ImageRows
-from xfer.data.split import class_names, read_manifest, rows
-from xfer.finetune import Classifier, ClassifierSpec, finetune as run_finetune, save_classifier, select_device
-from xfer.heads import HeadData, build_head, train_head
-from xfer.io import sha256_file, sha256_json, write_json
+from xfer import finetune_job
+from xfer.config import Params
+from xfer.finetune import Classifier, ClassifierSpec, load_classifier, select_device
 from xfer.layout import Layout
-from xfer.strategies import PROBE_STARTED
 
 
 def log_model(model: Classifier, spec: ClassifierSpec) -> None:
@@ -56,69 +51,31 @@ def finetune(layout: Layout, params: Params) -> dict:
     cfg = params.finetune
     with stage_run("finetune", layout, params, ["seed", "backbone", "finetune"]) as run:
         with run.work():
-            device = select_device(cfg.device)
-            logger.info("fine-tuning on %s", device)
-            manifest = read_manifest(layout.manifest)
-            names = class_names(manifest)
-            fs = feats.load_current(layout.features)
-            probe_cfg = HeadConfig(kind="linear", epochs=cfg.probe_epochs, lr=cfg.probe_lr)
-            if cfg.strategy in PROBE_STARTED:
-                probe, _ = train_head(probe_cfg, HeadData(fs.select("source", "train"), fs.select("source", "val")), len(names), params.seed)
-            else:  # `full`: a fresh classifier, the baseline LP-FT is measured against
-                torch.manual_seed(params.seed)
-                probe = build_head(probe_cfg, fs.features.shape[1], len(names))
-            backbone, prep, weights = create_backbone(params.backbone, num_classes=0)
-            model = Classifier(backbone, probe)
-            run_key = sha256_json({"params": params.section("seed", "backbone", "finetune"), "weights": weights.digest, "manifest": sha256_file(layout.manifest), "features": fs.meta["key"]})
-
-            augment = build_augmentation(cfg.augment)
-
-            def data(role: str, split: str, train: bool = False) -> ImageRows:
-                part = rows(manifest, role, split)
-                return ImageRows(part.path.tolist(), part.label.tolist(), prep, layout.root, augment=augment if train else None)
-
-            # The labelled target budget (if any) trains with the source rows.
-            train = data("source", "train", train=True)
-            if len(rows(manifest, "target", "train")):
-                train = ConcatDataset([train, data("target", "train", train=True)])
-            model, history = run_finetune(
-                model,
-                train,
-                data("source", "val"),
-                cfg,
-                device,
-                params.seed,
-                monitor={"target_val": data("target", "val")},
-                on_epoch=run.epoch_logger("finetune"),
-                checkpoint_dir=layout.checkpoints / "finetune",
-                run_key=run_key,
-                target=data("target", "unlabeled", train=True) if cfg.method != "source_only" else None,
-                target_plain=data("target", "unlabeled") if cfg.method != "source_only" else None,
-            )
-            spec = ClassifierSpec(
-                backbone=params.backbone.name,
-                head=probe_cfg.model_dump(),
-                feature_dim=fs.features.shape[1],
-                num_classes=len(names),
-                class_names=names,
-                preprocessing=prep.as_dict(),
-            )
-            save_classifier(layout.finetune_dir, model, spec)
-            best = max(history, key=lambda r: r["val_accuracy"])
-            summary = {
-                "strategy": cfg.strategy,
-                "method": cfg.method,
-                "best_epoch": history.index(best),
-                "source_val_accuracy": best["val_accuracy"],
-                "target_val_accuracy": best["target_val_accuracy"],
-                "probe_source_val_accuracy": history[0]["val_accuracy"],
-                "epochs": cfg.epochs,
-                "device": device.type,
-            }
-            write_json(layout.metrics("finetune"), summary)
+            logger.info("fine-tuning (%s, %s) on %s x %d", cfg.strategy, cfg.method, select_device(cfg.device), cfg.devices)
+            if cfg.devices == 1:
+                result = finetune_job.run(layout, params, on_epoch=run.epoch_logger("finetune"))
+                model, spec, summary = result.model, result.spec, result.summary
+            else:
+                launch_workers(layout, cfg.devices)
+                for epoch, record in enumerate(finetune_job.read_history(layout)):
+                    run.epoch_logger("finetune")(epoch, record)
+                model, spec = load_classifier(layout.finetune_dir)
+                summary = json.loads(layout.metrics("finetune").read_text())
         run.log_metrics(summary, prefix="best.")
         run.log_artifact(layout.metrics("finetune"))
         started = time.perf_counter()
         log_model(model, spec)
         run.log_metrics({"time.log_model_s": time.perf_counter() - started})
     return summary
+
+
+def launch_workers(layout: Layout, processes: int) -> None:
+    """torchrun on this machine: `processes` workers of xfer.finetune_job; raises if any fails."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+        "-m", "xfer.finetune_job", "--root", str(layout.root),
+    ]
+    # Workers are fresh interpreters: they must not start a Prefect server or an MLflow run.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_RUN"))}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    subprocess.run(command, check=True, env=env)

@@ -230,6 +230,8 @@ class FinetuneConfig(_Strict):
     # Normalise with the pretrained running statistics instead of each batch's.
     freeze_bn: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Processes training data-parallel (torchrun): one per GPU, or CPU processes (gloo).
+    devices: int = Field(1, ge=1, le=64)
     # bf16 autocast on CUDA (never on the CPU).
     amp: bool = True
     # Cap on optimiser steps per epoch; null means the whole source train split.

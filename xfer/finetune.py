@@ -20,8 +20,9 @@ from typing import Callable
 import numpy as np
 import timm
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from xfer.adapt import build_adaptation_loss
@@ -65,6 +66,15 @@ class ClassifierSpec:
     def prep(self) -> Preprocessing:
         p = self.preprocessing
         return Preprocessing(p["image_size"], tuple(p["mean"]), tuple(p["std"]), p.get("channels", 3))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or the only process: the one that logs and writes."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def select_device(requested: str) -> torch.device:
@@ -139,7 +149,14 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
         groups_to_train.append({"params": list(adaptation.loss.parameters()), "lr": cfg.lr * cfg.head_lr_scale, "name": "adaptation"})
     opt = torch.optim.AdamW(groups_to_train, weight_decay=cfg.weight_decay)
     shuffle = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size, generator=shuffle)
+    if world_size() > 1:
+        # Each rank a disjoint shard of every epoch's permutation (seed + epoch), batch_size rows per rank.
+        sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True)
+        loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train) // world_size() > cfg.batch_size, generator=shuffle)
+        broadcast_state(model)
+    else:
+        sampler = None
+        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size, generator=shuffle)
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -154,7 +171,7 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
             for name, data in monitor.items():
                 record[f"{name}_accuracy"] = _accuracy(model, data, cfg.batch_size * 2, device, cfg.amp)
             state = copy.deepcopy(model.state_dict())
-        if on_epoch:
+        if on_epoch and is_main_process():
             on_epoch(epoch, record)
         return record, state
 
@@ -177,8 +194,10 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
     for epoch in range(first_epoch, cfg.epochs + 1):
         if cfg.patience is not None and since_best >= cfg.patience:
             break
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         if adaptation is not None:  # before train mode: self-training labels the target in eval mode
-            adaptation.start_epoch(model, cfg.batch_size * 2)
+            adaptation.start_epoch(model, cfg.batch_size * 2, epoch)
         model.train()
         if cfg.freeze_bn:
             freeze_batchnorm(model)
@@ -197,6 +216,7 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
                     loss = loss_fn(logits_s.float(), y) + cfg.adapt_weight * adaptation.loss_on_batch(model, features_s, logits_s, step / total_steps)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(opt)
             opt.step()
             scheduler.step()
             if ema is not None:
@@ -206,13 +226,15 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
+        if world_size() > 1:
+            broadcast_state(model, buffers_only=True)  # BatchNorm statistics, if they train, from rank 0
         record, state = evaluate(epoch, total / max(seen, 1))
         history.append(record)
         if record["val_accuracy"] > best_acc:
             best_acc, best_state, since_best = record["val_accuracy"], state, 0
         else:
             since_best += 1
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and is_main_process():
             save_checkpoint(checkpoint_dir, {
                 "key": run_key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": scheduler.state_dict(), "ema": ema.state if ema is not None else None,
@@ -223,8 +245,34 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
     for param in model.parameters():
         param.requires_grad_(True)
     model.load_state_dict(best_state)
-    remove_checkpoint(checkpoint_dir)
+    if is_main_process():
+        remove_checkpoint(checkpoint_dir)
     return model.eval(), history
+
+
+def average_gradients(opt: torch.optim.Optimizer) -> None:
+    """Data parallelism: every rank steps with the mean of all ranks' gradients.
+
+    Done by hand rather than by wrapping in DistributedDataParallel, because the
+    set of trainable weights changes between epochs (gradual, partial) and the
+    adaptation losses run the backbone twice per step; one all-reduce per
+    gradient tensor handles both.
+    """
+    if world_size() == 1:
+        return
+    for group in opt.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad.div_(world_size())
+
+
+def broadcast_state(model: nn.Module, buffers_only: bool = False) -> None:
+    """Rank 0's weights (or BatchNorm statistics) on every rank."""
+    tensors = list(model.buffers()) if buffers_only else [*model.parameters(), *model.buffers()]
+    with torch.no_grad():
+        for tensor in tensors:
+            dist.broadcast(tensor, 0)
 
 
 class WithIndex(Dataset):
@@ -251,8 +299,13 @@ class TargetAdaptation:
         self.loss = loss.to(device)
         self.target_plain, self.device = target_plain, device
         self.generator = torch.Generator().manual_seed(seed + 1)
-        self.loader = DataLoader(WithIndex(target), batch_size=batch_size, shuffle=True, drop_last=len(target) > batch_size, generator=self.generator)
+        self.sampler = DistributedSampler(target, shuffle=True, seed=seed + 1, drop_last=True) if world_size() > 1 else None
+        self.loader = DataLoader(
+            WithIndex(target), batch_size=batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+            drop_last=len(target) // world_size() > batch_size, generator=self.generator,
+        )
         self.batches = iter(())
+        self.passes = 0
 
     @classmethod
     def build(cls, cfg: FinetuneConfig, model: Classifier, target, target_plain, seed: int, device) -> "TargetAdaptation | None":
@@ -266,8 +319,9 @@ class TargetAdaptation:
         )
         return cls(loss, target, target_plain, cfg.batch_size, seed, device)
 
-    def start_epoch(self, model: Classifier, batch_size: int) -> None:
-        self.batches = iter(self.loader)
+    def start_epoch(self, model: Classifier, batch_size: int, epoch: int) -> None:
+        self.passes = epoch * 1000  # distinct, reproducible shard orders per epoch and pass
+        self.batches = self.new_pass()
         self.loss.train()
         if self.loss.wants_refresh:
             features, logits = embed_rows(model, self.target_plain, batch_size, self.device)
@@ -277,8 +331,14 @@ class TargetAdaptation:
         try:
             return next(self.batches)
         except StopIteration:  # the target set is smaller than the source: another pass
-            self.batches = iter(self.loader)
+            self.batches = self.new_pass()
             return next(self.batches)
+
+    def new_pass(self):
+        if self.sampler is not None:
+            self.passes += 1
+            self.sampler.set_epoch(self.passes)
+        return iter(self.loader)
 
     def loss_on_batch(self, model: Classifier, features_s: torch.Tensor, logits_s: torch.Tensor, progress: float) -> torch.Tensor:
         x_t, index_t = self.next_batch()

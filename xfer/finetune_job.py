@@ -1,0 +1,169 @@
+"""The finetune stage's work, without tracking: in the stage's own process, or in each torchrun worker.
+
+    python -m torch.distributed.run --standalone --nproc_per_node N -m xfer.finetune_job --root .
+
+is what the stage launches for `finetune.devices > 1` (tasks/finetune.py).
+Every rank trains on its shard of each batch and gradients are averaged
+(xfer/finetune.py); only rank 0 writes models/finetune/, metrics/finetune.json
+and the per-epoch history the stage then logs to MLflow.
+
+The linear probe is trained here, on the cached source features, not taken
+from the head stage: the head may be adapted, an MLP, or selected by an
+oracle, and a change to any of that must not rerun fine-tuning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import ConcatDataset
+
+from xfer import features as feats
+from xfer.backbones import create_backbone
+from xfer.config import HeadConfig, Params, load_params
+from xfer.data.augment import build_augmentation
+from xfer.data.images import ImageRows
+from xfer.data.split import class_names, read_manifest, rows
+from xfer.finetune import Classifier, ClassifierSpec, EpochCallback, finetune, is_main_process, save_classifier, select_device
+from xfer.heads import HeadData, build_head, train_head
+from xfer.io import sha256_file, sha256_json, write_json
+from xfer.layout import Layout
+from xfer.strategies import PROBE_STARTED
+
+HISTORY_FILE = "history.json"
+
+
+@dataclass
+class FinetuneResult:
+    model: Classifier
+    spec: ClassifierSpec
+    summary: dict
+    history: list[dict[str, float]]
+
+
+def history_path(layout: Layout) -> Path:
+    """Where rank 0 of a torchrun job leaves the per-epoch records for the stage to log."""
+    return layout.checkpoints / "finetune" / HISTORY_FILE
+
+
+def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, progress: bool = True) -> FinetuneResult:
+    """Probe, build, fine-tune; on rank 0, write models/finetune/ and metrics/finetune.json."""
+    cfg = params.finetune
+    device = local_device(cfg.device)
+    manifest = read_manifest(layout.manifest)
+    names = class_names(manifest)
+    fs = feats.load_current(layout.features)
+    probe_cfg = HeadConfig(kind="linear", epochs=cfg.probe_epochs, lr=cfg.probe_lr)
+    if cfg.strategy in PROBE_STARTED:
+        probe, _ = train_head(probe_cfg, HeadData(fs.select("source", "train"), fs.select("source", "val")), len(names), params.seed)
+    else:  # `full`: a fresh classifier, the baseline LP-FT is measured against
+        torch.manual_seed(params.seed)
+        probe = build_head(probe_cfg, fs.features.shape[1], len(names))
+    backbone, prep, weights = create_backbone(params.backbone, num_classes=0)
+    model = Classifier(backbone, probe)
+    run_key = sha256_json({"params": params.section("seed", "backbone", "finetune"), "weights": weights.digest, "manifest": sha256_file(layout.manifest), "features": fs.meta["key"]})
+    augment = build_augmentation(cfg.augment)
+
+    def data(role: str, split: str, train: bool = False) -> ImageRows:
+        part = rows(manifest, role, split)
+        return ImageRows(part.path.tolist(), part.label.tolist(), prep, layout.root, augment=augment if train else None)
+
+    # The labelled target budget (if any) trains with the source rows.
+    train = data("source", "train", train=True)
+    if len(rows(manifest, "target", "train")):
+        train = ConcatDataset([train, data("target", "train", train=True)])
+    adapting = cfg.method != "source_only"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model, history = finetune(
+        model,
+        train,
+        data("source", "val"),
+        cfg,
+        device,
+        params.seed,
+        monitor={"target_val": data("target", "val")},
+        on_epoch=on_epoch,
+        progress=progress and is_main_process(),
+        checkpoint_dir=layout.checkpoints / "finetune",
+        run_key=run_key,
+        target=data("target", "unlabeled", train=True) if adapting else None,
+        target_plain=data("target", "unlabeled") if adapting else None,
+    )
+    spec = ClassifierSpec(
+        backbone=params.backbone.name,
+        head=probe_cfg.model_dump(),
+        feature_dim=fs.features.shape[1],
+        num_classes=len(names),
+        class_names=names,
+        preprocessing=prep.as_dict(),
+    )
+    best = max(history, key=lambda r: r["val_accuracy"])
+    summary = {
+        "strategy": cfg.strategy,
+        "method": cfg.method,
+        "best_epoch": history.index(best),
+        "source_val_accuracy": best["val_accuracy"],
+        "target_val_accuracy": best["target_val_accuracy"],
+        "probe_source_val_accuracy": history[0]["val_accuracy"],
+        "epochs": cfg.epochs,
+        "device": device.type,
+        "processes": dist.get_world_size() if dist.is_initialized() else 1,
+    }
+    if device.type == "cuda":
+        summary["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if is_main_process():
+        save_classifier(layout.finetune_dir, model, spec)
+        write_json(layout.metrics("finetune"), summary)
+    return FinetuneResult(model, spec, summary, history)
+
+
+def local_device(requested: str) -> torch.device:
+    """This process's device: under torchrun, CUDA rank r takes GPU LOCAL_RANK."""
+    device = select_device(requested)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xfer.finetune_job", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".")
+    args = parser.parse_args(argv)
+    layout = Layout(Path(args.root))
+    params = load_params(layout.params)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        # gloo on CPUs (and in tests), NCCL between GPUs.
+        backend = "nccl" if select_device(params.finetune.device).type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    try:
+        result = run(layout, params, progress=True)
+        if is_main_process():
+            write_json(history_path(layout), result.history)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+def read_history(layout: Layout) -> list[dict[str, float]]:
+    path = history_path(layout)
+    history = json.loads(path.read_text())
+    path.unlink()
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()
+    return history
+
+
+if __name__ == "__main__":
+    sys.exit(main())
