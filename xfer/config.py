@@ -232,8 +232,14 @@ class FinetuneConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Processes training data-parallel (torchrun): one per GPU, or CPU processes (gloo).
     devices: int = Field(1, ge=1, le=64)
-    # bf16 autocast on CUDA (never on the CPU).
+    # Mixed precision on CUDA: bf16 autocast where the GPU has it, else fp16 with a gradient scaler.
     amp: bool = True
+    # DataLoader processes decoding (and augmenting) training images; 0 = in the training process.
+    num_workers: int = Field(0, ge=0, le=64)
+    # channels_last memory format: faster convolutions on tensor-core GPUs.
+    channels_last: bool = False
+    # torch.compile the network for training steps (first steps slower while it compiles).
+    compile: bool = False
     # Cap on optimiser steps per epoch; null means the whole source train split.
     max_steps_per_epoch: int | None = Field(None, ge=1)
     # The linear probe that starts the classifier (LP-FT), trained on cached source features.

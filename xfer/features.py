@@ -89,7 +89,7 @@ class FeatureSet:
         return np.asarray(self.features[mask], dtype=np.float32), self.index.label.to_numpy()[mask]
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
+def worker_context() -> multiprocessing.context.BaseContext:
     """Start loader workers from a fork server, never by forking the caller.
 
     The caller is usually a Prefect flow run: a multi-threaded process whose
@@ -123,7 +123,7 @@ def feature_loader(data: Dataset, batch_size: int, device: str = "cpu", num_work
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        multiprocessing_context=_worker_context() if num_workers > 0 else None,
+        multiprocessing_context=worker_context() if num_workers > 0 else None,
         # One pass over the data: workers kept alive would only hold memory after it.
         persistent_workers=False,
         # Page-locked batches only help a host-to-GPU copy; on the CPU they cost a copy.

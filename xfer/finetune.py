@@ -30,6 +30,7 @@ from xfer.adapt.base import AdaptationLoss
 from xfer.backbones import Preprocessing
 from xfer.checkpoints import load_checkpoint, remove_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xfer.config import FinetuneConfig, HeadConfig
+from xfer.features import worker_context
 from xfer.heads import build_head
 from xfer.io import save_torch, write_json
 from xfer.strategies import apply_freezing, backbone_groups, check_strategy, frozen_groups, param_groups
@@ -85,9 +86,14 @@ def select_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 keeps fp32's range, so no loss scaling is needed; GPUs without it get fp16 (and a scaler)."""
+    return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _autocast(device: torch.device, amp: bool = True):
-    # bf16 keeps fp32's range, so no loss scaling is needed; CPU stays fp32 for exactness.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+    # The CPU stays fp32, for exactness.
+    return torch.autocast("cuda", dtype=amp_dtype(device), enabled=amp and device.type == "cuda")
 
 
 @torch.inference_mode()
@@ -149,14 +155,15 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
         groups_to_train.append({"params": list(adaptation.loss.parameters()), "lr": cfg.lr * cfg.head_lr_scale, "name": "adaptation"})
     opt = torch.optim.AdamW(groups_to_train, weight_decay=cfg.weight_decay)
     shuffle = torch.Generator().manual_seed(seed)
-    if world_size() > 1:
-        # Each rank a disjoint shard of every epoch's permutation (seed + epoch), batch_size rows per rank.
-        sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True)
-        loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train) // world_size() > cfg.batch_size, generator=shuffle)
+    sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True) if world_size() > 1 else None
+    if sampler is not None:
         broadcast_state(model)
-    else:
-        sampler = None
-        loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train) > cfg.batch_size, generator=shuffle)
+    loader = train_loader(train, cfg, device, shuffle, sampler)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    # Compiled views share the weights (and state_dict keys) of the modules they wrap.
+    network, backbone_forward = (torch.compile(model), torch.compile(model.backbone)) if cfg.compile else (model, model.backbone)
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(cfg, steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -187,6 +194,7 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
             ema.state = resumed["ema"]
         if adaptation is not None:
             adaptation.load_state_dict(resumed["adaptation"])
+        scaler.load_state_dict(resumed["scaler"])
         history, best_state, best_acc, since_best = resumed["history"], resumed["best_state"], resumed["best_acc"], resumed["since_best"]
         set_rng_state(resumed["rng"], shuffle)
         first_epoch = resumed["epoch"] + 1
@@ -206,18 +214,20 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
         bar = tqdm(total=steps_per_epoch, desc=f"finetune epoch {epoch}/{cfg.epochs}", unit="step", disable=not progress)
         # islice, not a break: a break would load one batch too many.
         for step, (x, y) in enumerate(itertools.islice(loader, steps_per_epoch), start=(epoch - 1) * steps_per_epoch + 1):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
             with _autocast(device, cfg.amp):
                 if adaptation is None:
-                    loss = loss_fn(model(x).float(), y)
+                    loss = loss_fn(network(x).float(), y)
                 else:
-                    features_s = model.head.embed(model.backbone(x), "source")
+                    features_s = model.head.embed(backbone_forward(x), "source")
                     logits_s = model.head.classifier(features_s)
-                    loss = loss_fn(logits_s.float(), y) + cfg.adapt_weight * adaptation.loss_on_batch(model, features_s, logits_s, step / total_steps)
+                    adapt_loss = adaptation.loss_on_batch(model, backbone_forward, features_s, logits_s, step / total_steps, memory_format)
+                    loss = loss_fn(logits_s.float(), y) + cfg.adapt_weight * adapt_loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             average_gradients(opt)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             scheduler.step()
             if ema is not None:
                 ema.update(model)
@@ -241,6 +251,7 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
                 "history": history, "best_state": best_state, "best_acc": best_acc, "since_best": since_best,
                 "rng": rng_state(shuffle),
                 "adaptation": adaptation.state_dict() if adaptation is not None else None,
+                "scaler": scaler.state_dict(),
             })
     for param in model.parameters():
         param.requires_grad_(True)
@@ -248,6 +259,28 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
     if is_main_process():
         remove_checkpoint(checkpoint_dir)
     return model.eval(), history
+
+
+def train_loader(train: Dataset, cfg: FinetuneConfig, device: torch.device, generator: torch.Generator, sampler: DistributedSampler | None) -> DataLoader:
+    """Shuffled batches by the seeded generator (or the rank's shard), decoded by `cfg.num_workers` processes.
+
+    Workers start from a fork server (xfer.features.worker_context) and live
+    across epochs; each draws its augmentations from a seed the generator
+    gives it, so a resumed run decodes the same batches.
+    """
+    workers = cfg.num_workers
+    return DataLoader(
+        train,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=len(train) // world_size() > cfg.batch_size,
+        generator=generator,
+        num_workers=workers,
+        multiprocessing_context=worker_context() if workers > 0 else None,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def average_gradients(opt: torch.optim.Optimizer) -> None:
@@ -340,9 +373,9 @@ class TargetAdaptation:
             self.sampler.set_epoch(self.passes)
         return iter(self.loader)
 
-    def loss_on_batch(self, model: Classifier, features_s: torch.Tensor, logits_s: torch.Tensor, progress: float) -> torch.Tensor:
+    def loss_on_batch(self, model: Classifier, backbone_forward, features_s: torch.Tensor, logits_s: torch.Tensor, progress: float, memory_format=torch.contiguous_format) -> torch.Tensor:
         x_t, index_t = self.next_batch()
-        features_t = model.head.embed(model.backbone(x_t.to(self.device, non_blocking=True)), "target")
+        features_t = model.head.embed(backbone_forward(x_t.to(self.device, non_blocking=True, memory_format=memory_format)), "target")
         self.loss.set_progress(progress)
         return self.loss(features_s, features_t, logits_s, model.head.classifier(features_t), index_t=index_t.to(self.device))
 

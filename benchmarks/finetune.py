@@ -1,0 +1,149 @@
+"""Fine-tuning strategies and adaptation methods on the digits default: target test accuracy.
+
+    .venv/bin/python benchmarks/finetune.py [--seeds 0 1 2] [--epochs 2] [--only lp_ft full]
+
+Each recipe overrides params.yaml's finetune section (and, for the labelled
+rows, the split); each runs once per training seed on the same split (the
+params seed), through the stage's own code (xfer/finetune_job.py). Writes
+benchmarks/results/finetune.{md,json}: recipe -> mean, std and per-seed
+target test accuracy, and the target labels it trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from xfer import features as feats  # noqa: E402
+from xfer.backbones import create_backbone  # noqa: E402
+from xfer.config import Params, load_params, parse_params  # noqa: E402
+from xfer.data.fetch import fetch_dataset  # noqa: E402
+from xfer.data.images import ImageRows  # noqa: E402
+from xfer.data.split import build_manifest, rows  # noqa: E402
+from xfer.finetune import predict_logits  # noqa: E402
+from xfer.finetune_job import run as run_finetune  # noqa: E402
+from xfer.io import save_with, write_json, write_text  # noqa: E402
+from xfer.layout import Layout  # noqa: E402
+
+CACHE = REPO / "benchmarks" / ".cache" / "finetune"
+RESULTS = REPO / "benchmarks" / "results"
+
+# recipe -> (finetune overrides, split overrides)
+RECIPES: dict[str, tuple[dict, dict]] = {
+    "head_only": ({"strategy": "head_only"}, {}),
+    "partial_4": ({"strategy": "partial", "frozen_blocks": 4}, {}),
+    "full": ({"strategy": "full"}, {}),
+    "lp_ft": ({"strategy": "lp_ft"}, {}),
+    "gradual": ({"strategy": "gradual", "unfreeze_every": 1}, {}),
+    "lp_ft+mcc": ({"strategy": "lp_ft", "method": "mcc"}, {}),
+    "lp_ft+self_training": ({"strategy": "lp_ft", "method": "self_training", "adapt_weight": 3.0}, {}),
+    "lp_ft+10_labels": ({"strategy": "lp_ft"}, {"target_shots": 10}),
+}
+
+
+def project(base: Params, split_overrides: dict) -> Path:
+    """A project root holding the digits, a manifest for this split, and its cached features."""
+    name = "labels_" + "_".join(f"{k}{v}" for k, v in sorted(split_overrides.items())) if split_overrides else "no_labels"
+    root = CACHE / name
+    layout = Layout(root)
+    params = with_overrides(base, {}, split_overrides)
+    if not (layout.features / feats.CURRENT_FILE).is_file():
+        dataset = fetch_dataset(params.data, layout.raw, CACHE / "downloads", root=root)
+        manifest, _ = build_manifest(layout.raw / dataset["dataset"], params.data, params.seed, root=root)
+        save_with(layout.manifest, lambda tmp: manifest.to_csv(tmp, index=False))
+        model, prep, weights = create_backbone(params.backbone, num_classes=0)
+        key = feats.cache_key(params.backbone.name, weights.digest, prep, manifest, params.features.dtype)
+        meta = {"backbone": params.backbone.name, "weights_digest": weights.digest, "preprocessing": prep.as_dict()}
+        feats.get_or_compute(layout.features, key, lambda: feats.extract(model, manifest, prep, params.features.batch_size, root=root), manifest, meta, params.features.dtype)
+        feats.set_current(layout.features, key)
+    return root
+
+
+def with_overrides(base: Params, finetune: dict, split: dict, seed: int | None = None, epochs: int | None = None) -> Params:
+    raw = base.model_dump(mode="json")
+    raw["finetune"].update(finetune, device="auto")
+    if epochs is not None:
+        raw["finetune"]["epochs"] = epochs
+    raw["data"]["split"].update(split)
+    if seed is not None:
+        raw["seed"] = seed
+    return parse_params(raw, "benchmark recipe")
+
+
+def target_test_accuracy(layout: Layout, model, spec) -> float:
+    from xfer.data.split import read_manifest
+
+    part = rows(read_manifest(layout.manifest), "target", "test")
+    data = ImageRows(part.path.tolist(), part.label.tolist(), spec.prep(), layout.root)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    logits, labels = predict_logits(model, data, 256, device)
+    return float((logits.argmax(1) == labels).mean())
+
+
+def run_recipe(base: Params, name: str, seeds: list[int], epochs: int) -> dict:
+    finetune, split = RECIPES[name]
+    layout = Layout(project(base, split))
+    accs, seconds, labels = [], [], 0
+    for seed in seeds:
+        # The manifest keeps the split made with the params seed; the training seed varies.
+        params = with_overrides(base, finetune, split, seed=seed, epochs=epochs)
+        start = time.perf_counter()
+        result = run_finetune(layout, params, progress=False)
+        seconds.append(time.perf_counter() - start)
+        accs.append(target_test_accuracy(layout, result.model, result.spec))
+        labels = int(split.get("target_shots", 0)) * result.spec.num_classes
+        print(f"{name:24s} seed {seed}: target test {accs[-1]:.3f} ({seconds[-1]:.0f} s)", flush=True)
+    return {
+        "mean": round(statistics.mean(accs), 4),
+        "std": round(statistics.stdev(accs), 4) if len(accs) > 1 else 0.0,
+        "per_seed": {str(s): round(a, 4) for s, a in zip(seeds, accs)},
+        "target_labels": labels,
+        "finetune": finetune,
+        "split": split,
+        "seconds_per_run": round(statistics.mean(seconds), 1),
+    }
+
+
+def markdown(results: dict, seeds: list[int], epochs: int, device: str) -> str:
+    lines = [
+        f"# Fine-tuning on the digits default: tf_efficientnet_lite0 at 64 px, {epochs} epochs, seeds {seeds}, on {device}",
+        "",
+        "| recipe | target labels | target test (mean ± std) | per seed | s / run |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for name, r in results.items():
+        per_seed = ", ".join(f"{v:.3f}" for v in r["per_seed"].values())
+        lines.append(f"| {name} | {r['target_labels']} | {r['mean']:.3f} ± {r['std']:.3f} | {per_seed} | {r['seconds_per_run']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run these recipes only (results are not written)")
+    args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    base = load_params(REPO / "params.yaml")
+    names = args.only or list(RECIPES)
+    results = {name: run_recipe(base, name, args.seeds, args.epochs) for name in names}
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    table = markdown(results, args.seeds, args.epochs, device)
+    print(table)
+    if args.only is None:
+        write_json(RESULTS / "finetune.json", {"epochs": args.epochs, "seeds": args.seeds, "device": device, "recipes": results})
+        write_text(RESULTS / "finetune.md", table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
