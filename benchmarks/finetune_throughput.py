@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xfer.backbones import create_backbone  # noqa: E402
 from xfer.config import BackboneConfig, FinetuneConfig  # noqa: E402
-from xfer.finetune import Classifier, finetune, select_device  # noqa: E402
+from xfer.finetune import Classifier, finetune, freeze_batchnorm, select_device  # noqa: E402
 from xfer.io import write_json, write_text  # noqa: E402
 
 
 def step_throughput(model: Classifier, size: int, batch: int, device: torch.device, bf16: bool, steps: int) -> float:
     model.train().to(device)
+    freeze_batchnorm(model)  # as the stage trains by default (finetune.freeze_bn), so the two compare
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 10, (batch,), device=device)

@@ -36,7 +36,7 @@ def test_readme_figures_match_a_default_run(tmp_path, prefect_api):
         assert values == pytest.approx(measured, abs=0.006), (model, split)
 
 
-@pytest.mark.parametrize("name", ["adaptation", "features", "finetune"])
+@pytest.mark.parametrize("name", ["adaptation", "features", "finetune", "finetune_throughput"])
 def test_readme_benchmark_tables_are_the_ones_the_scripts_wrote(name):
     """benchmarks/<name>.py writes results/<name>.md; the README shows that file, unedited."""
     text = (REPO / "README.md").read_text()
