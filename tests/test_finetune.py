@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_toys import NoisyData, tiny_classifier, toy_data
+from finetune_toys import tiny_classifier, toy_data
 from xfer.checkpoints import CHECKPOINT_FILE
 from xfer.config import ConfigError, FinetuneConfig, HeadConfig, parse_params
 from xfer.finetune import ClassifierSpec, finetune, load_classifier, lr_factor, predict_logits, save_classifier, select_device
@@ -244,22 +244,10 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     assert len(history) == 2 and not (tmp_path / CHECKPOINT_FILE).exists()
 
 
-class CountingReads(torch.utils.data.Dataset):
-    def __init__(self, inner):
-        self.inner, self.reads = inner, 0
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        return self.inner[i]
-
-
 @pytest.mark.parametrize("method", ["dann", "self_training", "mcc"])
 def test_adaptation_while_fine_tuning_trains_on_unlabelled_target_batches(method):
     model, _ = tiny_classifier()
-    target, plain = CountingReads(toy_data(48, 5)), CountingReads(toy_data(48, 5))
+    target, plain = CountingDataset(toy_data(48, 5)), CountingDataset(toy_data(48, 5))
     cfg = FinetuneConfig(epochs=2, batch_size=16, lr=3e-3, device="cpu", method=method, pseudo_threshold=0.5)
     seen = {}
     start_head = model.head.classifier.weight.detach().clone()
