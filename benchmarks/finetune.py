@@ -47,6 +47,9 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "lp_ft+mcc": ({"strategy": "lp_ft", "method": "mcc"}, {}),
     "lp_ft+self_training": ({"strategy": "lp_ft", "method": "self_training", "adapt_weight": 3.0}, {}),
     "lp_ft+10_labels": ({"strategy": "lp_ft"}, {"target_shots": 10}),
+    "lp_ft+mcc, last epoch": ({"strategy": "lp_ft", "method": "mcc", "selection": "last"}, {}),
+    "lp_ft+self_training, last epoch": ({"strategy": "lp_ft", "method": "self_training", "adapt_weight": 3.0, "selection": "last"}, {}),
+    "lp_ft+10_labels, last epoch": ({"strategy": "lp_ft", "selection": "last"}, {"target_shots": 10}),
 }
 
 

@@ -288,3 +288,20 @@ def test_loader_workers_and_torch_compile_train_the_same_weights():
     assert all(torch.allclose(eager[k].float(), results["compiled"][k].float(), atol=1e-4) for k in eager)
     start, _ = tiny_classifier()
     assert not torch.equal(start.state_dict()["backbone.conv_stem.weight"], results["compiled"]["backbone.conv_stem.weight"])
+
+
+def test_selection_last_keeps_the_final_epoch_even_when_source_val_preferred_an_earlier_one():
+    results = {}
+    for selection in ("source_val", "last"):
+        model, _ = tiny_classifier()
+        seen, record = snapshots(model)
+        cfg = FinetuneConfig(epochs=3, batch_size=16, lr=5e-2, device="cpu", selection=selection)
+        trained, history = finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, on_epoch=record)
+        final = dict(trained.named_parameters())
+        results[selection] = (history, seen, final)
+    history, seen, final = results["last"]
+    assert all(torch.equal(final[k], seen[3][k]) for k in final)
+    history, seen, final = results["source_val"]
+    best = max(range(len(history)), key=lambda e: history[e]["val_accuracy"])
+    assert best != 3  # this run's source val peaks early, so the two rules keep different epochs
+    assert all(torch.equal(final[k], seen[best][k]) for k in final)

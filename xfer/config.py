@@ -211,6 +211,8 @@ class FinetuneConfig(_Strict):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     # Stop after this many epochs without a better source val accuracy; null = run every epoch.
     patience: int | None = Field(None, ge=1)
+    # Which epoch is kept: the best on source val (epoch 0 = the start), or the last one.
+    selection: Literal["source_val", "last"] = "source_val"
     # torch.use_deterministic_algorithms: bit-exact reruns and resumes, at some speed.
     deterministic: bool = False
     augment: AugmentConfig = AugmentConfig()

@@ -240,8 +240,9 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
             broadcast_state(model, buffers_only=True)  # BatchNorm statistics, if they train, from rank 0
         record, state = evaluate(epoch, total / max(seen, 1))
         history.append(record)
-        if record["val_accuracy"] > best_acc:
-            best_acc, best_state, since_best = record["val_accuracy"], state, 0
+        # `last` keeps the final epoch: source val saturates early and would keep the probe.
+        if record["val_accuracy"] > best_acc or cfg.selection == "last":
+            best_acc, best_state, since_best = max(best_acc, record["val_accuracy"]), state, 0
         else:
             since_best += 1
         if checkpoint_dir is not None and is_main_process():

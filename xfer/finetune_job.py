@@ -106,7 +106,8 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         class_names=names,
         preprocessing=prep.as_dict(),
     )
-    best = max(history, key=lambda r: r["val_accuracy"])
+    # The epoch the loop kept: the first best on source val, or the last.
+    best = history[-1] if cfg.selection == "last" else max(history, key=lambda r: r["val_accuracy"])
     summary = {
         "strategy": cfg.strategy,
         "method": cfg.method,
