@@ -272,11 +272,11 @@ def test_adaptation_needs_target_images_and_a_trainable_backbone():
         parse_params({"finetune": {"strategy": "head_only", "method": "coral"}})
 
 
-def test_loader_workers_and_torch_compile_train_the_same_weights():
-    """Decoding in worker processes changes nothing; a compiled network matches eager to float noise."""
+def test_loader_workers_compile_and_channels_last_train_the_same_weights():
+    """Decoding in worker processes changes nothing; compiled or channels_last training matches eager to float noise."""
     cfg = FinetuneConfig(epochs=1, batch_size=16, max_steps_per_epoch=3, lr=1e-2, device="cpu")
     results = {}
-    for name, update in {"eager": {}, "workers": {"num_workers": 2}, "compiled": {"compile": True}}.items():
+    for name, update in {"eager": {}, "workers": {"num_workers": 2}, "compiled": {"compile": True}, "channels_last": {"channels_last": True}}.items():
         model, _ = tiny_classifier()
         seen = {}
         trained, _ = finetune(model, toy_data(64, 0), toy_data(16, 1), cfg.model_copy(update=update), torch.device("cpu"), seed=0, progress=False,
@@ -285,7 +285,8 @@ def test_loader_workers_and_torch_compile_train_the_same_weights():
     eager = results["eager"]
     assert all(torch.equal(eager[k], results["workers"][k]) for k in eager)
     assert results["compiled"].keys() == eager.keys()  # no `_orig_mod` prefixes in what is saved
-    assert all(torch.allclose(eager[k].float(), results["compiled"][k].float(), atol=1e-4) for k in eager)
+    for variant in ("compiled", "channels_last"):
+        assert all(torch.allclose(eager[k].float(), results[variant][k].float(), atol=1e-4) for k in eager), variant
     start, _ = tiny_classifier()
     assert not torch.equal(start.state_dict()["backbone.conv_stem.weight"], results["compiled"]["backbone.conv_stem.weight"])
 

@@ -1,5 +1,6 @@
 """Split: stratified, seeded, multi-source, labelled target budgets, no test leak."""
 
+import json
 import shutil
 
 import pytest
@@ -91,6 +92,10 @@ def test_target_test_never_appears_in_training_or_selection(tmp_path):
         shutil.copyfile(tmp_path / f"mine/b/cat/{i:03d}.png", tmp_path / f"mine/a/cat/copy{i}.png")
     shutil.copyfile(tmp_path / "mine/b/dog/000.png", tmp_path / "mine/b/dog/zz_again.png")
     fetch_dataset(data_cfg(), tmp_path / "data/raw", tmp_path / "data/downloads", root=tmp_path, progress=False)
+    # Fetch's report already names them: 4 pictures in both domains, 1 twice inside b.
+    report = json.loads((tmp_path / "data/raw/mine/validation.json").read_text())["duplicates"]
+    assert report["across_domains"]["groups"] == 4 and report["within_domain"]["groups"] == 1
+    assert report["within_domain"]["examples"][0]["paths"] == ["b/dog/000.png", "b/dog/zz_again.png"]
     for seed in range(5):
         for budget in ({}, {"target_shots": 2}):
             m, report = manifest(tmp_path, data_cfg(**budget), seed=seed)
