@@ -203,3 +203,39 @@ def test_user_named_domains_and_classes_log_as_one_json_param_each():
     assert json.loads(logged["data.domains"]) == {"a": "Shop A (2019)", "b": "b"}
     assert json.loads(logged["data.classes.rename"]) == {"Back Pack!": "back_pack"}
     assert not any("!" in key or "(" in key for key in logged)
+
+
+def test_a_dataset_in_several_archives_is_merged_and_clashing_archives_are_refused(served, tmp_path):
+    """DomainNet's layout: one archive per domain, unpacked side by side into one dataset."""
+    from xfer.data.fetch import materialise, normalise_and_validate
+    from xfer.data.sources import Archive, DatasetSource
+
+    root, www, server = served
+    for domain in ("a", "b"):
+        zip_folder(root / "src" / "shop" / domain, www / f"{domain}.zip")
+
+    def archive(name):
+        return Archive(server.url(name), sha256_file(www / name), name)
+
+    cfg = cfg_for("./unused.zip", None)
+    source = DatasetSource("archive", "shop", {"a": "a", "b": "b"}, (archive("a.zip"), archive("b.zip")))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    # Each zip holds <class>/<image> at its root: the classes of a and b would land on each other.
+    with pytest.raises(ValueError, match="two archives both hold a top-level 'cat'"):
+        materialise(source, cfg, root, root / "data/downloads", staging, progress=False)
+
+    for domain in ("a", "b"):
+        (www / f"{domain}.zip").unlink()
+        with zipfile.ZipFile(www / f"{domain}.zip", "w") as zf:
+            for path in sorted((root / "src/shop" / domain).rglob("*.png")):
+                zf.write(path, f"{domain}/{path.relative_to(root / 'src/shop' / domain).as_posix()}")
+    source = DatasetSource("archive", "shop", {"a": "a", "b": "b"}, (archive("a.zip"), archive("b.zip")))
+    staging = tmp_path / "staging2"
+    staging.mkdir()
+    tree, owned = materialise(source, cfg, root, root / "data/downloads", staging, progress=False)
+    assert owned and sorted(p.name for p in tree.iterdir()) == ["a", "b"]
+    out = tmp_path / "out"
+    out.mkdir()
+    summary = normalise_and_validate(tree, source, cfg, out, move=True, progress=False)
+    assert {d: v["images"] for d, v in summary["domains"].items()} == {"a": 18, "b": 12}
