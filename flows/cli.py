@@ -4,6 +4,8 @@
     xfer stage <name> [--root .]  run one stage as a Prefect flow
     xfer pipeline [--root .]      run the whole chain as one Prefect flow
     xfer summary [metrics/eval.json]  the evaluation as a small table
+    xfer predict <images or folders> [--model URI] [--out predictions.csv]
+                                  predictions of a registered model (default @champion)
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return pipeline(rest)
     if command == "summary":
         return summary(rest)
-    print(f"xfer: unknown command {command!r}; expected validate, stage, pipeline or summary", file=sys.stderr)
+    if command == "predict":
+        from flows.predict import main as predict
+
+        return predict(rest)
+    print(f"xfer: unknown command {command!r}; expected validate, stage, pipeline, summary or predict", file=sys.stderr)
     return 2
 
 

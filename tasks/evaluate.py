@@ -7,6 +7,8 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.registry import register_and_promote
+from tasks.report import publish_report
 from tasks.tracking import stage_run
 from xfer import features as feats
 from xfer.config import Params
@@ -16,11 +18,12 @@ from xfer.finetune import load_classifier, predict_logits, select_device
 from xfer.heads import load_head
 from xfer.io import write_json
 from xfer.layout import Layout
-from xfer.metrics import classification_metrics, confusion_matrix, fuse_probabilities, per_class_accuracy, softmax
-from xfer.plots import per_class_accuracy_figure, save_confusion_matrix, save_figure
+from xfer.metrics import classification_metrics, confusion_matrix, fuse_probabilities, per_class_accuracy, reliability_from_probabilities, softmax
+from xfer.plots import per_class_accuracy_figure, prediction_rows, reliability_figure, save_confusion_matrix, save_figure, write_rows_csv
 
 # (manifest role, split) -> the name used in eval.json and plot files.
-EVAL_SETS = {("source", "test"): "source_test", ("target", "test"): "target_test"}
+# target_val is what the registry's promotion rule compares (tasks/registry.py).
+EVAL_SETS = {("source", "test"): "source_test", ("target", "val"): "target_val", ("target", "test"): "target_test"}
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -46,11 +49,17 @@ def evaluate(layout: Layout, params: Params) -> dict:
                 logits, labels = predict_logits(classifier, data, params.evaluate.batch_size, device, progress=True, desc=f"evaluate {set_name}")
                 if not np.array_equal(labels, y):
                     raise RuntimeError(f"{set_name}: cached features and manifest rows are out of order; rerun the features stage")
+                # Kept whole, not just their argmax: calibration needs each row's confidence.
+                probabilities = {
+                    "head": head_probs,
+                    "finetune": softmax(logits),
+                    # Fusion: the mean of the two models' class probabilities.
+                    "fusion": fuse_probabilities([head_probs, softmax(logits)]),
+                }
                 predictions = {
                     "head": head_probs.argmax(1),
                     "finetune": logits.argmax(1),
-                    # Fusion: the mean of the two models' class probabilities.
-                    "fusion": fuse_probabilities([head_probs, softmax(logits)]).argmax(1),
+                    "fusion": probabilities["fusion"].argmax(1),
                 }
                 per_class = {}
                 for model_name, pred in predictions.items():
@@ -62,6 +71,12 @@ def evaluate(layout: Layout, params: Params) -> dict:
                     acc = results[model_name][set_name]["accuracy"]
                     save_confusion_matrix(path, cm, names, f"{model_name} on {set_name} (accuracy {acc:.3f})")
                     plots.append(path)
+                    reliability = reliability_from_probabilities(probabilities[model_name], y)
+                    results[model_name][set_name]["ece"] = reliability.ece
+                    path = plot_dir / f"reliability_{model_name}_{set_name}.png"
+                    plots.append(save_figure(path, reliability_figure(reliability, f"{model_name} on {set_name}")))
+                    # What `dvc plots show` draws as a confusion matrix (dvc.yaml `plots:`).
+                    write_rows_csv(plot_dir / f"predictions_{model_name}_{set_name}.csv", prediction_rows(y, probabilities[model_name], names))
                 path = plot_dir / f"per_class_accuracy_{set_name}.png"
                 plots.append(save_figure(path, per_class_accuracy_figure(per_class, names, f"per-class accuracy on {set_name}")))
             write_json(layout.metrics("eval"), results)
@@ -69,4 +84,6 @@ def evaluate(layout: Layout, params: Params) -> dict:
         run.log_artifact(layout.metrics("eval"))
         for path in plots:
             run.log_artifact(path, "plots")
+        promotion = register_and_promote(layout, params, results, fs) if params.registry.enabled else None
+        publish_report(results, promotion, run)
     return {m: {s: r["accuracy"] for s, r in v.items()} for m, v in results.items()}

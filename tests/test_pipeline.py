@@ -28,8 +28,8 @@ def test_every_stage_writes_its_files(pipeline_project):
             m = ev[model][split]
             assert 0 <= m["accuracy"] <= 1 and set(m) >= {"macro_precision", "macro_recall", "macro_f1"}
         assert result["evaluate"][model]["target_test"] == ev[model]["target_test"]["accuracy"]
-    assert len(list(layout.stage_plots("evaluate").glob("confusion_*.png"))) == 6  # head, finetune, fusion x 2 splits
-    assert len(list(layout.stage_plots("evaluate").glob("per_class_accuracy_*.png"))) == 2
+    assert len(list(layout.stage_plots("evaluate").glob("confusion_*.png"))) == 9  # head, finetune, fusion x 3 splits
+    assert len(list(layout.stage_plots("evaluate").glob("per_class_accuracy_*.png"))) == 3
     assert (layout.stage_plots("head") / "tsne.png").is_file()
     head = json.loads(layout.metrics("head").read_text())
     assert head["method"] == "source_only" and head["uses_target_labels"] is False
@@ -78,7 +78,7 @@ def test_mlflow_holds_grouped_stage_runs(pipeline_project):
     plots = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "plots")}
     assert "plots/confusion_finetune_target_test.png" in plots
     head_plots = {a.path for a in client.list_artifacts(by_stage["head"].info.run_id, "plots")}
-    assert head_plots == {"plots/tsne.png"}
+    assert head_plots == {"plots/tsne.png", "plots/learning_curves.png"}
     assert by_stage["evaluate"].data.metrics["finetune.target_test.accuracy"] == result["evaluate"]["finetune"]["target_test"]
 
 

@@ -267,6 +267,19 @@ class MlflowConfig(_Strict):
     experiment: str = Field("xfer", min_length=1)
 
 
+class RegistryConfig(_Strict):
+    """What evaluate registers in the MLflow model registry, and when it becomes @champion."""
+
+    enabled: bool = True
+    # Registered model name: `models:/<name>@champion`.
+    name: str = Field("xfer", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # The evaluated model that is registered: the head on frozen features, the
+    # fine-tuned network, or their fusion (mean of the two's probabilities).
+    model: Literal["head", "finetune", "fusion"] = "fusion"
+    # Promotion compares this metric on the target val split; higher wins, ties keep the champion.
+    metric: Literal["accuracy", "macro_precision", "macro_recall", "macro_f1"] = "accuracy"
+
+
 class Params(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     data: DataConfig = DataConfig()
@@ -276,6 +289,7 @@ class Params(_Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     def section(self, *keys: str) -> dict[str, Any]:
         """The named top-level sections as plain data, for logging."""

@@ -1,0 +1,84 @@
+"""`xfer predict`: class predictions for image files and folders, from a registered model.
+
+    xfer predict <images or folders>... [--model models:/xfer@champion] [--out predictions.csv] [--root .]
+
+The model is any MLflow model URI; by default `models:/<registry.name>@champion`
+of the project at --root, read from its MLflow store (or MLFLOW_TRACKING_URI
+when set). Folders are searched recursively. The CSV has one row per image:
+path, predicted class, its probability, and one probability column per class.
+It is written whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from xfer.config import ConfigError, load_params
+from xfer.io import write_text
+from xfer.layout import Layout
+from xfer.predictor import PredictorError, image_files
+
+
+def default_model_uri(layout: Layout) -> str:
+    return f"models:/{load_params(layout.params).registry.name}@champion"
+
+
+def load_model(uri: str, layout: Layout):
+    import mlflow
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        from tasks.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri(layout))
+    return mlflow.pyfunc.load_model(uri)
+
+
+def predict_files(model, paths: list[Path], batch_size: int, progress: bool = True) -> pd.DataFrame:
+    """The model's prediction frame for `paths`, batch by batch, with a progress bar."""
+    frames = []
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            batch = [str(p) for p in paths[start : start + batch_size]]
+            frames.append(model.predict(pd.DataFrame({"image": batch})))
+            bar.update(len(batch))
+    frame = pd.concat(frames, ignore_index=True)
+    frame.insert(0, "path", [str(p) for p in paths])
+    return frame
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="xfer predict", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", help="image files and folders of images")
+    parser.add_argument("--model", help="MLflow model URI (default: models:/<registry.name>@champion)")
+    parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    parser.add_argument("--root", default=".", help="project root holding params.yaml and mlflow.db (default: .)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    layout = Layout(Path(args.root))
+    try:
+        if args.batch_size < 1:
+            raise PredictorError(f"--batch-size {args.batch_size}: must be at least 1")
+        paths = image_files(args.inputs)
+        uri = args.model or default_model_uri(layout)
+    except (PredictorError, ConfigError) as err:
+        print(f"xfer predict: {err}", file=sys.stderr)
+        return 2
+    try:
+        model = load_model(uri, layout)
+    except Exception as err:  # MLflow raises several types for a missing model or alias
+        print(f"xfer predict: cannot load model {uri}: {err}", file=sys.stderr)
+        return 2
+    frame = predict_files(model, paths, args.batch_size)
+    write_text(args.out, frame.to_csv(index=False))
+    print(f"{len(frame)} predictions from {uri} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

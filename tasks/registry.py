@@ -1,0 +1,133 @@
+"""The model registry: evaluate registers what it scored; @champion moves only for a better model.
+
+Every registered version carries its target val figures as tags
+(`target_val.accuracy`, ...). A new version (the challenger) takes the
+`@champion` alias only if its `target_val.<registry.metric>` is strictly
+higher than the champion's; otherwise it gets `@challenger`. Ties keep the
+champion. The decision, with both figures, is logged to the evaluate run
+(tags, metrics and `promotion.json`) and to the version's tags.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import xfer
+from xfer.backbones import create_backbone
+from xfer.config import Params
+from xfer.features import FeatureSet
+from xfer.finetune import load_classifier
+from xfer.heads import load_head
+from xfer.layout import Layout
+from xfer.predictor import PARTS, write_bundle
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+XFER_PACKAGE = Path(xfer.__file__).parent
+# What xfer.predictor imports, pinned to this environment; explicit, as MLflow's
+# import-scanning inference takes seconds.
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pydantic", "PyYAML", "tqdm")
+EVAL_SPLIT = "target_val"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    model_name: str
+    version: str
+    metric: str
+    challenger: float
+    champion: float | None
+    champion_version: str | None
+    promoted: bool
+    reason: str
+
+    @property
+    def alias(self) -> str:
+        return CHAMPION if self.promoted else CHALLENGER
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "alias": self.alias}
+
+
+def decide(challenger: float, champion: float | None) -> tuple[bool, str]:
+    """Promote only a strictly better challenger; the first version is promoted."""
+    if champion is None:
+        return True, "no champion yet"
+    if challenger > champion:
+        return True, f"challenger {challenger:.4f} > champion {champion:.4f}"
+    return False, f"challenger {challenger:.4f} <= champion {champion:.4f} (ties keep the champion)"
+
+
+def frozen_backbone_for(layout: Layout, params: Params, features: FeatureSet):
+    """The backbone whose cached features the head was trained on, checked against the cache."""
+    model, prep, weights = create_backbone(params.backbone)
+    _, head_spec = load_head(layout.head_dir)
+    if weights.digest != features.meta.get("weights_digest") or head_spec["features_key"] != features.meta.get("key"):
+        raise RuntimeError("the head, the feature cache and params.backbone disagree: rerun the features and head stages")
+    return model.eval(), prep
+
+
+def log_servable_model(layout: Layout, params: Params, features: FeatureSet) -> mlflow.models.model.ModelInfo:
+    """The registry.model as an MLflow pyfunc model in the active run: images in, probabilities out."""
+    kind = params.registry.model
+    frozen = None
+    if "head" in PARTS[kind]:
+        frozen, prep = frozen_backbone_for(layout, params, features)
+    else:
+        prep = load_classifier(layout.finetune_dir)[1].prep()
+    with tempfile.TemporaryDirectory(prefix="xfer-bundle-") as tmp:
+        bundle = write_bundle(Path(tmp) / "bundle", kind, layout.head_dir, layout.finetune_dir, frozen, params.backbone.name, prep)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={"bundle": str(bundle)},
+            code_paths=[str(XFER_PACKAGE)],
+            pip_requirements=[f"{p}=={installed_version(p)}" for p in SERVING_PACKAGES],
+        )
+
+
+def champion_figure(client: MlflowClient, name: str, metric: str) -> tuple[float | None, str | None]:
+    """The current champion's figure for `metric` and its version; (None, None) if there is none."""
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no such model yet, or no version holds the alias
+        return None, None
+    value = champion.tags.get(metric)
+    # A champion registered without this metric cannot be compared: it is replaced.
+    return (float(value) if value is not None else None), champion.version
+
+
+def register_and_promote(layout: Layout, params: Params, results: dict, features: FeatureSet) -> Promotion:
+    """Register the evaluated model as a new version and apply the promotion rule."""
+    cfg = params.registry
+    figures = results[cfg.model][EVAL_SPLIT]
+    metric = f"{EVAL_SPLIT}.{cfg.metric}"
+    info = log_servable_model(layout, params, features)
+    client = MlflowClient()
+    champion, champion_version = champion_figure(client, cfg.name, metric)
+    tags = {f"{EVAL_SPLIT}.{k}": str(v) for k, v in figures.items() if isinstance(v, (int, float))}
+    tags.update({"model": cfg.model, "run_id": mlflow.active_run().info.run_id})
+    registered = mlflow.register_model(info.model_uri, cfg.name, tags=tags)
+    promoted, reason = decide(float(figures[cfg.metric]), champion)
+    decision = Promotion(cfg.name, str(registered.version), metric, float(figures[cfg.metric]), champion, champion_version, promoted, reason)
+    client.set_registered_model_alias(cfg.name, decision.alias, decision.version)
+    client.set_model_version_tag(cfg.name, decision.version, "promotion", decision.alias)
+    log_decision(decision)
+    return decision
+
+
+def log_decision(decision: Promotion) -> None:
+    mlflow.set_tags({"promotion.decision": "promoted" if decision.promoted else "kept champion", "promotion.version": decision.version, "promotion.reason": decision.reason})
+    figures = {"promotion.challenger": decision.challenger}
+    if decision.champion is not None:
+        figures["promotion.champion"] = decision.champion
+    mlflow.log_metrics(figures)
+    mlflow.log_dict(decision.as_dict(), "promotion.json")

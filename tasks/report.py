@@ -1,0 +1,70 @@
+"""The evaluation report: a Prefect markdown artifact and the same page in MLflow.
+
+One per evaluate run (so one per pipeline run): metrics per model and domain,
+the registry's promotion decision, and links into the MLflow UI. The links
+point at XFER_MLFLOW_UI (default http://127.0.0.1:5000, where `make ui` and
+`make servers` serve the project's store).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.registry import Promotion
+from tasks.tracking import PARENT_TAG, StageRun
+
+REPORT_KEY = "xfer-evaluation"
+COLUMNS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+
+
+def mlflow_ui() -> str:
+    return os.environ.get("XFER_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    return f"{mlflow_ui()}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_version_link(name: str, version: str) -> str:
+    return f"{mlflow_ui()}/#/models/{name}/versions/{version}"
+
+
+def metrics_table(results: dict) -> list[str]:
+    lines = ["| model | split | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    for model, by_split in results.items():
+        for split, figures in by_split.items():
+            lines.append(f"| {model} | {split} | " + " | ".join(f"{figures[c]:.3f}" for c in COLUMNS) + " |")
+    return lines
+
+
+def promotion_lines(promotion: Promotion | None) -> list[str]:
+    if promotion is None:
+        return ["Model registry: off (`registry.enabled: false`)."]
+    champion = "none" if promotion.champion is None else f"{promotion.champion:.4f} (version {promotion.champion_version})"
+    verdict = "**promoted to @champion**" if promotion.promoted else "**kept the champion**; the new version is @challenger"
+    return [
+        f"Registered `{promotion.model_name}` version {promotion.version} ([open]({model_version_link(promotion.model_name, promotion.version)})): {verdict}.",
+        "",
+        f"- {promotion.metric}: challenger {promotion.challenger:.4f}, champion {champion}",
+        f"- rule: {promotion.reason}",
+    ]
+
+
+def markdown_report(results: dict, promotion: Promotion | None, experiment_id: str, run_id: str, pipeline_run_id: str | None) -> str:
+    lines = ["# xfer evaluation", "", *metrics_table(results), "", "## Model registry", "", *promotion_lines(promotion), "", "## MLflow", ""]
+    lines.append(f"- evaluate run: [{run_id}]({run_link(experiment_id, run_id)})")
+    if pipeline_run_id:
+        lines.append(f"- pipeline run: [{pipeline_run_id}]({run_link(experiment_id, pipeline_run_id)})")
+    return "\n".join(lines) + "\n"
+
+
+def publish_report(results: dict, promotion: Promotion | None, run: StageRun) -> str:
+    """Create the Prefect artifact and log the same markdown to the MLflow run; return it."""
+    info = mlflow.get_run(run.run_id)
+    markdown = markdown_report(results, promotion, info.info.experiment_id, run.run_id, info.data.tags.get(PARENT_TAG))
+    mlflow.log_text(markdown, "report.md")
+    create_markdown_artifact(markdown=markdown, key=REPORT_KEY, description="metrics per domain, promotion decision, MLflow links")
+    return markdown
