@@ -25,6 +25,7 @@ from xfer import finetune_job
 from xfer.config import Params
 from xfer.finetune import Classifier, ClassifierSpec, load_classifier, select_device
 from xfer.layout import Layout
+from xfer.plots import save_learning_curves
 
 
 def log_model(model: Classifier, spec: ClassifierSpec) -> None:
@@ -54,15 +55,19 @@ def finetune(layout: Layout, params: Params) -> dict:
             logger.info("fine-tuning (%s, %s) on %s x %d", cfg.strategy, cfg.method, select_device(cfg.device), cfg.devices)
             if cfg.devices == 1:
                 result = finetune_job.run(layout, params, on_epoch=run.epoch_logger("finetune"))
-                model, spec, summary = result.model, result.spec, result.summary
+                model, spec, summary, history = result.model, result.spec, result.summary, result.history
             else:
                 launch_workers(layout, cfg.devices)
-                for epoch, record in enumerate(finetune_job.read_history(layout)):
+                history = finetune_job.read_history(layout)
+                for epoch, record in enumerate(history):
                     run.epoch_logger("finetune")(epoch, record)
                 model, spec = load_classifier(layout.finetune_dir)
                 summary = json.loads(layout.metrics("finetune").read_text())
+            # Epoch 0 is the model before any step (the probe-started classifier, for lp_ft).
+            _, curves = save_learning_curves(layout.stage_plots("finetune"), history, first_epoch=0, title=f"finetune ({cfg.strategy}, {cfg.method}); epoch kept: {summary['best_epoch']}")
         run.log_metrics(summary, prefix="best.")
         run.log_artifact(layout.metrics("finetune"))
+        run.log_artifact(curves, "plots")
         started = time.perf_counter()
         log_model(model, spec)
         run.log_metrics({"time.log_model_s": time.perf_counter() - started})

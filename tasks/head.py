@@ -15,7 +15,7 @@ from xfer.diagnostics import proxy_a_distance, tsne_coordinates
 from xfer.heads import HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
 from xfer.io import write_json
 from xfer.layout import Layout
-from xfer.plots import save_figure, tsne_figure
+from xfer.plots import save_figure, save_learning_curves, tsne_figure
 
 
 def head_data(fs: feats.FeatureSet) -> HeadData:
@@ -69,6 +69,7 @@ def head(layout: Layout, params: Params) -> dict:
             kept = best_epoch(cfg, history)
             gap = domain_gap(fs, model, params.seed)
             tsne = save_figure(layout.stage_plots("head") / "tsne.png", tsne_figure(gap["panels"], names, f"source (o) vs target (x), head method {cfg.method}"))
+            _, curves = save_learning_curves(layout.stage_plots("head"), history, first_epoch=1, title=f"head ({cfg.kind}, {cfg.method}); epoch kept: {kept}")
             summary = {
                 "method": cfg.method,
                 "selection": cfg.selection,
@@ -86,4 +87,5 @@ def head(layout: Layout, params: Params) -> dict:
         run.log_metrics(summary, prefix="best.")
         run.log_artifact(layout.metrics("head"))
         run.log_artifact(tsne, "plots")
+        run.log_artifact(curves, "plots")
     return {k: v for k, v in summary.items() if k != "proxy_a_distance"}

@@ -76,6 +76,49 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert "metrics/eval.json" in json.dumps(shown)
 
 
+def test_dvc_plots_show_draws_learning_curves_and_confusion_matrices(repo, tmp_path):
+    """`dvc plots show` on what `dvc repro` wrote: the curves per epoch, a confusion matrix per
+    model from its predictions, the stage figures as images, and nothing drawn twice."""
+    root, env, dvc, _ = repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    shown = json.loads(sh([dvc, "plots", "show", "--json", "-o", str(tmp_path / "dvc_plots")], root, env).stdout)["data"]
+    kinds = {plot_id: renders[0]["type"] for plot_id, renders in shown.items()}
+    evaluate_files = sorted(p.name for p in (root / "plots/evaluate").iterdir())
+    predictions = {f"plots/evaluate/{name}" for name in evaluate_files if name.endswith(".csv")}
+    assert {k for k, v in kinds.items() if v == "vega"} == {"head_accuracy", "head_loss", "finetune_accuracy", "finetune_loss"} | predictions
+    images = {f"plots/evaluate/{name}" for name in evaluate_files if name.endswith(".png")}
+    images |= {"plots/head/tsne.png", "plots/head/learning_curves.png", "plots/finetune/learning_curves.png"}
+    assert {k for k, v in kinds.items() if v == "image"} == images
+
+    def values(plot_id):
+        return shown[plot_id][0]["content"]["data"]["values"]
+
+    def curve(plot_id, field):
+        return [(int(v["epoch"]), v[field]) for v in values(plot_id) if v.get("field", field) == field and v[field] != ""]
+
+    head = json.loads((root / "metrics/head.json").read_text())
+    head_acc = curve("head_accuracy", "source_val_accuracy")
+    assert [e for e, _ in head_acc] == list(range(1, params["head"]["epochs"] + 1))
+    assert float(dict(head_acc)[head["best_epoch"]]) == pytest.approx(head["source_val_accuracy"])
+    assert [e for e, _ in curve("head_loss", "train_loss")] == list(range(1, params["head"]["epochs"] + 1))
+    finetune = json.loads((root / "metrics/finetune.json").read_text())
+    ft_acc = curve("finetune_accuracy", "val_accuracy")
+    assert [e for e, _ in ft_acc] == list(range(0, params["finetune"]["epochs"] + 1))
+    assert float(dict(ft_acc)[finetune["best_epoch"]]) == pytest.approx(finetune["source_val_accuracy"])
+    assert [e for e, _ in curve("finetune_loss", "train_loss")] == list(range(1, params["finetune"]["epochs"] + 1))
+
+    scores = json.loads((root / "metrics/eval.json").read_text())
+    for model in ("head", "finetune", "fusion"):
+        plot_id = f"plots/evaluate/predictions_{model}_target_test.csv"
+        spec = shown[plot_id][0]["content"]["spec"]
+        # DVC's confusion template: counts of (actual, predicted) pairs.
+        assert spec["transform"][0]["groupby"] == ["actual", "predicted"]
+        assert (spec["encoding"]["x"]["field"], spec["encoding"]["y"]["field"]) == ("predicted", "actual")
+        rows = values(plot_id)
+        assert len(rows) == scores[model]["target_test"]["n"]
+        assert np.mean([r["actual"] == r["predicted"] for r in rows]) == pytest.approx(scores[model]["target_test"]["accuracy"])
+
+
 def test_stage_processes_group_under_one_pipeline_run(repo):
     """Six processes, one MLflow parent: the run keyed by params and git commit."""
     import mlflow

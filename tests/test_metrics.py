@@ -46,3 +46,70 @@ def test_fusion_averages_probabilities_and_can_fix_a_model():
     np.testing.assert_allclose(softmax(np.array([[0.0, np.log(3.0)]])), [[0.25, 0.75]])
     with pytest.raises(ValueError, match="one shape"):
         fuse_probabilities([head, finetune[:1]])
+
+
+def test_reliability_bins_and_ece_by_hand():
+    from xfer.metrics import reliability_bins
+
+    # 5 bins: (0, .2], (.2, .4], (.4, .6], (.6, .8], (.8, 1].
+    confidence = np.array([0.25, 0.35, 0.65, 0.75, 0.95, 0.85])
+    correct = np.array([0, 1, 1, 1, 1, 0])
+    bins = reliability_bins(confidence, correct, n_bins=5)
+    assert bins.count.tolist() == [0, 2, 0, 2, 2]
+    np.testing.assert_allclose(bins.confidence[[1, 3, 4]], [0.3, 0.7, 0.9])
+    np.testing.assert_allclose(bins.accuracy[[1, 3, 4]], [0.5, 1.0, 0.5])
+    assert np.isnan(bins.accuracy[[0, 2]]).all()  # empty bins have no mean
+    # |0.5 - 0.3|, |1.0 - 0.7|, |0.5 - 0.9|, each bin a third of the rows.
+    assert bins.ece == pytest.approx((0.2 + 0.3 + 0.4) / 3)
+
+
+def test_reliability_bins_are_right_closed():
+    from xfer.metrics import reliability_bins
+
+    # 4 bins: a confidence on an edge belongs to the bin it closes.
+    bins = reliability_bins(np.array([0.5, 0.75, 1.0, 0.2501]), np.ones(4), n_bins=4)
+    assert bins.count.tolist() == [0, 2, 1, 1]
+
+
+def test_ece_from_probability_rows_by_hand():
+    from xfer.metrics import expected_calibration_error
+
+    probabilities = np.array([
+        [0.70, 0.20, 0.10],  # predicts 0, right; confidence .70
+        [0.15, 0.62, 0.23],  # predicts 1, wrong; .62
+        [0.20, 0.18, 0.62],  # predicts 2, right; .62
+        [0.44, 0.56, 0.00],  # predicts 1, wrong; .56
+    ])
+    labels = np.array([0, 2, 2, 0])
+    # 10 bins: (.6, .7] holds .70, .62, .62 (mean .6467, accuracy 2/3); (.5, .6] holds .56 (accuracy 0).
+    expected = (3 * abs(2 / 3 - (0.70 + 0.62 + 0.62) / 3) + 1 * 0.56) / 4
+    assert expected_calibration_error(probabilities, labels, n_bins=10) == pytest.approx(expected)
+    assert expected == pytest.approx(0.155)
+
+
+def test_calibrated_set_scores_zero_and_overconfident_set_its_gap():
+    from xfer.metrics import DEFAULT_CALIBRATION_BINS, reliability_bins
+
+    # 100 rows at each confidence level, exactly that fraction of them right.
+    levels = [0.55, 0.65, 0.75, 0.85, 0.95]
+    confidence = np.repeat(levels, 100)
+    calibrated = np.concatenate([np.arange(100) < round(100 * c) for c in levels])
+    overconfident = np.concatenate([np.arange(100) < round(100 * (c - 0.25)) for c in levels])
+    assert DEFAULT_CALIBRATION_BINS == 15
+    assert reliability_bins(confidence, calibrated).ece == pytest.approx(0.0, abs=1e-12)
+    # Every level is right 25 points less often than it claims.
+    assert reliability_bins(confidence, overconfident).ece == pytest.approx(0.25)
+    # A random sample drawn calibrated lands near 0; drawn at confidence**2, near E[c - c**2].
+    rng = np.random.default_rng(0)
+    c = rng.uniform(0.4, 1.0, 100_000)
+    assert reliability_bins(c, rng.random(c.size) < c).ece < 0.01
+    assert reliability_bins(c, rng.random(c.size) < c**2).ece == pytest.approx(np.mean(c - c**2), abs=0.01)
+
+
+def test_reliability_bins_refuse_mismatched_inputs():
+    from xfer.metrics import reliability_bins
+
+    with pytest.raises(ValueError, match="one length"):
+        reliability_bins(np.array([0.5, 0.6]), np.array([1]))
+    with pytest.raises(ValueError, match="at least 1"):
+        reliability_bins(np.array([0.5]), np.array([1]), n_bins=0)

@@ -1,6 +1,9 @@
-"""Classification metrics from labels and scores, in plain numpy."""
+"""Classification metrics from labels and scores, in plain numpy: accuracy, macro P/R/F1,
+confusion matrices, and calibration (reliability bins, expected calibration error)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,3 +63,61 @@ def fuse_probabilities(probabilities: list[np.ndarray]) -> np.ndarray:
     if not probabilities or len({p.shape for p in probabilities}) != 1:
         raise ValueError(f"fusion needs one or more probability arrays of one shape, got {[p.shape for p in probabilities]}")
     return np.mean(probabilities, axis=0)
+
+
+# Guo et al. (2017) use 15 equal-width bins; so do most calibration reports, which keeps ECEs comparable.
+DEFAULT_CALIBRATION_BINS = 15
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Equal-width confidence bins over [0, 1]: bin b holds confidences in (edges[b], edges[b + 1]].
+
+    confidence and accuracy are the means over a bin's rows (NaN for an empty bin);
+    count is how many rows fell in it.
+    """
+
+    edges: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    count: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error: sum over bins of |accuracy - confidence|, weighted by the bin's share of rows."""
+        filled = self.count > 0
+        if not filled.any():
+            return 0.0
+        gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
+        return float((gaps * self.count[filled]).sum() / self.count.sum())
+
+
+def reliability_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_CALIBRATION_BINS) -> ReliabilityBins:
+    """Bin each prediction's confidence (its top class probability) with whether it was right."""
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    confidence = np.asarray(confidence, dtype=float)
+    correct = np.asarray(correct, dtype=float)
+    if confidence.shape != correct.shape or confidence.ndim != 1:
+        raise ValueError(f"confidence and correct must be 1-D of one length, got {confidence.shape} and {correct.shape}")
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # Right-closed bins, as Guo et al.: a confidence on an edge belongs to the bin below it
+    # (and 0, which no argmax can have, to the first bin).
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=n_bins) / count
+        accuracy = np.bincount(index, weights=correct, minlength=n_bins) / count
+    return ReliabilityBins(edges, mean_confidence, accuracy, count)
+
+
+def reliability_from_probabilities(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_CALIBRATION_BINS) -> ReliabilityBins:
+    """Reliability bins of a classifier's class-probability rows against the true labels."""
+    probabilities = np.asarray(probabilities, dtype=float)
+    predicted = probabilities.argmax(1)
+    return reliability_bins(probabilities.max(1), predicted == np.asarray(labels), n_bins)
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_CALIBRATION_BINS) -> float:
+    """ECE of class-probability rows: 0 when each confidence level is right exactly that often."""
+    return reliability_from_probabilities(probabilities, labels, n_bins).ece

@@ -1,17 +1,30 @@
-"""Figures people look at: confusion matrices."""
+"""Figures people look at (confusion matrices, per-class accuracy, t-SNE, reliability
+diagrams, learning curves), and the small CSV files `dvc plots show` draws from."""
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
-from xfer.io import save_with  # noqa: E402
+from xfer.io import save_with, write_text  # noqa: E402
+
+if TYPE_CHECKING:
+    # For annotations only: head and finetune draw with this module, and must not
+    # depend (in dvc.yaml) on the metrics code only evaluate runs.
+    from xfer.metrics import ReliabilityBins
+
+# File names inside plots/<stage>/, which dvc.yaml's top-level `plots:` names too.
+LEARNING_CURVE_CSV = "learning_curve.csv"
+LEARNING_CURVES_PNG = "learning_curves.png"
 
 
 def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str], title: str):
@@ -85,3 +98,86 @@ def save_figure(path: Path, fig) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def reliability_figure(bins: ReliabilityBins, title: str):
+    """Accuracy per confidence bin against the diagonal of perfect calibration; ECE in the title.
+
+    Bars below the diagonal are overconfident bins. Each bar is labelled with
+    its row count, since a far-off bar of three rows says little.
+    """
+    fig, ax = plt.subplots(figsize=(5, 5))
+    width = np.diff(bins.edges)
+    filled = bins.count > 0
+    ax.bar(bins.edges[:-1][filled], bins.accuracy[filled], width[filled], align="edge", color="tab:blue", edgecolor="black", linewidth=0.5, label="accuracy")
+    # The gap to each bin's mean confidence, what the ECE adds up.
+    ax.bar(bins.edges[:-1][filled], bins.confidence[filled] - bins.accuracy[filled], width[filled], bottom=bins.accuracy[filled], align="edge", fill=False, hatch="///", edgecolor="tab:red", linewidth=0.5, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    for left, w, acc, n in zip(bins.edges[:-1][filled], width[filled], bins.accuracy[filled], bins.count[filled]):
+        ax.text(left + w / 2, min(acc, 0.97) + 0.01, str(int(n)), ha="center", va="bottom", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("confidence (top class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {bins.ece:.3f} ({len(bins.count)} bins, {int(bins.count.sum())} rows)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curve_rows(history: Sequence[dict[str, float]], first_epoch: int) -> list[dict[str, float]]:
+    """One row per epoch record, numbered from `first_epoch`: the head's epochs count from 1,
+    fine-tuning's from 0 (the model before its first step)."""
+    return [{"epoch": first_epoch + i, **record} for i, record in enumerate(history)]
+
+
+def write_rows_csv(path: Path, rows: Sequence[dict]) -> Path:
+    """Rows as CSV, columns in order of first appearance; a value a row lacks is left blank
+    (fine-tuning's epoch 0 has no train loss)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+def learning_curves_figure(rows: Sequence[dict[str, float]], title: str):
+    """Losses (left) and accuracies (right) per epoch, from learning_curve_rows."""
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row if key != "epoch"))
+    for ax, suffix in ((loss_ax, "_loss"), (acc_ax, "_accuracy")):
+        for column in (c for c in columns if c.endswith(suffix)):
+            points = [(row["epoch"], row[column]) for row in rows if column in row]
+            ax.plot(*zip(*points), marker="o", markersize=3, label=column)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(suffix.strip("_"))
+        if ax.lines:
+            ax.legend(fontsize=8)
+    acc_ax.set_ylim(0, 1.02)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_learning_curves(plot_dir: Path, history: Sequence[dict[str, float]], first_epoch: int, title: str) -> tuple[Path, Path]:
+    """plots/<stage>/learning_curve.csv (for `dvc plots show`) and learning_curves.png (for MLflow): (csv, png)."""
+    rows = learning_curve_rows(history, first_epoch)
+    table = write_rows_csv(plot_dir / LEARNING_CURVE_CSV, rows)
+    figure = save_figure(plot_dir / LEARNING_CURVES_PNG, learning_curves_figure(rows, title))
+    return table, figure
+
+
+def prediction_rows(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> list[dict]:
+    """Per test row: true and predicted class names and the confidence (top probability).
+
+    DVC's confusion template counts (actual, predicted) pairs; the confidence is
+    what the reliability diagram and the ECE are computed from.
+    """
+    predicted = probabilities.argmax(1)
+    confidence = probabilities.max(1)
+    return [
+        {"actual": class_names[int(t)], "predicted": class_names[int(p)], "confidence": float(c)}
+        for t, p, c in zip(labels, predicted, confidence)
+    ]
