@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed
 UI_PORT ?= 5000
+PREFECT_PORT ?= 4200
 # The project whose MLflow store `make ui` serves.
 STORE ?= $(CURDIR)
 
@@ -20,7 +21,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test ui pipeline bench clean-venv
+.PHONY: run test ui servers stop pipeline bench clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +46,14 @@ test: $(STAMP)
 ## ui: the MLflow UI on http://127.0.0.1:$(UI_PORT) over this project's runs
 ui: $(STAMP)
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db --default-artifact-root $(abspath $(STORE))/mlartifacts --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+## servers: a Prefect server and an MLflow server over $(STORE) in the background (logs, pids: .servers/)
+servers: $(STAMP)
+	@$(BIN)/python -m flows.servers start --root $(abspath $(STORE)) --prefect-port $(PREFECT_PORT) --mlflow-port $(UI_PORT)
+
+## stop: stop what `make servers` started
+stop:
+	@$(BIN)/python -m flows.servers stop --root $(abspath $(STORE))
 
 ## bench: per-stage wall time and orchestration overhead
 bench: $(STAMP)

@@ -1,6 +1,6 @@
 """Per-stage wall time and orchestration overhead on the embedded default.
 
-    python benchmarks/e2e.py [--params params.yaml] [--keep DIR] [--compare]
+    python benchmarks/e2e.py [--params params.yaml] [--keep DIR] [--compare] [--servers]
 
 Runs each stage as `make run` does (`python -m flows.stages <stage>`, one
 process each, all talking to one shared temporary Prefect server, see
@@ -16,7 +16,17 @@ wall time into:
 
 --compare also runs the stages without the shared server (each process then
 starts a temporary server of its own, as plain `dvc repro` does) and prints
-both totals and their ratio. All figures come from one run, side by side.
+both totals and their ratio. --servers also runs the stages with a temporary
+server per process and against a Prefect server started as `make servers`
+starts it (flows/servers.py; kept running, so its start is not paid per
+command), and prints each stage's prefect overhead in the three modes side
+by side. All figures come from one run.
+
+A quick check on tiny params (a test backbone, a few images per class):
+
+    python -c "import sys; sys.path.insert(0, 'tests'); from helpers import *; \
+               from pathlib import Path; write_params(Path('/tmp/tiny'), TINY_PARAMS)"
+    python benchmarks/e2e.py --params /tmp/tiny/params.yaml --servers
 """
 
 from __future__ import annotations
@@ -83,20 +93,37 @@ def stage_timings(root: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    parser.add_argument("--keep", type=Path, help="run here and keep the outputs (default: a temporary folder)")
-    parser.add_argument("--compare", action="store_true", help="also run without the shared Prefect server")
-    args = parser.parse_args()
+def measure(root: Path, env: dict, startup: float) -> dict[str, dict[str, float]]:
+    """Run every stage in `root` with `env`; split each one's wall time (see the docstring)."""
+    walls = run_stages(root, env)
+    inner = stage_timings(root)
+    rows = {}
+    for stage in STAGES:
+        wall, work, mlf = walls[stage], inner[stage]["work"], inner[stage]["mlflow"]
+        prefect = max(wall - startup - work - mlf, 0.0)
+        rows[stage] = {"wall": wall, "startup": startup, "work": work, "mlflow": mlf, "prefect": prefect}
+    return rows
 
-    import tasks  # noqa: F401  (offline defaults before prefect is imported)
+
+def print_breakdown(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+    header = f"{'stage':<10}{'wall':>8}{'startup':>9}{'work':>8}{'mlflow':>8}{'prefect':>9}{'overhead %':>12}"
+    print(header)
+    print("-" * len(header))
+    totals = dict.fromkeys(["wall", "startup", "work", "mlflow", "prefect"], 0.0)
+    for stage, row in list(rows.items()) + [("total", totals)]:
+        if stage == "total":
+            print("-" * len(header))
+        else:
+            for k, v in row.items():
+                totals[k] += v
+        r = row
+        print(f"{stage:<10}{r['wall']:>8.1f}{r['startup']:>9.1f}{r['work']:>8.1f}{r['mlflow']:>8.1f}{r['prefect']:>9.1f}{100 * (1 - r['work'] / r['wall']):>11.0f}%")
+    return totals
+
+
+def with_temporary_server(root: Path, env: dict, startup: float) -> tuple[dict, float]:
+    """The stages against one temporary server for them all (as `make run`); its start time."""
     from prefect.server.api.server import SubprocessASGIServer
-
-    root = scratch(args.params, args.keep)
-    env = {**os.environ, "PREFECT_HOME": str(root / ".prefect"), "PYTHONPATH": str(root)}
-    env.pop("PREFECT_API_URL", None)
-    startup = min(timed([sys.executable, "-c", "import flows.stages"], root, env) for _ in range(2))
 
     os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]
     started = time.perf_counter()
@@ -104,36 +131,85 @@ def main() -> None:
     server.start(timeout=120)
     server_start = time.perf_counter() - started
     try:
-        walls = run_stages(root, {**env, "PREFECT_API_URL": server.api_url})
+        return measure(root, {**env, "PREFECT_API_URL": server.api_url}, startup), server_start
     finally:
         server.stop()
-    inner = stage_timings(root)
 
-    print(f"\nxfer end-to-end, params {args.params.name}, {os.cpu_count()} CPU(s); seconds per stage\n")
-    header = f"{'stage':<10}{'wall':>8}{'startup':>9}{'work':>8}{'mlflow':>8}{'prefect':>9}{'overhead %':>12}"
-    print(header)
-    print("-" * len(header))
-    totals = dict.fromkeys(["wall", "startup", "work", "mlflow", "prefect"], 0.0)
+
+def with_running_servers(root: Path, env: dict, startup: float) -> tuple[dict, float]:
+    """The stages against servers started as `make servers` does (flows/servers.py); their start time."""
+    from flows import servers
+
+    os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]  # the server's home, as the Makefile exports it
+    started = time.perf_counter()
+    urls = servers.start(root, free_port(), free_port())
+    server_start = time.perf_counter() - started
+    try:
+        return measure(root, {**env, "PREFECT_API_URL": urls["prefect"] + "/api"}, startup), server_start
+    finally:
+        servers.stop(root)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scratch_env(env: dict, root: Path) -> dict:
+    return {**env, "PREFECT_HOME": str(root / ".prefect"), "PYTHONPATH": str(root)}
+
+
+def print_prefect_side_by_side(modes: dict[str, dict[str, dict[str, float]]], starts: dict[str, float]) -> None:
+    """Each stage's prefect overhead (seconds) per mode, then each mode's total wall time."""
+    names = list(modes)
+    width = max(len(n) for n in names) + 2
+    print("\nprefect overhead per stage (s), by where the stages find a Prefect server\n")
+    print(f"{'stage':<10}" + "".join(f"{n:>{width}}" for n in names))
     for stage in STAGES:
-        wall, work, mlf = walls[stage], inner[stage]["work"], inner[stage]["mlflow"]
-        prefect = max(wall - startup - work - mlf, 0.0)
-        row = {"wall": wall, "startup": startup, "work": work, "mlflow": mlf, "prefect": prefect}
-        for k, v in row.items():
-            totals[k] += v
-        print(f"{stage:<10}{wall:>8.1f}{startup:>9.1f}{work:>8.1f}{mlf:>8.1f}{prefect:>9.1f}{100 * (1 - work / wall):>11.0f}%")
-    print("-" * len(header))
-    t = totals
-    print(f"{'total':<10}{t['wall']:>8.1f}{t['startup']:>9.1f}{t['work']:>8.1f}{t['mlflow']:>8.1f}{t['prefect']:>9.1f}{100 * (1 - t['work'] / t['wall']):>11.0f}%")
+        print(f"{stage:<10}" + "".join(f"{modes[n][stage]['prefect']:>{width}.1f}" for n in names))
+    print(f"{'total':<10}" + "".join(f"{sum(r['prefect'] for r in modes[n].values()):>{width}.1f}" for n in names))
+    print(f"{'wall':<10}" + "".join(f"{sum(r['wall'] for r in modes[n].values()):>{width}.1f}" for n in names))
+    for name, seconds in starts.items():
+        print(f"  {name}: server started once in {seconds:.1f} s (not in the table)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml", help="a params file (default: the project's)")
+    parser.add_argument("--keep", type=Path, help="run here and keep the outputs (default: a temporary folder)")
+    parser.add_argument("--compare", action="store_true", help="also run without the shared Prefect server")
+    parser.add_argument("--servers", action="store_true", help="also run per-process servers and `make servers`; compare prefect overhead")
+    args = parser.parse_args()
+
+    import tasks  # noqa: F401  (offline defaults before prefect is imported)
+
+    root = scratch(args.params, args.keep)
+    base_env = {**os.environ}
+    base_env.pop("PREFECT_API_URL", None)
+    env = scratch_env(base_env, root)
+    startup = min(timed([sys.executable, "-c", "import flows.stages"], root, env) for _ in range(2))
+
+    shared, server_start = with_temporary_server(root, env, startup)
+    print(f"\nxfer end-to-end, params {args.params.name}, {os.cpu_count()} CPU(s); seconds per stage\n")
+    totals = print_breakdown(shared)
     print(f"\nshared Prefect server: started once in {server_start:.1f} s (not in the table)")
-    if args.compare:
+    if args.compare or args.servers:
         alone = scratch(args.params, None)
-        alone_env = {**env, "PREFECT_HOME": str(alone / ".prefect"), "PYTHONPATH": str(alone)}
-        alone_walls = run_stages(alone, alone_env)
+        alone_rows = measure(alone, scratch_env(base_env, alone), startup)
         shutil.rmtree(alone, ignore_errors=True)
-        shared_total = t["wall"] + server_start
-        alone_total = sum(alone_walls.values())
+        shared_total = totals["wall"] + server_start
+        alone_total = sum(r["wall"] for r in alone_rows.values())
         print(f"without it (a temporary server per stage process, as plain `dvc repro`): {alone_total:.1f} s in all")
         print(f"with it (as `make run`): {shared_total:.1f} s in all, server start included: {alone_total / shared_total:.2f}x faster")
+    if args.servers:
+        running = scratch(args.params, None)
+        running_rows, running_start = with_running_servers(running, scratch_env(base_env, running), startup)
+        shutil.rmtree(running, ignore_errors=True)
+        modes = {"own temp server": alone_rows, "shared temp (make run)": shared, "make servers": running_rows}
+        print_prefect_side_by_side(modes, {"shared temp (make run)": server_start, "make servers": running_start})
     print(f"\noutputs in {root}" if args.keep else "")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -70,8 +70,9 @@ def check_params(root: str) -> bool:
     """
     try:
         params = load_params(Layout(Path(root)).params)
-        check_model_name(params.backbone.name)
-        resolve_weights(params.backbone)
+        for backbone in (params.backbone, *params.fusion.backbones):
+            check_model_name(backbone.name)
+            resolve_weights(backbone)
         check_source(resolve_source(params.data), Path(root))
     except (ConfigError, BackboneError, SourceError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""evaluate stage: every model on every domain's test split."""
+"""evaluate stage: every model (and their fusion) on source test, target val and target test."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from tasks.registry import register_and_promote
 from tasks.report import publish_report
 from tasks.tracking import stage_run
 from xfer import features as feats
-from xfer.config import Params
+from xfer.config import Params, member_name
 from xfer.data.images import ImageRows
 from xfer.data.split import read_manifest, rows
 from xfer.finetune import load_classifier, predict_logits, select_device
-from xfer.heads import load_head
+from xfer.heads import MEMBERS_DIR, HeadNet, load_head
 from xfer.io import write_json
 from xfer.layout import Layout
 from xfer.metrics import classification_metrics, confusion_matrix, fuse_probabilities, per_class_accuracy, reliability_from_probabilities, softmax
@@ -24,6 +24,19 @@ from xfer.plots import per_class_accuracy_figure, prediction_rows, reliability_f
 # (manifest role, split) -> the name used in eval.json and plot files.
 # target_val is what the registry's promotion rule compares (tasks/registry.py).
 EVAL_SETS = {("source", "test"): "source_test", ("target", "val"): "target_val", ("target", "test"): "target_test"}
+
+
+def fusion_members(layout: Layout, params: Params) -> dict[str, tuple[HeadNet, feats.FeatureSet]]:
+    """{member name: (its head, its cached features)} for each of params `fusion.backbones`."""
+    members = {}
+    for backbone in params.fusion.backbones:
+        name = member_name(backbone)
+        head, spec = load_head(layout.head_dir / MEMBERS_DIR / name)
+        fs = feats.load_member(layout.features, name)
+        if spec["features_key"] != fs.meta["key"]:
+            raise RuntimeError(f"the head of {name} was trained on other features than the cached ones; rerun the head stage")
+        members[name] = (head, fs)
+    return members
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -36,7 +49,8 @@ def evaluate(layout: Layout, params: Params) -> dict:
             classifier, spec = load_classifier(layout.finetune_dir)
             device = select_device("auto")
             names = head_spec["class_names"]
-            results: dict[str, dict] = {"head": {}, "finetune": {}, "fusion": {}}
+            members = fusion_members(layout, params)
+            results: dict[str, dict] = {"head": {}, "finetune": {}, "fusion": {}, **{name: {} for name in members}}
             plots = []
             plot_dir = layout.stage_plots("evaluate")
             for (role, split), set_name in EVAL_SETS.items():
@@ -50,17 +64,17 @@ def evaluate(layout: Layout, params: Params) -> dict:
                 if not np.array_equal(labels, y):
                     raise RuntimeError(f"{set_name}: cached features and manifest rows are out of order; rerun the features stage")
                 # Kept whole, not just their argmax: calibration needs each row's confidence.
-                probabilities = {
-                    "head": head_probs,
-                    "finetune": softmax(logits),
-                    # Fusion: the mean of the two models' class probabilities.
-                    "fusion": fuse_probabilities([head_probs, softmax(logits)]),
-                }
-                predictions = {
-                    "head": head_probs.argmax(1),
-                    "finetune": logits.argmax(1),
-                    "fusion": probabilities["fusion"].argmax(1),
-                }
+                probabilities = {"head": head_probs, "finetune": softmax(logits)}
+                for name, (member_head, member_fs) in members.items():
+                    xm, ym = member_fs.select(role, split)
+                    if not np.array_equal(ym, y):
+                        raise RuntimeError(f"{set_name}: the features of {name} are not in manifest order; rerun the features stage")
+                    with torch.no_grad():
+                        probabilities[name] = torch.softmax(member_head(torch.as_tensor(xm), role), 1).numpy()
+                # Fusion: the mean of every model's class probabilities.
+                probabilities["fusion"] = fuse_probabilities(list(probabilities.values()))
+                predictions = {model_name: p.argmax(1) for model_name, p in probabilities.items()}
+                predictions["finetune"] = logits.argmax(1)
                 per_class = {}
                 for model_name, pred in predictions.items():
                     results[model_name][set_name] = classification_metrics(y, pred, len(names))

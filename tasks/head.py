@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import torch
 from prefect import get_run_logger, task
@@ -9,10 +11,10 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.tracking import stage_run
 from xfer import features as feats
-from xfer.config import Params
+from xfer.config import Params, member_name
 from xfer.data.split import class_names, read_manifest
 from xfer.diagnostics import proxy_a_distance, tsne_coordinates
-from xfer.heads import HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
+from xfer.heads import MEMBERS_DIR, HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
 from xfer.io import write_json
 from xfer.layout import Layout
 from xfer.plots import save_figure, save_learning_curves, tsne_figure
@@ -54,11 +56,29 @@ def domain_gap(fs: feats.FeatureSet, model: HeadNet, seed: int) -> dict:
     return {"before": distances["backbone features"], "after": distances[after[0]], "after_space": after[0], "panels": panels}
 
 
+def train_member_heads(layout: Layout, params: Params, names: list[str]) -> dict[str, dict]:
+    """A head like the main one on each fusion backbone's features, in models/head/members/<name>/."""
+    members_dir = layout.head_dir / MEMBERS_DIR
+    wanted = [member_name(b) for b in params.fusion.backbones]
+    # A member dropped from params must not linger beside the ones evaluate will read.
+    for stale in (members_dir.iterdir() if members_dir.is_dir() else []):
+        if stale.name not in wanted:
+            shutil.rmtree(stale)
+    summaries = {}
+    for name in wanted:
+        fs = feats.load_member(layout.features, name)
+        model, history = train_head(params.head, head_data(fs), len(names), params.seed)
+        save_head(members_dir / name, model, params.head, fs.features.shape[1], names, fs.meta["key"])
+        kept = best_epoch(params.head, history)
+        summaries[name] = {k: history[kept - 1][k] for k in ("source_val_accuracy", "target_val_accuracy")} | {"best_epoch": kept}
+    return summaries
+
+
 @task(name="head", cache_policy=NO_CACHE)
 def head(layout: Layout, params: Params) -> dict:
     logger = get_run_logger()
     cfg = params.head
-    with stage_run("head", layout, params, ["seed", "head"]) as run:
+    with stage_run("head", layout, params, ["seed", "head", "fusion"]) as run:
         with run.work():
             fs = feats.load_current(layout.features)
             names = class_names(read_manifest(layout.manifest))
@@ -82,6 +102,9 @@ def head(layout: Layout, params: Params) -> dict:
                 "proxy_a_distance": {"backbone": gap["before"], "head": gap["after"]},
                 "proxy_a_distance_head_space": gap["after_space"],
             }
+            members = train_member_heads(layout, params, names)
+            if members:
+                summary["fusion_members"] = members
             write_json(layout.metrics("head"), summary)
         run.set_tags({"head.method": cfg.method, "head.selection": cfg.selection, "uses_target_labels": str(cfg.uses_target_labels).lower()})
         run.log_metrics(summary, prefix="best.")

@@ -21,12 +21,11 @@ from mlflow.tracking import MlflowClient
 
 import xfer
 from xfer.backbones import create_backbone
-from xfer.config import Params
-from xfer.features import FeatureSet
-from xfer.finetune import load_classifier
-from xfer.heads import load_head
+from xfer.config import BackboneConfig, Params, member_name
+from xfer.features import FeatureSet, load_member
+from xfer.heads import MEMBERS_DIR, load_head
 from xfer.layout import Layout
-from xfer.predictor import PARTS, write_bundle
+from xfer.predictor import FinetunePart, HeadPart, write_bundle
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -66,25 +65,35 @@ def decide(challenger: float, champion: float | None) -> tuple[bool, str]:
     return False, f"challenger {challenger:.4f} <= champion {champion:.4f} (ties keep the champion)"
 
 
-def frozen_backbone_for(layout: Layout, params: Params, features: FeatureSet):
-    """The backbone whose cached features the head was trained on, checked against the cache."""
-    model, prep, weights = create_backbone(params.backbone)
-    _, head_spec = load_head(layout.head_dir)
+def head_part(head_dir: Path, backbone: BackboneConfig, features: FeatureSet) -> HeadPart:
+    """A head with the frozen backbone whose cached features it was trained on, checked against the cache."""
+    model, prep, weights = create_backbone(backbone)
+    _, head_spec = load_head(head_dir)
     if weights.digest != features.meta.get("weights_digest") or head_spec["features_key"] != features.meta.get("key"):
-        raise RuntimeError("the head, the feature cache and params.backbone disagree: rerun the features and head stages")
-    return model.eval(), prep
+        raise RuntimeError(f"{head_dir}, the feature cache and the params of {backbone.name} disagree: rerun the features and head stages")
+    return HeadPart(head_dir, model.eval(), backbone.name, prep)
+
+
+def servable_parts(layout: Layout, params: Params, features: FeatureSet) -> list[HeadPart | FinetunePart]:
+    """What registry.model is made of: the head, the fine-tuned network, or all of them and the fusion heads."""
+    kind = params.registry.model
+    parts: list[HeadPart | FinetunePart] = []
+    if kind in ("head", "fusion"):
+        parts.append(head_part(layout.head_dir, params.backbone, features))
+    if kind in ("finetune", "fusion"):
+        parts.append(FinetunePart(layout.finetune_dir))
+    if kind == "fusion":
+        for backbone in params.fusion.backbones:
+            name = member_name(backbone)
+            parts.append(head_part(layout.head_dir / MEMBERS_DIR / name, backbone, load_member(layout.features, name)))
+    return parts
 
 
 def log_servable_model(layout: Layout, params: Params, features: FeatureSet) -> mlflow.models.model.ModelInfo:
     """The registry.model as an MLflow pyfunc model in the active run: images in, probabilities out."""
-    kind = params.registry.model
-    frozen = None
-    if "head" in PARTS[kind]:
-        frozen, prep = frozen_backbone_for(layout, params, features)
-    else:
-        prep = load_classifier(layout.finetune_dir)[1].prep()
+    parts = servable_parts(layout, params, features)
     with tempfile.TemporaryDirectory(prefix="xfer-bundle-") as tmp:
-        bundle = write_bundle(Path(tmp) / "bundle", kind, layout.head_dir, layout.finetune_dir, frozen, params.backbone.name, prep)
+        bundle = write_bundle(Path(tmp) / "bundle", params.registry.model, parts)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),

@@ -56,27 +56,30 @@ def test_bundle_of_the_fused_model_predicts_the_mean_of_its_parts(pipeline_proje
     """Fusion from the bundle = mean of the head-on-frozen-features and fine-tuned probabilities."""
     from xfer.backbones import create_backbone
     from xfer.config import load_params
+    from xfer.data.images import to_tensor
     from xfer.finetune import load_classifier
     from xfer.heads import load_head
     from xfer.layout import Layout
-    from xfer.predictor import load_bundle, write_bundle
+    from xfer.predictor import FinetunePart, HeadPart, as_pil, load_bundle, write_bundle
 
     root, _ = pipeline_project
     layout = Layout(root)
     params = load_params(layout.params)
     frozen, prep, _ = create_backbone(params.backbone)
-    bundles = {kind: load_bundle(write_bundle(tmp_path / kind, kind, layout.head_dir, layout.finetune_dir, frozen, params.backbone.name, prep)) for kind in ("head", "finetune", "fusion")}
+    head_part = HeadPart(layout.head_dir, frozen, params.backbone.name, prep)
+    finetune_part = FinetunePart(layout.finetune_dir)
+    parts = {"head": [head_part], "finetune": [finetune_part], "fusion": [head_part, finetune_part]}
+    bundles = {kind: load_bundle(write_bundle(tmp_path / kind, kind, p)) for kind, p in parts.items()}
     manifest = pd.read_csv(layout.manifest)
     images = [str(root / p) for p in manifest.path[:6]]
     probs = {kind: b.predict_proba(images) for kind, b in bundles.items()}
     np.testing.assert_allclose(probs["fusion"], (probs["head"] + probs["finetune"]) / 2, atol=1e-6)
-    # The fine-tuned part is the network the finetune stage saved.
+    # Each part is the model its stage saved, on the preprocessing the stage used.
+    x = torch.stack([to_tensor(as_pil(i), prep) for i in images])
     classifier, _ = load_classifier(layout.finetune_dir)
-    x = torch.stack([bundles["finetune"]._tensor(i) for i in images])
-    with torch.no_grad():
-        np.testing.assert_allclose(probs["finetune"], torch.softmax(classifier(x), 1).numpy(), atol=1e-6)
     head, _ = load_head(layout.head_dir)
     with torch.no_grad():
+        np.testing.assert_allclose(probs["finetune"], torch.softmax(classifier(x), 1).numpy(), atol=1e-6)
         np.testing.assert_allclose(probs["head"], torch.softmax(head(frozen.eval()(x), "target"), 1).numpy(), atol=1e-6)
-    with pytest.raises(PredictorError, match="needs the frozen backbone"):
-        write_bundle(tmp_path / "nobackbone", "head", layout.head_dir, layout.finetune_dir, None, params.backbone.name, prep)
+    with pytest.raises(PredictorError, match="needs at least one part"):
+        write_bundle(tmp_path / "empty", "fusion", [])

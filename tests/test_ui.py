@@ -3,35 +3,11 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 
-from helpers import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listening_addresses(port: int) -> set[str]:
-    """IPv4/IPv6 addresses with a socket listening on `port`, from /proc/net."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        for line in open(table).read().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, p = local.split(":")
-            if state == "0A" and int(p, 16) == port:
-                if len(addr) == 8:
-                    found.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
-                else:
-                    found.add("ipv6:" + addr)
-    return found
+from helpers import REPO, free_port, listening_addresses
 
 
 def get(url: str, data: dict | None = None):

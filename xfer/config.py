@@ -126,6 +126,25 @@ class BackboneConfig(_Strict):
     image_size: int = Field(64, ge=16, le=1024)
 
 
+def member_name(backbone: BackboneConfig) -> str:
+    """How a fusion backbone's head is named in eval.json, MLflow and models/head/members/."""
+    return f"head_{backbone.name}_{backbone.image_size}px"
+
+
+class FusionConfig(_Strict):
+    """More frozen backbones for the fusion row: each gets cached features and a head like `head`."""
+
+    backbones: list[BackboneConfig] = []
+
+    @model_validator(mode="after")
+    def _distinct_members(self) -> "FusionConfig":
+        names = [member_name(b) for b in self.backbones]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"fusion.backbones repeats {repeated}: each (name, image_size) may appear once")
+        return self
+
+
 class FeaturesConfig(_Strict):
     batch_size: int = Field(128, ge=1, le=4096)
     # float16 halves the cache on disk; either loads memory-mapped.
@@ -290,6 +309,13 @@ class Params(_Strict):
     evaluate: EvaluateConfig = EvaluateConfig()
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
+    fusion: FusionConfig = FusionConfig()
+
+    @model_validator(mode="after")
+    def _fusion_differs_from_backbone(self) -> "Params":
+        if any(member_name(b) == member_name(self.backbone) for b in self.fusion.backbones):
+            raise ValueError(f"fusion.backbones repeats the main backbone ({self.backbone.name} at {self.backbone.image_size} px), which is already in the fusion")
+        return self
 
     def section(self, *keys: str) -> dict[str, Any]:
         """The named top-level sections as plain data, for logging."""
@@ -307,7 +333,8 @@ def _format_errors(source: str, err: ValidationError) -> str:
             lines.append(f"  {path}: unknown key; allowed here: {', '.join(allowed)}")
             continue
         got = e.get("input")
-        lines.append(f"  {path}: {e['msg']} (got {got!r})")
+        # A check across sections (loc is the root) names its values itself: not the whole file.
+        lines.append(f"  {path}: {e['msg']}" + (f" (got {got!r})" if e["loc"] else ""))
     return "\n".join(lines)
 
 

@@ -36,6 +36,8 @@ FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
 META_FILE = "meta.json"
 CURRENT_FILE = "current.json"
+# {fusion member name: key}: the extra backbones of params `fusion.backbones`.
+MEMBERS_FILE = "members.json"
 LOCK_SUFFIX = ".lock"
 INDEX_COLUMNS = ["path", "label", "domain", "role", "split", "sha256"]
 # What an entry may store; mirrors FeaturesConfig.dtype.
@@ -261,6 +263,20 @@ def load_entry(entry: Path) -> FeatureSet:
     if features.shape[0] != len(index):
         raise FeatureCacheError(f"{entry}: {features.shape[0]} feature rows but {len(index)} index rows")
     return FeatureSet(features, index, meta)
+
+
+def set_members(cache_root: Path, keys: dict[str, str]) -> None:
+    """Point later stages at the fusion backbones' entries: {member name: key}."""
+    write_json(Path(cache_root) / MEMBERS_FILE, keys)
+
+
+def load_member(cache_root: Path, name: str) -> FeatureSet:
+    """The features of fusion member `name` (xfer.config.member_name), as the features stage left them."""
+    pointer = Path(cache_root) / MEMBERS_FILE
+    keys = json.loads(pointer.read_text()) if pointer.is_file() else {}
+    if name not in keys:
+        raise FeatureCacheError(f"no cached features for fusion member {name} in {pointer} (run the features stage)")
+    return load_entry(entry_dir(cache_root, keys[name]))
 
 
 def load_current(cache_root: Path) -> FeatureSet:

@@ -225,6 +225,8 @@ def embed(head: HeadNet, features: np.ndarray, domain: str, batch_size: int = 40
 
 
 HEAD_WEIGHTS_FILE = "head.pt"
+# Under the head stage's folder: one folder per fusion backbone (xfer.config.member_name).
+MEMBERS_DIR = "members"
 HEAD_SPEC_FILE = "head.json"
 
 

@@ -1,13 +1,14 @@
 """A trained model as one self-contained folder: images in, class probabilities out.
 
 The bundle holds what the evaluate stage scored (the head on frozen backbone
-features, the fine-tuned network, or their fusion) together with its
-preprocessing, so a served copy predicts exactly what evaluate measured:
+features, the fine-tuned network, or the fusion of those and of the fusion
+backbones' heads), each part with its preprocessing, so a served copy predicts
+exactly what evaluate measured:
 
-    <bundle>/predictor.json        which model, class names, preprocessing
-    <bundle>/finetune/             fine-tuned network (xfer.finetune.save_classifier)
-    <bundle>/head/                 head weights and spec (xfer.heads.save_head)
-    <bundle>/frozen_backbone.pt    the backbone whose features the head was trained on
+    <bundle>/predictor.json        the model, class names, and each part's kind and preprocessing
+    <bundle>/part<i>/              a fine-tuned network (xfer.finetune.save_classifier), or a
+                                   head (xfer.heads.save_head) with frozen_backbone.pt, the
+                                   backbone whose features it was trained on
 
 Images may be file paths or HxW / HxWxC arrays (uint8 0..255, or floats in 0..1).
 """
@@ -18,7 +19,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -37,8 +38,6 @@ from xfer.metrics import fuse_probabilities
 BUNDLE_FILE = "predictor.json"
 FROZEN_BACKBONE_FILE = "frozen_backbone.pt"
 MODELS = ("head", "finetune", "fusion")
-# Which trained parts each servable model needs.
-PARTS = {"head": ("head",), "finetune": ("finetune",), "fusion": ("head", "finetune")}
 # Columns of a prediction frame besides one probability column per class.
 CLASS_COLUMN = "class"
 PROBABILITY_COLUMN = "probability"
@@ -48,66 +47,76 @@ class PredictorError(ValueError):
     """A bundle or an input the predictor cannot use."""
 
 
-def write_bundle(out_dir: Path, model: str, head_dir: Path, finetune_dir: Path, frozen_backbone: nn.Module | None, backbone_name: str, prep: Preprocessing) -> Path:
-    """Copy the parts `model` needs into `out_dir` (created; must not exist)."""
+@dataclass(frozen=True)
+class HeadPart:
+    """A head on the features of a frozen backbone (the head stage's model, or a fusion member's)."""
+
+    head_dir: Path
+    backbone: nn.Module
+    backbone_name: str
+    prep: Preprocessing
+
+
+@dataclass(frozen=True)
+class FinetunePart:
+    """The fine-tuned network (the finetune stage's model)."""
+
+    model_dir: Path
+
+
+def write_bundle(out_dir: Path, model: str, parts: Sequence[HeadPart | FinetunePart]) -> Path:
+    """Copy `parts` into `out_dir` (created; must not exist): one folder each, then predictor.json.
+
+    With several parts the bundle predicts their fusion: the mean of their probabilities.
+    """
     if model not in MODELS:
         raise PredictorError(f"model {model!r}: expected one of {', '.join(MODELS)}")
+    if not parts:
+        raise PredictorError("a bundle needs at least one part")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True)
-    class_names = None
-    if "finetune" in PARTS[model]:
-        shutil.copytree(finetune_dir, out_dir / "finetune")
-        _, spec = load_classifier(out_dir / "finetune")
-        class_names = spec.class_names
-        if spec.prep() != prep:
-            raise PredictorError(f"the fine-tuned model's preprocessing {spec.preprocessing} differs from the backbone's {prep.as_dict()}")
-    if "head" in PARTS[model]:
-        if frozen_backbone is None:
-            raise PredictorError(f"model {model!r} needs the frozen backbone the head was trained on")
-        shutil.copytree(head_dir, out_dir / "head")
-        _, head_spec = load_head(out_dir / "head")
-        if class_names is not None and head_spec["class_names"] != class_names:
-            raise PredictorError("the head and the fine-tuned model name different classes")
-        class_names = head_spec["class_names"]
-        save_torch(out_dir / FROZEN_BACKBONE_FILE, {k: v.detach().cpu() for k, v in frozen_backbone.state_dict().items()})
-    write_json(out_dir / BUNDLE_FILE, {"model": model, "backbone": backbone_name, "class_names": class_names, "preprocessing": prep.as_dict()})
+    members, class_names = [], None
+    for i, part in enumerate(parts):
+        folder = out_dir / f"part{i}"
+        if isinstance(part, FinetunePart):
+            shutil.copytree(part.model_dir, folder)
+            spec = load_classifier(folder)[1]
+            names, member = spec.class_names, {"kind": "finetune", "preprocessing": spec.preprocessing}
+        else:
+            shutil.copytree(part.head_dir, folder)
+            save_torch(folder / FROZEN_BACKBONE_FILE, {k: v.detach().cpu() for k, v in part.backbone.state_dict().items()})
+            names = load_head(folder)[1]["class_names"]
+            member = {"kind": "head", "backbone": part.backbone_name, "preprocessing": part.prep.as_dict()}
+        if class_names is not None and names != class_names:
+            raise PredictorError(f"part {i} names other classes than part 0: {names} vs {class_names}")
+        class_names = names
+        members.append({"folder": folder.name, **member})
+    write_json(out_dir / BUNDLE_FILE, {"model": model, "class_names": class_names, "members": members})
     return out_dir
+
+
+@dataclass(frozen=True)
+class Member:
+    prep: Preprocessing
+    probabilities: Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
 class Predictor:
     model: str
     class_names: list[str]
-    prep: Preprocessing
-    head: nn.Module | None
-    frozen_backbone: nn.Module | None
-    classifier: nn.Module | None
+    members: list[Member]
 
     @torch.inference_mode()
     def predict_proba(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
-        """(N, classes) probabilities, in input order."""
-        out = [self._batch_proba(torch.stack([self._tensor(img) for img in images[i : i + batch_size]])) for i in range(0, len(images), batch_size)]
+        """(N, classes) probabilities, in input order: the mean over the members."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            batch = [as_pil(img) for img in images[start : start + batch_size]]
+            # Each member sees the images at its own size and normalisation.
+            probs = [m.probabilities(torch.stack([to_tensor(img, m.prep) for img in batch])).float().numpy() for m in self.members]
+            out.append(fuse_probabilities(probs) if len(probs) > 1 else probs[0])
         return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
-
-    def _batch_proba(self, x: torch.Tensor) -> np.ndarray:
-        members = []
-        if self.head is not None:
-            # The head was trained on target-domain features: normalise them as evaluate does.
-            members.append(torch.softmax(self.head(self.frozen_backbone(x).float(), "target"), 1).numpy())
-        if self.classifier is not None:
-            members.append(torch.softmax(self.classifier(x).float(), 1).numpy())
-        return fuse_probabilities(members) if len(members) > 1 else members[0]
-
-    def _tensor(self, image: Any) -> torch.Tensor:
-        if isinstance(image, (str, Path)):
-            try:
-                with Image.open(image) as img:
-                    return to_tensor(img, self.prep)
-            except (OSError, UnidentifiedImageError) as err:
-                raise ImageReadError(f"cannot read image {image}: {err}") from None
-        if isinstance(image, Image.Image):
-            return to_tensor(image, self.prep)
-        return to_tensor(array_to_image(np.asarray(image)), self.prep)
 
     def frame(self, probabilities: np.ndarray) -> pd.DataFrame:
         """Predicted class, its probability, and one column per class."""
@@ -116,6 +125,19 @@ class Predictor:
         for i, name in enumerate(self.class_names):
             frame[name] = probabilities[:, i]
         return frame
+
+
+def as_pil(image: Any) -> Image.Image:
+    """A path, a PIL image or an array, decoded."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as img:
+                return img.copy()
+        except (OSError, UnidentifiedImageError) as err:
+            raise ImageReadError(f"cannot read image {image}: {err}") from None
+    if isinstance(image, Image.Image):
+        return image
+    return array_to_image(np.asarray(image))
 
 
 def array_to_image(array: np.ndarray) -> Image.Image:
@@ -131,22 +153,29 @@ def array_to_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array)
 
 
+def _as_prep(p: dict) -> Preprocessing:
+    return Preprocessing(p["image_size"], tuple(p["mean"]), tuple(p["std"]), p.get("channels", 3))
+
+
+def _load_member(folder: Path, info: dict) -> Member:
+    if info["kind"] == "finetune":
+        classifier, _ = load_classifier(folder)
+        return Member(_as_prep(info["preprocessing"]), lambda x: torch.softmax(classifier(x).float(), 1))
+    head, _ = load_head(folder)
+    frozen = timm.create_model(info["backbone"], pretrained=False, num_classes=0)
+    frozen.load_state_dict(torch.load(folder / FROZEN_BACKBONE_FILE, map_location="cpu", weights_only=True))
+    frozen.eval()
+    # The head was trained on target-domain features: normalise them as evaluate does.
+    return Member(_as_prep(info["preprocessing"]), lambda x: torch.softmax(head(frozen(x).float(), "target"), 1))
+
+
 def load_bundle(bundle_dir: Path) -> Predictor:
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / BUNDLE_FILE).is_file():
         raise PredictorError(f"{bundle_dir / BUNDLE_FILE} not found: not a predictor bundle")
     info = json.loads((bundle_dir / BUNDLE_FILE).read_text())
-    head = frozen = classifier = None
-    if "head" in PARTS[info["model"]]:
-        head, _ = load_head(bundle_dir / "head")
-        frozen = timm.create_model(info["backbone"], pretrained=False, num_classes=0)
-        frozen.load_state_dict(torch.load(bundle_dir / FROZEN_BACKBONE_FILE, map_location="cpu", weights_only=True))
-        frozen.eval()
-    if "finetune" in PARTS[info["model"]]:
-        classifier, _ = load_classifier(bundle_dir / "finetune")
-    p = info["preprocessing"]
-    prep = Preprocessing(p["image_size"], tuple(p["mean"]), tuple(p["std"]), p.get("channels", 3))
-    return Predictor(info["model"], info["class_names"], prep, head, frozen, classifier)
+    members = [_load_member(bundle_dir / m["folder"], m) for m in info["members"]]
+    return Predictor(info["model"], info["class_names"], members)
 
 
 def image_files(inputs: Iterable[str | Path]) -> list[Path]:

@@ -1,0 +1,313 @@
+"""A Prefect server and an MLflow server for a project, in the background.
+
+    python -m flows.servers start  [--root .] [--prefect-port 4200] [--mlflow-port 5000]
+    python -m flows.servers stop   [--root .]
+    python -m flows.servers status [--root .]
+
+`make servers` / `make stop` call this. Both servers bind 127.0.0.1 only.
+Each runs in its own process group (the servers start worker processes of
+their own) with its log, pid file and URL under `<root>/.servers/`:
+
+  prefect   `prefect server start`; its database lives in PREFECT_HOME
+            (the Makefile sets `<project>/.prefect`)
+  mlflow    `mlflow server` over the project's store: sqlite:///<root>/mlflow.db
+            and <root>/mlartifacts, as `make ui` serves it
+
+With `export PREFECT_API_URL=http://127.0.0.1:4200/api` every stage (and
+`flows/serve.py`, hence `make run`) talks to the running Prefect server
+instead of starting a temporary one of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+STATE_DIR = ".servers"
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
+
+
+class ServerError(RuntimeError):
+    """A server could not be started: the message says why and where its log is."""
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    port: int
+    command: list[str]
+    health_path: str
+    env: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def _bin(tool: str) -> str:
+    # The console script installed beside this interpreter (the venv's), so the
+    # servers run the pinned versions whatever PATH says.
+    return str(Path(sys.executable).with_name(tool))
+
+
+def prefect_server(root: Path, port: int) -> Server:
+    home = os.environ.get("PREFECT_HOME") or str(root / ".prefect")
+    env = {
+        "PREFECT_HOME": home,
+        "PREFECT_SERVER_API_HOST": HOST,
+        "PREFECT_SERVER_API_PORT": str(port),
+        # The UI asks this URL for its data; left unset it names the default
+        # port 4200, whatever --port says.
+        "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api",
+        "PREFECT_UI_ENABLED": "true",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+    }
+    command = [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(port)]
+    return Server("prefect", port, command, "/api/health", env)
+
+
+def mlflow_server(root: Path, port: int) -> Server:
+    env = {
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        # Job execution starts a job runner and seven huey consumers (GenAI
+        # judges); the pipeline uses none, and on 2 cores they slow the start.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
+    command = [
+        _bin("mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--default-artifact-root", str(root / "mlartifacts"),
+        "--host", HOST, "--port", str(port),
+        "--workers", "1",  # the default 4 workers took ~25 s to answer on 2 cores
+    ]  # fmt: skip
+    return Server("mlflow", port, command, "/health", env)
+
+
+def servers(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> list[Server]:
+    root = root.resolve()
+    return [prefect_server(root, prefect_port), mlflow_server(root, mlflow_port)]
+
+
+# -- pid files and process groups -------------------------------------------
+
+
+def _state(root: Path, name: str, suffix: str) -> Path:
+    return root.resolve() / STATE_DIR / f"{name}.{suffix}"
+
+
+def read_pid(root: Path, name: str) -> int | None:
+    try:
+        return int(_state(root, name, "pid").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group `pgid`, from /proc.
+
+    A zombie is not counted: nothing here may reap an orphaned server (PID 1
+    of a container often does not), and a zombie holds no port or file.
+    """
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited while we looked
+            continue
+        # Fields after the command name, which may itself hold spaces and ')'.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+def running_pid(root: Path, name: str) -> int | None:
+    """The pid from `name`'s pid file if its process group still runs, else None.
+
+    A pid file left by a crash or a reboot may name a pid reused by another
+    program: the group must still hold a process whose command line names
+    the server.
+    """
+    pid = read_pid(root, name)
+    if pid is None:
+        return None
+    for member in group_members(pid):
+        try:
+            cmdline = Path(f"/proc/{member}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if name in cmdline:
+            return pid
+    return None
+
+
+def _read_url(root: Path, server: Server) -> str:
+    try:
+        return _state(root, server.name, "url").read_text().strip()
+    except FileNotFoundError:
+        return server.url
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _healthy(server: Server) -> bool:
+    try:
+        with urllib.request.urlopen(server.url + server.health_path, timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _log_tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return "(no log)"
+
+
+# -- start / stop / status ----------------------------------------------------
+
+
+def _spawn(root: Path, server: Server) -> int:
+    if not _port_free(server.port):
+        raise ServerError(
+            f"{server.name}: port {server.port} on {HOST} is taken by another program "
+            f"(not one this project started); choose another port "
+            f"({'PREFECT_PORT' if server.name == 'prefect' else 'UI_PORT'}=... with make)"
+        )
+    log = _state(root, server.name, "log")
+    env = {**os.environ, **server.env}
+    env.pop("PREFECT_API_URL", None)  # the server is the API; it must not point at another
+    with open(log, "ab") as out:
+        # A new session: the server and the workers it starts share one process
+        # group, which stop() signals as a whole.
+        proc = subprocess.Popen(
+            server.command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    _state(root, server.name, "pid").write_text(f"{proc.pid}\n")
+    _state(root, server.name, "url").write_text(f"{server.url}\n")
+    return proc.pid
+
+
+def _wait_healthy(root: Path, pending: list[Server], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while pending:
+        for server in list(pending):
+            if _healthy(server):
+                pending.remove(server)
+            elif running_pid(root, server.name) is None:
+                log = _state(root, server.name, "log")
+                raise ServerError(f"{server.name} exited while starting; the end of {log}:\n{_log_tail(log)}")
+        if pending and time.monotonic() > deadline:
+            names = ", ".join(s.name for s in pending)
+            raise ServerError(f"{names} did not answer within {timeout:.0f} s; logs in {root / STATE_DIR}")
+        time.sleep(0.25)
+
+
+def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout: float = START_TIMEOUT_S) -> dict[str, str]:
+    """Start whichever server is not running yet; wait until both answer. Returns name -> URL."""
+    root = root.resolve()
+    (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    urls, started = {}, []
+    try:
+        for server in servers(root, prefect_port, mlflow_port):
+            pid = running_pid(root, server.name)
+            if pid is not None:
+                urls[server.name] = _read_url(root, server)
+                print(f"{server.name} is already running (pid {pid}) at {urls[server.name]}: not starting another")
+                continue
+            pid = _spawn(root, server)
+            print(f"{server.name}: started (pid {pid}), log {_state(root, server.name, 'log')}")
+            urls[server.name] = server.url
+            started.append(server)
+        _wait_healthy(root, list(started), timeout)
+    except BaseException:
+        # Leave nothing half-started behind: stop what this call started.
+        for server in started:
+            _stop_one(root, server.name)
+        raise
+    return urls
+
+
+def _stop_one(root: Path, name: str) -> str:
+    pid_file = _state(root, name, "pid")
+    pid = running_pid(root, name)
+    if pid is None:
+        stale = pid_file.exists()
+        pid_file.unlink(missing_ok=True)
+        _state(root, name, "url").unlink(missing_ok=True)
+        return f"{name}: not running" + (" (removed a stale pid file)" if stale else "")
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while group_members(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    forced = bool(group_members(pid))
+    if forced:  # SIGTERM ignored for too long: no server may outlive `make stop`
+        os.killpg(pid, signal.SIGKILL)
+        while group_members(pid):
+            time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
+    _state(root, name, "url").unlink(missing_ok=True)
+    return f"{name}: stopped (pid {pid}{', killed after SIGTERM timed out' if forced else ''})"
+
+
+def stop(root: Path) -> list[str]:
+    """Stop both servers (each whole process group) and remove their pid files."""
+    return [_stop_one(root.resolve(), name) for name in ("prefect", "mlflow")]
+
+
+def status(root: Path) -> dict[str, int | None]:
+    """name -> pid of the running server, or None."""
+    return {name: running_pid(root.resolve(), name) for name in ("prefect", "mlflow")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--root", type=Path, default=Path("."), help="the project (default: .)")
+    parser.add_argument("--prefect-port", type=int, default=4200)
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    args = parser.parse_args(argv)
+    if args.action == "stop":
+        print("\n".join(stop(args.root)))
+        return 0
+    if args.action == "status":
+        for name, pid in status(args.root).items():
+            print(f"{name}: {'running (pid %d)' % pid if pid else 'not running'}")
+        return 0
+    try:
+        urls = start(args.root, args.prefect_port, args.mlflow_port)
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"\nPrefect UI  {urls['prefect']}\nMLflow UI   {urls['mlflow']}")
+    print("\nTo run stages against this Prefect server instead of a temporary one each:")
+    print(f"  export PREFECT_API_URL={urls['prefect']}/api")
+    print("Stop both with `make stop`.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
