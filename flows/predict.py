@@ -2,9 +2,9 @@
 
     xfer predict <images or folders>... [--model models:/xfer@champion] [--out predictions.csv] [--root .]
 
-The model is any MLflow model URI; by default `models:/<registry.name>@champion`
-of the project at --root, read from its MLflow store (or MLFLOW_TRACKING_URI
-when set). Folders are searched recursively. The CSV has one row per image:
+The model is any MLflow model URI; by default `models:/<registry.name>@champion`.
+It is read from the MLflow store the stages write, the project's at --root,
+or from --tracking-uri (a team server, say). Folders are searched recursively. The CSV has one row per image:
 path, predicted class, its probability, and one probability column per class.
 It is written whole or not at all.
 """
@@ -12,7 +12,6 @@ It is written whole or not at all.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,13 +28,10 @@ def default_model_uri(layout: Layout) -> str:
     return f"models:/{load_params(layout.params).registry.name}@champion"
 
 
-def load_model(uri: str, layout: Layout):
+def load_model(uri: str, store: str):
     import mlflow
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        from tasks.tracking import tracking_uri
-
-        mlflow.set_tracking_uri(tracking_uri(layout))
+    mlflow.set_tracking_uri(store)
     return mlflow.pyfunc.load_model(uri)
 
 
@@ -58,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="MLflow model URI (default: models:/<registry.name>@champion)")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     parser.add_argument("--root", default=".", help="project root holding params.yaml and mlflow.db (default: .)")
+    parser.add_argument("--tracking-uri", help="MLflow store holding the model (default: the project's, sqlite:///<root>/mlflow.db)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     layout = Layout(Path(args.root))
@@ -70,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xfer predict: {err}", file=sys.stderr)
         return 2
     try:
-        model = load_model(uri, layout)
+        from tasks.tracking import tracking_uri
+
+        model = load_model(uri, args.tracking_uri or tracking_uri(layout))
     except Exception as err:  # MLflow raises several types for a missing model or alias
         print(f"xfer predict: cannot load model {uri}: {err}", file=sys.stderr)
         return 2
