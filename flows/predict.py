@@ -19,6 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from xfer.config import ConfigError, load_params
+from xfer.data.images import ImageReadError
 from xfer.io import write_text
 from xfer.layout import Layout
 from xfer.predictor import PredictorError, image_files
@@ -73,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # MLflow raises several types for a missing model or alias
         print(f"xfer predict: cannot load model {uri}: {err}", file=sys.stderr)
         return 2
-    frame = predict_files(model, paths, args.batch_size)
+    try:
+        frame = predict_files(model, paths, args.batch_size)
+    except (ImageReadError, PredictorError) as err:
+        print(f"xfer predict: {err}; nothing written", file=sys.stderr)
+        return 2
     write_text(args.out, frame.to_csv(index=False))
     print(f"{len(frame)} predictions from {uri} -> {args.out}")
     return 0

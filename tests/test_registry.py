@@ -130,13 +130,18 @@ def test_served_model_takes_paths_and_arrays_alike(pipeline_project):
     np.testing.assert_allclose(by_path["probability"], by_float["probability"], atol=1e-5)
 
 
-def test_xfer_predict_refuses_missing_paths_and_writes_nothing(pipeline_project, tmp_path):
+def test_xfer_predict_refuses_missing_paths_and_corrupt_images_and_writes_nothing(pipeline_project, tmp_path):
     root, _ = pipeline_project
     out = tmp_path / "predictions.csv"
     proc = xfer_cli("predict", str(tmp_path / "nope"), "--out", str(out), "--root", str(root), cwd=Path(__file__).parents[1])
     assert proc.returncode == 2 and "nope: no such file or folder" in proc.stderr
     proc = xfer_cli("predict", str(root / "data/raw"), "--model", "models:/xfer@nobody", "--out", str(out), "--root", str(root), cwd=Path(__file__).parents[1])
     assert proc.returncode == 2 and "cannot load model models:/xfer@nobody" in proc.stderr
+    folder = target_test_folder(root, tmp_path / "images")
+    broken = next(folder.rglob("*.png"))
+    broken.write_bytes(b"not a png")
+    proc = xfer_cli("predict", str(folder), "--out", str(out), "--root", str(root), cwd=Path(__file__).parents[1])
+    assert proc.returncode == 2 and f"cannot read image {broken}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
 
 
