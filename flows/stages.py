@@ -19,6 +19,7 @@ from tasks.features import features
 from tasks.fetch import fetch
 from tasks.finetune import finetune
 from tasks.head import head
+from tasks.runners import RunnerError, check_runner
 from tasks.split import split
 from xfer.backbones import BackboneError, check_model_name, resolve_weights
 from xfer.config import ConfigError, load_params
@@ -74,7 +75,8 @@ def check_params(root: str) -> bool:
             check_model_name(backbone.name)
             resolve_weights(backbone)
         check_source(resolve_source(params.data), Path(root))
-    except (ConfigError, BackboneError, SourceError) as err:
+        check_runner(params.features.runner)
+    except (ConfigError, BackboneError, SourceError, RunnerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return False
     return True

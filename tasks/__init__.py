@@ -6,11 +6,12 @@ writes files; results returned to Prefect stay small (paths, numbers).
 
 import os
 
-# Offline by default: Prefect and MLflow would otherwise phone home for
+# Offline by default: Prefect, MLflow and Ray would otherwise phone home for
 # telemetry. Set before either is imported; a user's own setting wins.
 for _name, _value in {
     "DO_NOT_TRACK": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
 }.items():
     os.environ.setdefault(_name, _value)

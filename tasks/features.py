@@ -2,20 +2,95 @@
 
 The main backbone's entry becomes `current`; each of `fusion.backbones` gets an
 entry of its own, named in `members.json`, for the head stage to train on.
+
+A missing entry is computed in shards of `features.shard_rows` rows, mapped
+over the task runner `features.runner` names (threads, Dask or Ray: see
+tasks/runners.py). Each shard is written to `<key>.shards/` on its own, so a
+failed shard is retried alone and a rerun after a crash computes only the
+missing ones; the merged entry is then written atomically. Shards hold whole
+batches, so the entry is byte for byte what one pass would give.
 """
 
 from __future__ import annotations
 
-import pandas as pd
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+import functools
+import shutil
+import threading
+from pathlib import Path
 
+import pandas as pd
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tasks.runners import task_runner
 from tasks.tracking import stage_run
 from xfer import features as feats
-from xfer.backbones import create_backbone
+from xfer.backbones import Preprocessing, create_backbone
 from xfer.config import BackboneConfig, FeaturesConfig, Params, member_name
 from xfer.data.split import read_manifest
 from xfer.layout import Layout
+
+
+_BUILD = threading.Lock()
+
+
+def _shard_backbone(config_json: str, digest: str) -> tuple[nn.Module, Preprocessing]:
+    """The frozen backbone for shards, built once per process and shared by its shards and threads."""
+    with _BUILD:
+        return _build_shard_backbone(config_json, digest)
+
+
+@functools.lru_cache(maxsize=2)
+def _build_shard_backbone(config_json: str, digest: str) -> tuple[nn.Module, Preprocessing]:
+    model, prep, weights = create_backbone(BackboneConfig.model_validate_json(config_json), num_classes=0)
+    # A cluster worker reads the weights from its own disk: features from other
+    # weights than the key names would poison the cache.
+    if weights.digest != digest:
+        raise feats.FeatureCacheError(
+            f"this worker's weights for {model.__class__.__name__} ({weights.path or 'random init'}) have digest {weights.digest[:12]}, "
+            f"but the cache key was made with {digest[:12]}: every worker needs the same weights files"
+        )
+    return model.eval(), prep
+
+
+@task(name="feature-shard", cache_policy=NO_CACHE)
+def feature_shard(root: str, backbone: BackboneConfig, digest: str, rows: pd.DataFrame, batch_size: int, num_workers: int, out: str) -> str:
+    """Features of `rows` into the shard file `out`; a shard already there is kept."""
+    path = Path(out)
+    if feats.read_shard(path, len(rows)) is not None:
+        return out
+    model, prep = _shard_backbone(backbone.model_dump_json(), digest)
+    # Cluster workers keep one intra-op thread for good; on the threads runner
+    # extract_shards already holds this process at one (xfer.features.one_intra_op_thread).
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    features = feats.extract(model, rows, prep, batch_size, root=Path(root), progress=False, num_workers=num_workers)
+    feats.write_shard(path, features, len(rows))
+    return out
+
+
+@flow(name="feature-shards")
+def extract_shards(root: str, backbone: BackboneConfig, digest: str, manifest: pd.DataFrame, cfg: FeaturesConfig, shards: str) -> int:
+    """Map the missing shards of `manifest` over the flow's task runner; return how many were computed."""
+    bounds = feats.shard_bounds(len(manifest), cfg.shard_rows, cfg.batch_size)
+    todo = [(a, b) for a, b in bounds if feats.read_shard(feats.shard_path(Path(shards), a, b), b - a) is None]
+    get_run_logger().info("%s: %d shards of %d rows, %d to compute on %s", backbone.name, len(bounds), cfg.shard_rows, len(todo), cfg.runner.kind)
+    # DataLoader processes inside Dask or Ray workers would compete with the workers themselves.
+    num_workers = cfg.num_workers if cfg.runner.kind == "threads" else 0
+    shard_task = feature_shard.with_options(retries=cfg.runner.retries, retry_delay_seconds=1)
+    with feats.one_intra_op_thread(), tqdm(total=len(bounds), initial=len(bounds) - len(todo), desc=f"features {backbone.name}", unit="shard") as bar:
+        futures = [
+            shard_task.submit(root, backbone, digest, manifest.iloc[a:b], cfg.batch_size, num_workers, str(feats.shard_path(Path(shards), a, b)))
+            for a, b in todo
+        ]
+        for future in as_completed(futures):
+            future.result()  # a shard that failed all its retries stops the stage here
+            bar.update(1)
+    return len(todo)
 
 
 def cached_features(layout: Layout, backbone: BackboneConfig, cfg: FeaturesConfig, manifest: pd.DataFrame) -> dict:
@@ -23,17 +98,23 @@ def cached_features(layout: Layout, backbone: BackboneConfig, cfg: FeaturesConfi
     # The key needs the weights digest, so the backbone is built even on a hit;
     # the forward pass over the images is what a hit skips.
     model, prep, weights = create_backbone(backbone, num_classes=0)
-    key = feats.cache_key(backbone.name, weights.digest, prep, manifest, dtype=cfg.dtype)
-    meta = {"backbone": backbone.name, "weights_digest": weights.digest, "preprocessing": prep.as_dict()}
+    digest = weights.digest
+    key = feats.cache_key(backbone.name, digest, prep, manifest, dtype=cfg.dtype)
+    meta = {"backbone": backbone.name, "weights_digest": digest, "preprocessing": prep.as_dict()}
+    shards = feats.shards_dir(layout.features, key)
 
     def compute():
-        return feats.extract(model, manifest, prep, cfg.batch_size, root=layout.root, num_workers=cfg.num_workers)
+        run_shards = extract_shards.with_options(task_runner=task_runner(cfg.runner))
+        run_shards(str(layout.root.resolve()), backbone, digest, manifest, cfg, str(shards))
+        return feats.merge_shards(shards, feats.shard_bounds(len(manifest), cfg.shard_rows, cfg.batch_size))
 
     # Another process (a parallel `dvc exp run`, a second pipeline) may want the same
     # key: get_or_compute lets one of them compute it and the others find it done.
     entry, hit = feats.get_or_compute(layout.features, key, compute, manifest, meta, dtype=cfg.dtype)
+    # The entry is whole now; its shards were only the way there.
+    shutil.rmtree(shards, ignore_errors=True)
     get_run_logger().info("features of %s: cache %s: %s", backbone.name, "hit" if hit else "miss, computed", entry)
-    return {"key": key, "cache_hit": hit, "dim": model.num_features, "weights_digest": weights.digest}
+    return {"key": key, "cache_hit": hit, "dim": model.num_features, "weights_digest": digest}
 
 
 @task(name="features", cache_policy=NO_CACHE)

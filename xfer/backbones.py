@@ -9,6 +9,7 @@ timm model runs with `pretrained: false` or a local `weights:` file.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -152,11 +153,16 @@ def state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+_SEEDED_INIT = threading.Lock()
+
+
 def create_backbone(cfg: BackboneConfig, num_classes: int = 0) -> tuple[nn.Module, Preprocessing, WeightsSource]:
     """Build the backbone with its weights; num_classes=0 gives pooled features."""
     check_model_name(cfg.name)
     source = resolve_weights(cfg)
-    with torch.random.fork_rng(devices=[]):
+    # The seeded initialisation uses torch's global generator: two threads building
+    # at once (shards on the threads runner) would draw from each other's stream.
+    with _SEEDED_INIT, torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
         # Build with the ImageNet classifier first so a full pretrained state_dict loads as is.
         model = timm.create_model(cfg.name, pretrained=False)

@@ -145,12 +145,59 @@ class FusionConfig(_Strict):
         return self
 
 
+RUNNER_KINDS = ("threads", "dask", "ray")
+# What a cluster address looks like for each runner that accepts one.
+RUNNER_ADDRESS_SCHEMES = {"dask": ("tcp://", "tls://", "inproc://"), "ray": ("ray://", "auto")}
+
+
+class RunnerConfig(_Strict):
+    """The Prefect task runner the features stage maps its shards over."""
+
+    kind: Literal["threads", "dask", "ray"] = "threads"
+    # Shards computed side by side: threads in this process, or the worker
+    # processes of the local Dask / Ray cluster started when no address is
+    # given; null = one per CPU core. Each shard computes on one core.
+    workers: int | None = Field(None, ge=1, le=256)
+    # A running cluster instead of a local one: tcp://host:8786 (a Dask scheduler)
+    # or ray://host:10001 (a Ray head; `auto` = the one on this machine).
+    address: str | None = None
+    # A shard whose task fails is run again alone, this many times; a shard on a
+    # lost Dask worker is also rescheduled by Dask itself.
+    retries: int = Field(2, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _address_fits_kind(self) -> "RunnerConfig":
+        if self.address is None:
+            return self
+        schemes = RUNNER_ADDRESS_SCHEMES.get(self.kind)
+        if schemes is None:
+            raise ValueError(f"address {self.address!r} needs kind dask or ray; the {self.kind} runner runs in this process")
+        if not self.address.startswith(schemes):
+            raise ValueError(f"address {self.address!r} is not a {self.kind} address: it should start with {' or '.join(schemes)}")
+        return self
+
+
 class FeaturesConfig(_Strict):
     batch_size: int = Field(128, ge=1, le=4096)
     # float16 halves the cache on disk; either loads memory-mapped.
     dtype: Literal["float32", "float16"] = "float32"
     # DataLoader worker processes decoding images; 0 decodes in the main process.
+    # Threads runner only: on Dask or Ray each worker decodes its own shard.
     num_workers: int = Field(0, ge=0, le=64)
+    # Manifest rows per shard: the unit a runner schedules, writes and retries.
+    shard_rows: int = Field(1024, ge=1, le=10_000_000)
+    runner: RunnerConfig = RunnerConfig()
+
+    @model_validator(mode="after")
+    def _shards_hold_whole_batches(self) -> "FeaturesConfig":
+        # Whole batches make every shard's batches the single pass's batches, so
+        # sharded features are those of one pass, byte for byte, on any backend.
+        if self.shard_rows % self.batch_size:
+            raise ValueError(
+                f"shard_rows {self.shard_rows} is not a multiple of batch_size {self.batch_size}; "
+                f"use e.g. {max(1, round(self.shard_rows / self.batch_size)) * self.batch_size}"
+            )
+        return self
 
 
 ADAPTATION_METHODS = ("source_only", "coral", "mmd", "dann", "cdan", "mcc", "self_training")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from xfer.backbones import Preprocessing
 from xfer.data.images import ImageRows
-from xfer.io import atomic_dir, sha256_json, write_json
+from xfer.io import atomic_dir, save_with, sha256_json, write_json
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
@@ -39,11 +39,15 @@ CURRENT_FILE = "current.json"
 # {fusion member name: key}: the extra backbones of params `fusion.backbones`.
 MEMBERS_FILE = "members.json"
 LOCK_SUFFIX = ".lock"
+# `<key>.shards/`: the shards of an entry being computed, kept across a crash so a
+# rerun computes only the missing ones; removed once the entry is written.
+SHARDS_SUFFIX = ".shards"
 INDEX_COLUMNS = ["path", "label", "domain", "role", "split", "sha256"]
 # What an entry may store; mirrors FeaturesConfig.dtype.
 DTYPES = ("float32", "float16")
 # Bump when extraction changes in a way the key's inputs don't capture.
-EXTRACTOR_VERSION = 1
+# 2: every shard computes with one intra-op thread (`one_intra_op_thread`).
+EXTRACTOR_VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +245,82 @@ def get_or_compute(
         features = compute()
         write_entry(cache_root, key, features, manifest, meta, dtype)
     return entry, False
+
+
+@contextlib.contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """torch computes with a single intra-op thread inside the block.
+
+    CPU kernels split some reductions by thread count, so the same batch gives
+    features that differ in the last bits with 1 thread or 2. Shards run on
+    threads of this process or on single-threaded Dask and Ray workers; with
+    one intra-op thread each, every runner gives the same bytes, and the
+    parallelism comes from running shards side by side.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def shard_bounds(rows: int, shard_rows: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of `shard_rows` rows each (the last may be shorter).
+
+    Shards hold whole batches, so extracting them one by one feeds the backbone
+    exactly the batches of one pass over all rows.
+    """
+    if shard_rows < 1 or shard_rows % batch_size:
+        raise FeatureCacheError(f"shard_rows {shard_rows} must be a positive multiple of batch_size {batch_size}")
+    return [(start, min(start + shard_rows, rows)) for start in range(0, rows, shard_rows)]
+
+
+def shards_dir(cache_root: Path, key: str) -> Path:
+    return Path(cache_root) / f"{key}{SHARDS_SUFFIX}"
+
+
+def shard_path(shards: Path, start: int, stop: int) -> Path:
+    return Path(shards) / f"rows-{start:010d}-{stop:010d}.npy"
+
+
+def write_shard(path: Path, features: np.ndarray, rows: int) -> Path:
+    """Write one shard's float32 features atomically: a shard file is whole or absent."""
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim != 2 or features.shape[0] != rows:
+        raise FeatureCacheError(f"shard {Path(path).name}: features of shape {features.shape} for {rows} rows")
+
+    def save(tmp: Path) -> None:
+        # Through a file object: np.save given a path would append ".npy" to the temporary name.
+        with open(tmp, "wb") as f:
+            np.save(f, features, allow_pickle=False)
+
+    return save_with(path, save)
+
+
+def read_shard(path: Path, rows: int) -> np.ndarray | None:
+    """A finished shard's features, or None if it is missing or not what it should be."""
+    try:
+        features = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if features.ndim != 2 or features.shape[0] != rows or features.dtype != np.float32:
+        return None
+    return features
+
+
+def merge_shards(shards: Path, bounds: list[tuple[int, int]]) -> np.ndarray:
+    """The shards' features in row order, as one (rows, dim) array."""
+    parts = []
+    for start, stop in bounds:
+        part = read_shard(shard_path(shards, start, stop), stop - start)
+        if part is None:
+            raise FeatureCacheError(f"shard {shard_path(shards, start, stop)} is missing or damaged; rerun the features stage")
+        parts.append(part)
+    dims = {p.shape[1] for p in parts}
+    if len(dims) > 1:
+        raise FeatureCacheError(f"shards in {shards} disagree on the feature dimension: {sorted(dims)}")
+    return np.concatenate(parts)
 
 
 def set_current(cache_root: Path, key: str) -> None:

@@ -1,0 +1,96 @@
+"""The Prefect task runner that `features.runner` in params.yaml names.
+
+threads  Prefect's ThreadPoolTaskRunner: `workers` threads in this process.
+dask     prefect-dask's DaskTaskRunner: the Dask scheduler at `address`, or a
+         LocalCluster of `workers` processes with one thread each.
+ray      prefect-ray's RayTaskRunner: the Ray cluster at `address`, or a local
+         Ray instance with `workers` CPUs.
+
+Task runs on a cluster's workers report to the Prefect server this process
+talks to. A local cluster's workers are given its URL; without one each worker
+process would start a temporary server of its own (seconds each). The workers
+of a remote cluster need PREFECT_API_URL in their own environment
+(docs/team-servers.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from xfer.config import RunnerConfig
+
+# The package each runner kind needs, for a clear error when it is not installed.
+RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "prefect-ray")}
+
+
+class RunnerError(ValueError):
+    """features.runner names a runner this environment cannot start."""
+
+
+def check_runner(cfg: RunnerConfig) -> None:
+    """Refuse a runner whose package is missing, before any work."""
+    if cfg.kind in RUNNER_PACKAGES:
+        module, dist = RUNNER_PACKAGES[cfg.kind]
+        if importlib.util.find_spec(module) is None:
+            raise RunnerError(f"features.runner.kind {cfg.kind!r} needs the {dist} package: pip install {dist}")
+
+
+def prefect_api_url() -> str | None:
+    """The URL of the Prefect server this process reports to, temporary or not."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return url
+    # No server configured: Prefect runs a temporary one in this process
+    # (SubprocessASGIServer() is that singleton), which local workers can share.
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    return server.api_url if server.running else None
+
+
+def worker_count(cfg: RunnerConfig) -> int:
+    """Shards side by side: `workers`, or one per CPU core this process may use."""
+    return cfg.workers or len(os.sched_getaffinity(0))
+
+
+def task_runner(cfg: RunnerConfig) -> TaskRunner:
+    check_runner(cfg)
+    workers = worker_count(cfg)
+    if cfg.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    url = prefect_api_url()
+    env = {"PREFECT_API_URL": url} if url else {}
+    if cfg.kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.address:
+            return DaskTaskRunner(address=cfg.address)
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "host": "127.0.0.1",
+                # No dashboard: nothing to look at in a batch job, and no port to collide on.
+                "dashboard_address": None,
+                "env": env,
+            },
+        )
+    from prefect_ray import RayTaskRunner
+
+    if cfg.address:
+        return RayTaskRunner(address=cfg.address)
+    return RayTaskRunner(
+        init_kwargs={
+            "num_cpus": workers,
+            "include_dashboard": False,
+            "_node_ip_address": "127.0.0.1",
+            "runtime_env": {"env_vars": env},
+        }
+    )
