@@ -3,7 +3,8 @@
     python -m flows.pipeline [--root .]
 
 Runs the same stage flows, in the same order, as `dvc repro`, and writes the
-same files. One MLflow pipeline run groups this execution's stage runs.
+same files. One MLflow pipeline run groups this execution's stage runs, in
+the project's store or the one XFER_TRACKING_URI names.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=".")
     args = parser.parse_args(argv)
     if not check_params(args.root):
+        return 2
+    try:
+        tracking.team_tracking_uri()
+    except tracking.TrackingURIError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     result = pipeline(root=args.root)
     print(result["evaluate"])

@@ -3,8 +3,8 @@
     xfer predict <images or folders>... [--model models:/xfer@champion] [--out predictions.csv] [--root .]
 
 The model is any MLflow model URI; by default `models:/<registry.name>@champion`.
-It is read from the MLflow store the stages write, the project's at --root,
-or from --tracking-uri (a team server, say). Folders are searched recursively. The CSV has one row per image:
+It is read from the MLflow store the stages write: --tracking-uri if given,
+else XFER_TRACKING_URI (a team server, say), else the project's at --root. Folders are searched recursively. The CSV has one row per image:
 path, predicted class, its probability, and one probability column per class.
 It is written whole or not at all.
 """
@@ -55,22 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="MLflow model URI (default: models:/<registry.name>@champion)")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     parser.add_argument("--root", default=".", help="project root holding params.yaml and mlflow.db (default: .)")
-    parser.add_argument("--tracking-uri", help="MLflow store holding the model (default: the project's, sqlite:///<root>/mlflow.db)")
+    parser.add_argument("--tracking-uri", help="MLflow store holding the model (default: $XFER_TRACKING_URI if set, else the project's, sqlite:///<root>/mlflow.db)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     layout = Layout(Path(args.root))
+    from tasks.tracking import TrackingURIError, tracking_uri  # imports mlflow: after --help
+
     try:
         if args.batch_size < 1:
             raise PredictorError(f"--batch-size {args.batch_size}: must be at least 1")
         paths = image_files(args.inputs)
         uri = args.model or default_model_uri(layout)
-    except (PredictorError, ConfigError) as err:
+        store = args.tracking_uri or tracking_uri(layout)
+    except (PredictorError, ConfigError, TrackingURIError) as err:
         print(f"xfer predict: {err}", file=sys.stderr)
         return 2
     try:
-        from tasks.tracking import tracking_uri
-
-        model = load_model(uri, args.tracking_uri or tracking_uri(layout))
+        model = load_model(uri, store)
     except Exception as err:  # MLflow raises several types for a missing model or alias
         print(f"xfer predict: cannot load model {uri}: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.pipeline import pipeline
 from flows.stages import check_params
+from tasks.tracking import TrackingURIError, team_tracking_uri
 from xfer.config import load_params
 from xfer.layout import Layout
 
@@ -100,6 +101,7 @@ def retrain(root: str = ".", force: bool = False) -> dict:
     started_ms = int(time.time() * 1000)
     if not check_params(str(layout.root)):
         raise ValueError(f"{layout.params} is invalid (see the error above); nothing was run")
+    team_tracking_uri()  # a bad XFER_TRACKING_URI stops here, before the pull and any stage
     data = pull_data(layout.root)
     logger.info(data)
     if is_dvc_project(layout.root):
@@ -133,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--cron {args.cron!r} is not a valid cron expression (five fields: minute hour day-of-month month day-of-week)")
     if not check_params(root):
+        return 2
+    try:
+        team_tracking_uri()
+    except TrackingURIError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if args.serve:
         retrain.serve(name=args.name, cron=args.cron, parameters={"root": root, "force": args.force})

@@ -20,6 +20,7 @@ from tasks.fetch import fetch
 from tasks.finetune import finetune
 from tasks.head import head
 from tasks.runners import RunnerError, check_runner
+from tasks.tracking import TrackingURIError, team_tracking_uri
 from tasks.split import split
 from xfer.backbones import BackboneError, check_model_name, resolve_weights
 from xfer.config import ConfigError, load_params
@@ -76,7 +77,8 @@ def check_params(root: str) -> bool:
             resolve_weights(backbone)
         check_source(resolve_source(params.data), Path(root))
         check_runner(params.features.runner)
-    except (ConfigError, BackboneError, SourceError, RunnerError) as err:
+        team_tracking_uri()
+    except (ConfigError, BackboneError, SourceError, RunnerError, TrackingURIError) as err:
         print(f"error: {err}", file=sys.stderr)
         return False
     return True

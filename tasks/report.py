@@ -2,8 +2,9 @@
 
 One per evaluate run (so one per pipeline run): metrics per model and domain,
 the registry's promotion decision, and links into the MLflow UI. The links
-point at XFER_MLFLOW_UI (default http://127.0.0.1:5000, where `make ui` and
-`make servers` serve the project's store).
+point at XFER_MLFLOW_UI; unset, at the team server XFER_TRACKING_URI names
+when that is an http(s) URL, else at http://127.0.0.1:5000, where `make ui`
+and `make servers` serve the project's store.
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ import mlflow
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.registry import Promotion
-from tasks.tracking import PARENT_TAG, StageRun
+from tasks.tracking import PARENT_TAG, StageRun, team_tracking_uri
 
 REPORT_KEY = "xfer-evaluation"
 COLUMNS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 
 
 def mlflow_ui() -> str:
-    return os.environ.get("XFER_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+    if (ui := os.environ.get("XFER_MLFLOW_UI")) is not None:
+        return ui.rstrip("/")
+    team = team_tracking_uri()
+    if team and team.startswith(("http://", "https://")):
+        return team.rstrip("/")
+    return "http://127.0.0.1:5000"
 
 
 def run_link(experiment_id: str, run_id: str) -> str:

@@ -1,7 +1,14 @@
 """MLflow: one run per stage execution, grouped under one pipeline run.
 
 The store is a sqlite file in the project root with artifacts beside it, so
-`make ui` and any script see the same runs.
+`make ui` and any script see the same runs. With XFER_TRACKING_URI set (a
+team's `http://mlflow.team:5000`, or a database URI such as
+`postgresql://user@host/db`) every stage, the registry, `xfer predict` and
+retraining use that store instead, and experiments xfer creates there get the
+server's artifact root, not a folder of this machine (docs/team-servers.md).
+MLFLOW_TRACKING_URI is deliberately not read: `mlflow.set_tracking_uri`
+exports it to every child process, so it would leak one project's store into
+another's.
 
 Grouping: `flows.pipeline` creates a fresh pipeline run and hands its id to
 the stages through XFER_PIPELINE_RUN_ID. Under `dvc repro` each stage is its
@@ -18,8 +25,10 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from xfer.config import Params, flatten
@@ -27,23 +36,94 @@ from xfer.io import sha256_file, sha256_json
 from xfer.layout import Layout
 
 PIPELINE_RUN_ENV = "XFER_PIPELINE_RUN_ID"
+TRACKING_URI_ENV = "XFER_TRACKING_URI"
 TAG_KIND = "xfer.kind"
 TAG_PIPELINE_KEY = "xfer.pipeline_key"
 TAG_STAGE = "xfer.stage"
 PARENT_TAG = "mlflow.parentRunId"
 
 
+class TrackingURIError(ValueError):
+    """XFER_TRACKING_URI names no store MLflow can track to; the message says what is wrong."""
+
+
+def redacted(uri: str) -> str:
+    """`uri` with any password replaced by ***, for messages and logs."""
+    try:
+        parts = urlparse(uri)
+        if parts.password is None:
+            return uri
+        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+    except ValueError:
+        return uri
+
+
+def check_tracking_uri(uri: str) -> str:
+    """`uri` if MLflow has a tracking store for its scheme; else TrackingURIError naming it."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from mlflow.utils.uri import get_uri_scheme
+
+    where = f"{TRACKING_URI_ENV}={redacted(uri)!r}"
+    example = "e.g. http://mlflow.team:5000 or postgresql://user@host:5432/mlflow"
+    if "://" not in uri and uri not in ("databricks", "databricks-uc", "uc"):
+        raise TrackingURIError(f"{where} is not a URI (no scheme://); {example}")
+    try:
+        scheme = get_uri_scheme(uri)
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException as err:
+        supported = sorted(s for s in getattr(err, "supported_uri_schemes", []) if s)
+        listed = f"; MLflow tracks to {', '.join(supported)}" if supported else f": {err.message}"
+        raise TrackingURIError(f"{where}: MLflow has no tracking store for the scheme {urlparse(uri).scheme!r}{listed} ({example})") from None
+    if scheme in ("http", "https") and not urlparse(uri).hostname:
+        raise TrackingURIError(f"{where} names no host; {example}")
+    if scheme in ("postgresql", "mysql", "mssql"):
+        check_database_driver(uri, where)
+    return uri
+
+
+def check_database_driver(uri: str, where: str) -> None:
+    """The SQLAlchemy driver a database URI selects must be installed (no store is opened)."""
+    from sqlalchemy.engine.url import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        dialect = make_url(uri).get_dialect()
+    except (ArgumentError, NoSuchModuleError) as err:
+        raise TrackingURIError(f"{where}: {err}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; this project installs psycopg2.
+        hint = " (write postgresql+psycopg2://...)" if dialect.name == "postgresql" else ""
+        raise TrackingURIError(f"{where}: its database driver {dialect.driver!r} is not installed ({err}){hint}") from None
+
+
+def team_tracking_uri() -> str | None:
+    """XFER_TRACKING_URI, checked, or None when it is unset or empty (the project's own store)."""
+    value = os.environ.get(TRACKING_URI_ENV, "").strip()
+    return check_tracking_uri(value) if value else None
+
+
 def tracking_uri(layout: Layout) -> str:
-    return f"sqlite:///{layout.mlflow_db.resolve()}"
+    """The MLflow store every stage writes: XFER_TRACKING_URI if set, else the project's sqlite file."""
+    return team_tracking_uri() or f"sqlite:///{layout.mlflow_db.resolve()}"
 
 
 def use_store(layout: Layout, experiment: str) -> str:
-    """Point MLflow at the project's store; return the experiment id."""
-    mlflow.set_tracking_uri(tracking_uri(layout))
+    """Point MLflow at the store (tracking_uri); return the experiment id, creating the experiment if new.
+
+    In the project's store a new experiment keeps its artifacts in
+    <root>/mlartifacts; in a team store (XFER_TRACKING_URI) it gets the
+    store's default artifact root (a server's --artifacts-destination).
+    """
+    team = team_tracking_uri()
+    mlflow.set_tracking_uri(team or tracking_uri(layout))
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
         return exp.experiment_id
+    if team is not None:
+        return client.create_experiment(experiment)
     layout.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(experiment, artifact_location=layout.mlflow_artifacts.resolve().as_uri())
 
