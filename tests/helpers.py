@@ -60,3 +60,16 @@ def listening_addresses(port: int) -> set[str]:
                 else:
                     found.add("ipv6:" + addr)
     return found
+
+
+def local_and_ci_verdicts(test: str, env: dict[str, str]) -> tuple["subprocess.CompletedProcess", "subprocess.CompletedProcess"]:
+    """Run one test in a fresh pytest twice, as `make test` would and as CI would (CI=true)."""
+    import subprocess
+    import sys
+
+    base = {**os.environ, **env}
+    base.pop("CI", None)
+    command = [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", test]
+    local = subprocess.run(command, cwd=REPO, env=base, capture_output=True, text=True, timeout=120)
+    ci = subprocess.run(command, cwd=REPO, env={**base, "CI": "true"}, capture_output=True, text=True, timeout=120)
+    return local, ci

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from flows import servers
-from helpers import REPO, TINY_PARAMS, free_port, write_params
+from helpers import REPO, TINY_PARAMS, free_port, local_and_ci_verdicts, write_params
 
 CHROMIUM = Path(os.environ.get("XFER_CHROMIUM", "/usr/bin/chromium"))
 # No GPU, no sandbox (root in a container), and nothing that phones home.
@@ -195,11 +195,8 @@ def test_prefect_ui_lists_the_flow_run(browser, ui):
 def test_missing_chromium_skips_locally_and_fails_under_ci(tmp_path):
     """The message `make test` shows without Chromium, and CI's verdict."""
     test = "tests/test_browser.py::test_prefect_ui_lists_the_flow_run"
-    base = {**os.environ, "XFER_CHROMIUM": str(tmp_path / "no-chromium")}
-    base.pop("CI", None)
-    local = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", test], cwd=REPO, env=base, capture_output=True, text=True, timeout=120)
+    local, ci = local_and_ci_verdicts(test, {"XFER_CHROMIUM": str(tmp_path / "no-chromium")})
     assert local.returncode == 0, local.stdout
     assert f"browser tests skipped: {tmp_path / 'no-chromium'} is missing" in local.stdout
-    ci = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=REPO, env={**base, "CI": "true"}, capture_output=True, text=True, timeout=120)
     assert ci.returncode == 1, ci.stdout
     assert "browser tests cannot run" in ci.stdout and "1 error" in ci.stdout

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import TINY_PARAMS, write_params
+from helpers import REPO, TINY_PARAMS, write_params
 from xfer import features as feats
 from xfer.backbones import create_backbone
 from xfer.config import BackboneConfig, ConfigError, parse_params
@@ -253,7 +253,6 @@ def test_dask_workers_report_to_the_stage_processes_own_temporary_server(tmp_pat
     import subprocess
     import sys
 
-    from tests.helpers import REPO
 
     root = _project_with(split_project, tmp_path / "p", _params(shard_rows=64, runner={"kind": "dask", "workers": 2}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI"))}

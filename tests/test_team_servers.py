@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_PARAMS, free_port, listening_addresses, write_params
+from helpers import REPO, TINY_PARAMS, free_port, listening_addresses, local_and_ci_verdicts, write_params
 from test_registry import target_test_folder, xfer_cli
 
 HOST = "127.0.0.1"
@@ -402,11 +402,8 @@ def test_the_pipelines_flow_runs_are_in_the_prefect_servers_postgresql(team_run,
 def test_missing_postgresql_skips_locally_and_fails_under_ci(tmp_path):
     """The message `make test` shows without PostgreSQL, and CI's verdict."""
     test = "tests/test_team_servers.py::test_servers_listen_on_loopback_only"
-    base = {**os.environ, "XFER_POSTGRES_BIN": str(tmp_path / "no-postgres")}
-    base.pop("CI", None)
-    local = subprocess.run([sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", test], cwd=REPO, env=base, capture_output=True, text=True, timeout=120)
+    local, ci = local_and_ci_verdicts(test, {"XFER_POSTGRES_BIN": str(tmp_path / "no-postgres")})
     assert local.returncode == 0, local.stdout
     assert f"PostgreSQL tests skipped: no initdb/pg_ctl in {tmp_path / 'no-postgres'}" in local.stdout
-    ci = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=REPO, env={**base, "CI": "true"}, capture_output=True, text=True, timeout=120)
     assert ci.returncode == 1, ci.stdout
     assert "PostgreSQL tests cannot run" in ci.stdout and "1 error" in ci.stdout
