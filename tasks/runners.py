@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+from urllib.parse import urlsplit
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -30,12 +32,29 @@ class RunnerError(ValueError):
     """features.runner names a runner this environment cannot start."""
 
 
-def check_runner(cfg: RunnerConfig) -> None:
-    """Refuse a runner whose package is missing, before any work."""
+def check_runner(cfg: RunnerConfig, timeout: float = 5.0) -> None:
+    """Refuse a runner whose package is missing or whose cluster does not answer, before any work."""
     if cfg.kind in RUNNER_PACKAGES:
         module, dist = RUNNER_PACKAGES[cfg.kind]
         if importlib.util.find_spec(module) is None:
             raise RunnerError(f"features.runner.kind {cfg.kind!r} needs the {dist} package: pip install {dist}")
+    if cfg.address and "://" in cfg.address:
+        check_reachable(cfg.kind, cfg.address, timeout)
+
+
+def check_reachable(kind: str, address: str, timeout: float) -> None:
+    """A TCP connection to the cluster address opens: otherwise the stage would wait on it, then fail late."""
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise RunnerError(f"features.runner.address {address!r} needs a host and a port, e.g. {'tcp://scheduler:8786' if kind == 'dask' else 'ray://head:10001'}")
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except OSError as err:
+        raise RunnerError(f"features.runner.address {address!r}: no {kind} cluster answers there ({err.strerror or err})") from None
 
 
 def prefect_api_url() -> str | None:

@@ -267,3 +267,15 @@ def test_dask_workers_report_to_the_stage_processes_own_temporary_server(tmp_pat
     assert log.count("Finished in state Completed") >= 3  # the shard tasks ran and reported
     key = json.loads((Layout(root).features / feats.CURRENT_FILE).read_text())["key"]
     _assert_same_bytes(feats.entry_dir(Layout(root).features, key), one_pass)
+
+
+def test_a_cluster_address_nothing_answers_stops_the_stage_before_any_work(tmp_path, capsys):
+    from flows.stages import check_params
+    from helpers import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    write_params(tmp_path, _params(runner={"kind": "dask", "address": address}))
+    assert not check_params(str(tmp_path))
+    err = capsys.readouterr().err
+    assert f"features.runner.address '{address}': no dask cluster answers there" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
