@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tasks.runners import task_runner
+from tasks.runners import shard_runner
 from tasks.tracking import stage_run
 from xfer import features as feats
 from xfer.backbones import Preprocessing, create_backbone
@@ -104,8 +104,8 @@ def cached_features(layout: Layout, backbone: BackboneConfig, cfg: FeaturesConfi
     shards = feats.shards_dir(layout.features, key)
 
     def compute():
-        run_shards = extract_shards.with_options(task_runner=task_runner(cfg.runner))
-        run_shards(str(layout.root.resolve()), backbone, digest, manifest, cfg, str(shards))
+        with shard_runner(cfg.runner) as runner:
+            extract_shards.with_options(task_runner=runner)(str(layout.root.resolve()), backbone, digest, manifest, cfg, str(shards))
         return feats.merge_shards(shards, feats.shard_bounds(len(manifest), cfg.shard_rows, cfg.batch_size))
 
     # Another process (a parallel `dvc exp run`, a second pipeline) may want the same
