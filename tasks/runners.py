@@ -95,7 +95,10 @@ def shard_runner(cfg: RunnerConfig) -> Iterator[TaskRunner]:
     try:
         if cfg.kind == "dask" and not cfg.address:
             import dask
+            import distributed  # noqa: F401  (registers its config defaults; see below)
 
+            # dask.config.set removes on exit every key that did not exist on entry: with
+            # `distributed` not yet imported, that would be all of its defaults.
             os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
             with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
                 yield task_runner(cfg)

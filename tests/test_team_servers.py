@@ -320,7 +320,7 @@ def test_stage_runs_metrics_and_champion_come_back_through_the_mlflow_server(tea
     # The logged model's files, downloaded through the server, are the ones in its --artifacts-destination.
     import mlflow
 
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@champion", tracking_uri=servers["mlflow"], dst_path=str(root.parent / "champion")))
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@champion", tracking_uri=servers["mlflow"], registry_uri=servers["mlflow"], dst_path=str(root.parent / "champion")))
     assert (downloaded / "MLmodel").is_file() and (downloaded / "artifacts" / "bundle").is_dir()
     stored = {p.name for p in servers["artifacts"].rglob("MLmodel")}
     assert stored == {"MLmodel"}, "the model's files must be in the server's artifact folder"
