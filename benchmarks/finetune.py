@@ -60,6 +60,7 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # Longer, with augmentation and a cosine schedule: the best found on the CPU so far.
     "lp_ft+self_training+augment, cosine, last": ({**LONGER, "method": "self_training", "adapt_weight": 3.0}, {}),
     "lp_ft+10_labels+augment, cosine, last": (LONGER, {"target_shots": 10}),
+    "lp_ft+10_labels+augment, cosine, last, 16 epochs": ({**LONGER, "epochs": 16}, {"target_shots": 10}),
 }
 
 

@@ -298,7 +298,7 @@ def test_servers_listen_on_loopback_only(servers, postgres):
 
 
 @pytest.mark.slow
-def test_stage_runs_metrics_and_champion_come_back_through_the_mlflow_server(team_run, client, servers):
+def test_stage_runs_metrics_and_champion_come_back_through_the_mlflow_server(team_run, client, servers, monkeypatch):
     root, evaluated = team_run
     exp = client.get_experiment_by_name(TINY_PARAMS["mlflow"]["experiment"])
     # Created by the pipeline without a folder of this machine: the server's artifact root.
@@ -320,6 +320,9 @@ def test_stage_runs_metrics_and_champion_come_back_through_the_mlflow_server(tea
     # The logged model's files, downloaded through the server, are the ones in its --artifacts-destination.
     import mlflow
 
+    # A models:/ URI is resolved through MLflow's global registry URI, whatever the call names:
+    # an earlier test's set_tracking_uri would point it at another store.
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", servers["mlflow"])
     downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@champion", tracking_uri=servers["mlflow"], registry_uri=servers["mlflow"], dst_path=str(root.parent / "champion")))
     assert (downloaded / "MLmodel").is_file() and (downloaded / "artifacts" / "bundle").is_dir()
     stored = {p.name for p in servers["artifacts"].rglob("MLmodel")}
