@@ -61,6 +61,11 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     "lp_ft+self_training+augment, cosine, last": ({**LONGER, "method": "self_training", "adapt_weight": 3.0}, {}),
     "lp_ft+10_labels+augment, cosine, last": (LONGER, {"target_shots": 10}),
     "lp_ft+10_labels+augment, cosine, last, 16 epochs": ({**LONGER, "epochs": 16}, {"target_shots": 10}),
+    # The ten labels per class repeated 8 times per epoch (otherwise 6% of the rows), and
+    # self-training on the unlabelled rest of the target.
+    "lp_ft+10_labels x8+self_training+augment, cosine, last": (
+        {**LONGER, "labeled_target_repeats": 8, "method": "self_training", "adapt_weight": 3.0}, {"target_shots": 10},
+    ),
 }
 
 

@@ -306,3 +306,19 @@ def test_selection_last_keeps_the_final_epoch_even_when_source_val_preferred_an_
     best = max(range(len(history)), key=lambda e: history[e]["val_accuracy"])
     assert best != 3  # this run's source val peaks early, so the two rules keep different epochs
     assert all(torch.equal(final[k], seen[best][k]) for k in final)
+
+
+def test_labelled_target_rows_are_repeated_in_each_epochs_training_set():
+    from xfer.finetune_job import training_set
+
+    source, target = toy_data(10, 0), toy_data(3, 1)
+    train = training_set(source, target, repeats=4)
+    assert len(train) == 10 + 3 * 4
+    rows = [train[i][0] for i in range(len(train))]
+    for j in range(3):
+        assert sum(torch.equal(r, target[j][0]) for r in rows) == 4
+    assert sum(torch.equal(r, source[0][0]) for r in rows) == 1
+    # No labelled target budget: the source rows alone, whatever the repeats.
+    assert training_set(source, toy_data(0, 1), repeats=4) is source
+    with pytest.raises(ConfigError, match="labeled_target_repeats"):
+        parse_params({"finetune": {"labeled_target_repeats": 0}}, "test")

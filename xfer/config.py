@@ -308,6 +308,9 @@ class FinetuneConfig(_Strict):
     channels_last: bool = False
     # torch.compile the network for training steps (first steps slower while it compiles).
     compile: bool = False
+    # Each labelled target row (the split's target budget) is seen this many times per
+    # epoch: a few labels per class would otherwise be a few percent of the batches.
+    labeled_target_repeats: int = Field(1, ge=1, le=1000)
     # Cap on optimiser steps per epoch; null means the whole source train split.
     max_steps_per_epoch: int | None = Field(None, ge=1)
     # The linear probe that starts the classifier (LP-FT), trained on cached source features.

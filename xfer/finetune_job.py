@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import ConcatDataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from xfer import features as feats
 from xfer.backbones import create_backbone
@@ -76,10 +76,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         part = rows(manifest, role, split)
         return ImageRows(part.path.tolist(), part.label.tolist(), prep, layout.root, augment=augment if train else None)
 
-    # The labelled target budget (if any) trains with the source rows.
-    train = data("source", "train", train=True)
-    if len(rows(manifest, "target", "train")):
-        train = ConcatDataset([train, data("target", "train", train=True)])
+    train = training_set(data("source", "train", train=True), data("target", "train", train=True), cfg.labeled_target_repeats)
     adapting = cfg.method != "source_only"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -125,6 +122,13 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         save_classifier(layout.finetune_dir, model, spec)
         write_json(layout.metrics("finetune"), summary)
     return FinetuneResult(model, spec, summary, history)
+
+
+def training_set(source: Dataset, labeled_target: Dataset, repeats: int) -> Dataset:
+    """The source rows and the labelled target budget (if any), each target row `repeats` times."""
+    if len(labeled_target) == 0:
+        return source
+    return ConcatDataset([source] + [labeled_target] * repeats)
 
 
 def local_device(requested: str) -> torch.device:
