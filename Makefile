@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml requirements.lock
 
 ## run: the whole pipeline on params.yaml with DVC (only stale stages run)
 run: $(STAMP)
-	$(BIN)/python -m xfer.config params.yaml
+	$(BIN)/python -m flows.stages --check
 	$(BIN)/python -m flows.serve $(BIN)/dvc repro
 	@echo; $(BIN)/xfer summary
 

@@ -16,7 +16,6 @@ method under the experiment `xfer-benchmarks` in the project's store.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

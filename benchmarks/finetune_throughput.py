@@ -34,6 +34,13 @@ from xfer.config import BackboneConfig, FinetuneConfig  # noqa: E402
 from xfer.finetune import Classifier, finetune, freeze_batchnorm, select_device  # noqa: E402
 from xfer.io import write_json, write_text  # noqa: E402
 
+# The training loop as it was measured: plain supervised steps on source images (no
+# target batches, no augmentation), whatever the pipeline's default recipe is now.
+LOOP_BASE = {
+    "method": "source_only", "schedule": "constant", "warmup_epochs": 0.0, "lr": 1e-4, "selection": "source_val",
+    "augment": {"crop_scale": None, "rotation_deg": 0.0},
+}  # fmt: skip
+
 
 def step_throughput(model: Classifier, size: int, batch: int, device: torch.device, bf16: bool, steps: int) -> float:
     model.train().to(device)
@@ -92,16 +99,16 @@ def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], ep
             part = rows(manifest, role, split)
             return ImageRows(part.path.tolist(), part.label.tolist(), prep, root)
 
-        probe, _ = train_head(HeadConfig(), HeadData(select("source", "train"), select("source", "val")), 10, seed=0)
+        probe, _ = train_head(HeadConfig(method="source_only"), HeadData(select("source", "train"), select("source", "val")), 10, seed=0)
         for amp in amp_modes:
             body, _, _ = create_backbone(BackboneConfig(name=backbone, image_size=64))
             head = copy.deepcopy(probe)
-            cfg = FinetuneConfig(epochs=epochs, amp=amp)
+            cfg = FinetuneConfig(**LOOP_BASE, epochs=epochs, amp=amp)
             start = time.perf_counter()
             _, history = finetune(Classifier(body, head), data("source", "train"), data("source", "val"), cfg, device, seed=0, monitor={"target_val": data("target", "val")}, progress=False)
             took = time.perf_counter() - start
             label = "bf16 autocast" if amp and device.type == "cuda" else "fp32"
-            print(f"\nprobe then fine-tune on {device.type}, {label}, default finetune params, {epochs} epochs: {took:.1f} s")
+            print(f"\nprobe then fine-tune on {device.type}, {label}, LOOP_BASE finetune params, {epochs} epochs: {took:.1f} s")
             for epoch, r in enumerate(history):
                 loss = f"  train loss {r['train_loss']:.3f}" if "train_loss" in r else "  (the probe)"
                 print(f"  epoch {epoch}: source val {r['val_accuracy']:.3f}  target val {r['target_val_accuracy']:.3f}{loss}")
@@ -124,7 +131,7 @@ def pipeline_throughput(backbone: str, size: int, batch: int, device: torch.devi
         part = rows(manifest, "source", "train")
         train = ImageRows(part.path.tolist(), part.label.tolist(), prep, root)
         stamps = {}
-        cfg = FinetuneConfig(epochs=2, batch_size=batch, max_steps_per_epoch=steps, num_workers=workers, amp=amp, freeze_bn=True)
+        cfg = FinetuneConfig(**LOOP_BASE, epochs=2, batch_size=batch, max_steps_per_epoch=steps, num_workers=workers, amp=amp, freeze_bn=True)
         # One validation row: what is timed between the epoch callbacks is the training loop.
         finetune(Classifier(body, torch.nn.Linear(body.num_features, 10)), train, Subset(train, [0]), cfg, device, seed=0, progress=False,
                  on_epoch=lambda epoch, _: stamps.__setitem__(epoch, time.perf_counter()))

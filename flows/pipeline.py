@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import STAGE_FLOWS, STAGES, check_params
+from flows.stages import STAGE_FLOWS, STAGE_NAMES, check_params
 from tasks import tracking
 from xfer.config import load_params
 from xfer.layout import Layout
@@ -32,7 +32,7 @@ def pipeline(root: str = ".") -> dict:
     previous = os.environ.get(tracking.PIPELINE_RUN_ENV)
     os.environ[tracking.PIPELINE_RUN_ENV] = run_id
     try:
-        results = {stage: STAGE_FLOWS[stage](root=root) for stage in STAGES}
+        results = {stage: STAGE_FLOWS[stage](root=root) for stage in STAGE_NAMES}
     finally:
         if previous is None:
             os.environ.pop(tracking.PIPELINE_RUN_ENV, None)

@@ -1,47 +1,44 @@
 """One Prefect flow per DVC stage: what `dvc.yaml` runs.
 
-    python -m flows.stages <stage> [--params params.yaml] [--root .]
+    python -m flows.stages <stage> [--root .]
+    python -m flows.stages --check [--root .]    check params.yaml for every stage, run nothing
 
-params.yaml is validated before the flow starts, so a bad value fails in
-well under a second, before any output is touched.
+A stage process imports its own task module (named in xfer/contract.py) and
+nothing of the other stages', so it starts fast and depends, for DVC, on the
+files it really loads. params.yaml is validated before the flow starts, with
+the checks the contract names for that stage, so a bad value fails in well
+under a second, before any output is touched; `--check` (run first by `make
+run` and by the pipeline flow) applies every stage's checks, so a typo in a
+later stage's params stops the first one.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from prefect import flow
 
-from tasks.evaluate import evaluate
-from tasks.features import features
-from tasks.fetch import fetch
-from tasks.finetune import finetune
-from tasks.head import head
-from tasks.runners import RunnerError, check_runner
-from tasks.tracking import TrackingURIError, team_tracking_uri
-from tasks.split import split
-from xfer.backbones import BackboneError, check_model_name, resolve_weights
-from xfer.config import ConfigError, load_params
-from xfer.data.sources import SourceError, check_source, resolve_source
+from tasks.tracking import team_tracking_uri
+from xfer.config import load_params
+from xfer.contract import STAGE_NAMES, STAGES
 from xfer.layout import Layout
 
-STAGE_TASKS = {
-    "fetch": fetch,
-    "split": split,
-    "features": features,
-    "head": head,
-    "finetune": finetune,
-    "evaluate": evaluate,
-}
-STAGES = tuple(STAGE_TASKS)
+STAGE_NAMES = STAGE_NAMES  # re-exported: the order every runner follows
+
+
+def resolve(target: str):
+    """The object a contract string "module:name" names, imported now."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _run_stage(stage: str, root: str) -> dict:
     layout = Layout(Path(root))
     params = load_params(layout.params)
-    return STAGE_TASKS[stage](layout, params)
+    return resolve(STAGES[stage].task)(layout, params)
 
 
 def _stage_flow(stage: str):
@@ -49,11 +46,11 @@ def _stage_flow(stage: str):
     def stage_flow(root: str = ".") -> dict:
         return _run_stage(stage, root)
 
-    stage_flow.__doc__ = f"The {stage} stage: tasks/{stage}.py on the project at `root`."
+    stage_flow.__doc__ = f"The {stage} stage: {STAGES[stage].task} on the project at `root`."
     return stage_flow
 
 
-STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGES}
+STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGE_NAMES}
 # Importable names, for `prefect deploy flows/stages.py:<stage>_flow`.
 fetch_flow = STAGE_FLOWS["fetch"]
 split_flow = STAGE_FLOWS["split"]
@@ -63,22 +60,20 @@ finetune_flow = STAGE_FLOWS["finetune"]
 evaluate_flow = STAGE_FLOWS["evaluate"]
 
 
-def check_params(root: str) -> bool:
-    """Validate params.yaml before any flow starts; print the problem and return False if invalid.
+def check_params(root: str, stages: tuple[str, ...] = STAGE_NAMES) -> bool:
+    """Validate params.yaml for `stages` (default: all); print the problem and return False if invalid.
 
-    Beyond the schema, the backbone name, the weights file and a local dataset
-    path are checked here, so a typo stops the first stage, not a later one
-    after fetch and split.
+    Beyond the schema, each stage's checks from the contract run (the backbone
+    name and weights file, a local dataset path, the feature runner), and the
+    tracking store XFER_TRACKING_URI names.
     """
     try:
         params = load_params(Layout(Path(root)).params)
-        for backbone in (params.backbone, *params.fusion.backbones):
-            check_model_name(backbone.name)
-            resolve_weights(backbone)
-        check_source(resolve_source(params.data), Path(root))
-        check_runner(params.features.runner)
+        checks = dict.fromkeys(check for stage in stages for check in STAGES[stage].checks)
+        for check in checks:
+            resolve(check)(params, Path(root))
         team_tracking_uri()
-    except (ConfigError, BackboneError, SourceError, RunnerError, TrackingURIError) as err:
+    except ValueError as err:  # ConfigError and every check's error name the bad value
         print(f"error: {err}", file=sys.stderr)
         return False
     return True
@@ -86,10 +81,18 @@ def check_params(root: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("stage", nargs="?", choices=STAGE_NAMES)
+    parser.add_argument("--check", action="store_true", help="check params.yaml for every stage and exit")
     parser.add_argument("--root", default=".", help="project root holding params.yaml and data/ (default: .)")
     args = parser.parse_args(argv)
-    if not check_params(args.root):
+    if args.check == bool(args.stage):
+        parser.error("give one stage, or --check")
+    if args.check:
+        if not check_params(args.root):
+            return 2
+        print(f"{Layout(Path(args.root)).params}: valid for every stage")
+        return 0
+    if not check_params(args.root, (args.stage,)):
         return 2
     result = STAGE_FLOWS[args.stage](root=args.root)
     print(result)

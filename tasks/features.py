@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from tasks.runners import shard_runner
 from tasks.tracking import stage_run
 from xfer import features as feats
-from xfer.backbones import Preprocessing, create_backbone
+from xfer.backbones import create_backbone
+from xfer.data.images import Preprocessing
 from xfer.config import BackboneConfig, FeaturesConfig, Params, member_name
 from xfer.data.split import read_manifest
 from xfer.layout import Layout
@@ -119,7 +120,7 @@ def cached_features(layout: Layout, backbone: BackboneConfig, cfg: FeaturesConfi
 
 @task(name="features", cache_policy=NO_CACHE)
 def features(layout: Layout, params: Params) -> dict:
-    with stage_run("features", layout, params, ["backbone", "features", "fusion"]) as run:
+    with stage_run("features", layout, params) as run:
         with run.work():
             manifest = read_manifest(layout.manifest)
             main = cached_features(layout, params.backbone, params.features, manifest)

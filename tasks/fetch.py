@@ -29,7 +29,7 @@ def network_failed(task, task_run, state) -> bool:
 @task(name="fetch", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[5, 30, 120], retry_condition_fn=network_failed)
 def fetch(layout: Layout, params: Params) -> dict:
     name = resolve_source(params.data).name
-    with stage_run("fetch", layout, params, ["data"]) as run:
+    with stage_run("fetch", layout, params) as run:
         with run.work():
             summary = fetch_dataset(params.data, layout.raw, layout.downloads, root=layout.root)
         run.set_tags({"data_digest": raw_digest(layout, name), "dataset": name})

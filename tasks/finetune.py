@@ -50,7 +50,7 @@ def log_model(model: Classifier, spec: ClassifierSpec) -> None:
 def finetune(layout: Layout, params: Params) -> dict:
     logger = get_run_logger()
     cfg = params.finetune
-    with stage_run("finetune", layout, params, ["seed", "backbone", "finetune"]) as run:
+    with stage_run("finetune", layout, params) as run:
         with run.work():
             logger.info("fine-tuning (%s, %s) on %s x %d", cfg.strategy, cfg.method, select_device(cfg.device), cfg.devices)
             if cfg.devices == 1:

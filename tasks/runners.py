@@ -34,6 +34,11 @@ class RunnerError(ValueError):
     """features.runner names a runner this environment cannot start."""
 
 
+def check_params(params, root) -> None:
+    """The runner `features.runner` names can start here (its package, its cluster)."""
+    check_runner(params.features.runner)
+
+
 def check_runner(cfg: RunnerConfig, timeout: float = 5.0) -> None:
     """Refuse a runner whose package is missing or whose cluster does not answer, before any work."""
     if cfg.kind in RUNNER_PACKAGES:

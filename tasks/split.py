@@ -15,7 +15,7 @@ from xfer.layout import Layout
 
 @task(name="split", cache_policy=NO_CACHE)
 def split(layout: Layout, params: Params) -> dict:
-    with stage_run("split", layout, params, ["seed", "data"]) as run:
+    with stage_run("split", layout, params) as run:
         with run.work():
             dataset_dir = layout.raw / resolve_source(params.data).name
             manifest, report = build_manifest(dataset_dir, params.data, params.seed, root=layout.root)

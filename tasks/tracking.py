@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from xfer.config import Params, flatten
+from xfer.contract import stage_params
 from xfer.io import sha256_file, sha256_json
 from xfer.layout import Layout
 
@@ -233,15 +234,16 @@ def loggable_params(section: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, layout: Layout, params: Params, sections: list[str]) -> Iterator[StageRun]:
-    """An MLflow run for `stage`, nested under the pipeline run, with its params logged."""
+def stage_run(stage: str, layout: Layout, params: Params) -> Iterator[StageRun]:
+    """An MLflow run for `stage`, nested under the pipeline run, with the params the
+    stage reads (xfer/contract.py: the same keys as its dvc.yaml `params`) logged."""
     entered = time.perf_counter()
     experiment_id = use_store(layout, params.mlflow.experiment)
     git = git_state(layout.root)
     parent = resolve_pipeline_run(layout, params, experiment_id, git)
     tags = {TAG_KIND: "stage", TAG_STAGE: stage, PARENT_TAG: parent, **git}
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
-        mlflow.log_params(loggable_params(params.section(*sections)))
+        mlflow.log_params(loggable_params(stage_params(params, stage)))
         handle = StageRun(run)
         yield handle
         # Read after the work: the split stage's own manifest, not the one it replaced.

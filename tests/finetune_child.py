@@ -13,12 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from finetune_toys import NoisyData, tiny_classifier, toy_data  # noqa: E402
-from xfer.config import FinetuneConfig  # noqa: E402
+from finetune_toys import NoisyData, loop_config, tiny_classifier, toy_data  # noqa: E402
 from xfer.finetune import finetune  # noqa: E402
 from xfer.io import save_torch  # noqa: E402
 
-CFG = FinetuneConfig(
+CFG = loop_config(
     epochs=4, batch_size=16, lr=3e-3, device="cpu", deterministic=True,
     schedule="cosine", warmup_epochs=0.5, ema_decay=0.9, label_smoothing=0.1,
     method="dann",  # a discriminator, its dropout and a second (target) batch stream to restore too

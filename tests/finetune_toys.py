@@ -8,9 +8,19 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from xfer.backbones import create_backbone
-from xfer.config import BackboneConfig, HeadConfig
+from xfer.config import BackboneConfig, FinetuneConfig, HeadConfig
 from xfer.finetune import Classifier
 from xfer.heads import build_head
+
+
+# The plain supervised loop these tests were written against: no adaptation, a constant
+# learning rate, the best source-val epoch kept. The pipeline's defaults are a recipe
+# (self-training, cosine, last epoch) that the loop's own tests must not depend on.
+PLAIN_LOOP = {"method": "source_only", "adapt_weight": 1.0, "schedule": "constant", "warmup_epochs": 0.0, "selection": "source_val"}
+
+
+def loop_config(**overrides) -> FinetuneConfig:
+    return FinetuneConfig(**{**PLAIN_LOOP, **overrides})
 
 
 def toy_data(n: int, seed: int) -> TensorDataset:

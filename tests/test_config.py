@@ -16,6 +16,17 @@ def test_repo_params_yaml_is_valid_and_names_every_knob():
     assert params.backbone.name == "tf_efficientnet_lite0"
 
 
+def test_config_defaults_are_params_yaml(tmp_path):
+    """One source of defaults: a params file holding only the required keys (there are
+    none) gives exactly the repo's params.yaml, key for key, so the Python API, a trimmed
+    params.yaml and `make run` all run the recipe the README describes."""
+    (tmp_path / "params.yaml").write_text("# every key left to its default\n")
+    trimmed = flatten(load_params(tmp_path / "params.yaml").model_dump(mode="json"))
+    written = flatten(load_params(REPO / "params.yaml").model_dump(mode="json"))
+    differing = {k: (trimmed[k], written[k]) for k in written if trimmed[k] != written[k]}
+    assert not differing, f"config defaults (first) differ from params.yaml (second): {differing}"
+
+
 def test_unknown_key_names_path_and_allowed_keys():
     with pytest.raises(ConfigError) as err:
         parse_params({"head": {"lrr": 0.1}}, "params.yaml")

@@ -5,9 +5,7 @@ earlier good copy as it was.
 """
 
 import json
-import tarfile
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +13,7 @@ from datasets import add_tar_member, image_folder, tar_folder, zip_folder
 from http_server import serve_directory
 from xfer.config import parse_params
 from xfer.data.archives import UnsafeArchiveError
-from xfer.data.download import ChecksumError, DownloadError
+from xfer.data.download import ChecksumError
 from xfer.data.fetch import fetch_dataset
 from xfer.data.validate import read_catalog
 from xfer.io import sha256_file

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_toys import tiny_classifier, toy_data
+from finetune_toys import loop_config, tiny_classifier, toy_data
 from xfer.checkpoints import CHECKPOINT_FILE
-from xfer.config import ConfigError, FinetuneConfig, HeadConfig, parse_params
+from xfer.config import ConfigError, HeadConfig, parse_params
 from xfer.finetune import ClassifierSpec, finetune, load_classifier, lr_factor, predict_logits, save_classifier, select_device
 from xfer.strategies import backbone_groups, param_groups
 
@@ -18,7 +18,7 @@ from xfer.strategies import backbone_groups, param_groups
 def test_finetune_starts_from_the_probe_and_learns():
     model, _ = tiny_classifier()
     probe_weight = model.head.classifier.weight.detach().clone()
-    cfg = FinetuneConfig(epochs=3, batch_size=16, lr=3e-3, device="cpu")
+    cfg = loop_config(epochs=3, batch_size=16, lr=3e-3, device="cpu")
     epochs = []
     trained, history = finetune(model, toy_data(128, 0), toy_data(64, 1), cfg, torch.device("cpu"), seed=0, monitor={"target_val": toy_data(32, 2)}, on_epoch=lambda e, r: epochs.append(e), progress=False)
     assert epochs == [0, 1, 2, 3] and "train_loss" not in history[0]
@@ -43,7 +43,7 @@ class CountingDataset(torch.utils.data.Dataset):
 def test_step_cap_limits_each_epoch():
     model, _ = tiny_classifier()
     train = CountingDataset(toy_data(64, 0))
-    cfg = FinetuneConfig(epochs=2, batch_size=8, max_steps_per_epoch=1, lr=1e-2, device="cpu")
+    cfg = loop_config(epochs=2, batch_size=8, max_steps_per_epoch=1, lr=1e-2, device="cpu")
     _, history = finetune(model, train, toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False)
     assert len(history) == 3
     # One batch of 8 per epoch, not the 8 batches the split holds.
@@ -83,7 +83,7 @@ def test_freeze_bn_keeps_pretrained_running_statistics(freeze_bn):
             torch.equal(state["backbone.conv_stem.weight"], start["backbone.conv_stem.weight"]),
         )
 
-    cfg = FinetuneConfig(epochs=1, batch_size=16, max_steps_per_epoch=2, freeze_bn=freeze_bn, device="cpu")
+    cfg = loop_config(epochs=1, batch_size=16, max_steps_per_epoch=2, freeze_bn=freeze_bn, device="cpu")
     finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, on_epoch=after_epoch, progress=False)
     stats_unchanged, weights_unchanged = seen[1]
     assert stats_unchanged == freeze_bn
@@ -112,7 +112,7 @@ def test_partial_leaves_exactly_the_first_k_block_groups_unchanged():
     buffers = {k: v.clone() for k, v in model.backbone.state_dict().items() if "running" in k}
     seen, record = snapshots(model)
     # freeze_bn off: the unfrozen groups' BatchNorms learn statistics, the frozen ones must not.
-    cfg = FinetuneConfig(strategy="partial", frozen_blocks=2, epochs=2, batch_size=16, lr=1e-2, freeze_bn=False, device="cpu")
+    cfg = loop_config(strategy="partial", frozen_blocks=2, epochs=2, batch_size=16, lr=1e-2, freeze_bn=False, device="cpu")
     finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, on_epoch=record, progress=False)
     frozen = [n for g in groups[:2] for n in g]
     trainable = [n for g in groups[2:] for n in g] + [n for n in start if n.startswith("head.")]
@@ -129,7 +129,7 @@ def test_head_only_and_gradual_unfreeze_top_down():
     groups = [[f"backbone.{n}" for n in g] for g in backbone_groups(model.backbone)]
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
     seen, record = snapshots(model)
-    cfg = FinetuneConfig(strategy="gradual", unfreeze_every=1, epochs=3, batch_size=16, lr=1e-2, device="cpu")
+    cfg = loop_config(strategy="gradual", unfreeze_every=1, epochs=3, batch_size=16, lr=1e-2, device="cpu")
     finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, on_epoch=record, progress=False)
     backbone = [n for g in groups for n in g]
     assert changed(start, seen[1], backbone) == set()  # epoch 1: head only
@@ -151,27 +151,27 @@ def test_strategy_params_are_checked():
         parse_params({"finetune": {"frozen_blocks": 2}})
     model, _ = tiny_classifier()
     n = len(backbone_groups(model.backbone))
-    cfg = FinetuneConfig(strategy="partial", frozen_blocks=n, epochs=1, device="cpu")
+    cfg = loop_config(strategy="partial", frozen_blocks=n, epochs=1, device="cpu")
     with pytest.raises(ValueError, match=f"has {n} block groups; freeze at most {n - 1}"):
         finetune(model, toy_data(16, 0), toy_data(8, 1), cfg, torch.device("cpu"), seed=0, progress=False)
 
 
 def test_layer_decay_and_the_schedule():
     model, _ = tiny_classifier()
-    groups = param_groups(model, FinetuneConfig(lr=1.0, layer_decay=0.5, head_lr_scale=10))
+    groups = param_groups(model, loop_config(lr=1.0, layer_decay=0.5, head_lr_scale=10))
     n = len(groups) - 1
     assert [g["lr"] for g in groups] == [0.5 ** (n - i) for i in range(n)] + [10.0]
-    factor = lr_factor(FinetuneConfig(epochs=2, schedule="cosine", warmup_epochs=0.5), steps_per_epoch=10)
+    factor = lr_factor(loop_config(epochs=2, schedule="cosine", warmup_epochs=0.5), steps_per_epoch=10)
     assert [factor(s) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert factor(5 + 15 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 15)))
     assert factor(19) < 0.02
-    assert lr_factor(FinetuneConfig(epochs=2), 10)(13) == 1.0
+    assert lr_factor(loop_config(epochs=2), 10)(13) == 1.0
 
 
 def test_ema_weights_are_what_is_evaluated_and_kept():
     model, _ = tiny_classifier()
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    cfg = FinetuneConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, lr=5e-2, ema_decay=0.75, device="cpu")
+    cfg = loop_config(epochs=1, batch_size=16, max_steps_per_epoch=1, lr=5e-2, ema_decay=0.75, device="cpu")
     raw = {}
     trained, history = finetune(model, toy_data(64, 0), toy_data(64, 1), cfg, torch.device("cpu"), seed=0, progress=False,
                                 on_epoch=lambda e, r: raw.update({k: v.detach().clone() for k, v in model.state_dict().items()}))
@@ -201,7 +201,7 @@ def test_weight_ema_averages_and_applies_temporarily():
 
 def test_early_stopping_stops_after_patience_epochs_without_progress():
     model, _ = tiny_classifier()
-    cfg = FinetuneConfig(epochs=6, batch_size=16, lr=1e-9, patience=2, device="cpu")
+    cfg = loop_config(epochs=6, batch_size=16, lr=1e-9, patience=2, device="cpu")
     _, history = finetune(model, toy_data(32, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False)
     # A learning rate too small to move the val accuracy: epochs 1 and 2 bring nothing, then it stops.
     assert len(history) == 3
@@ -236,7 +236,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
 
 def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     model, _ = tiny_classifier()
-    cfg = FinetuneConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, device="cpu")
+    cfg = loop_config(epochs=1, batch_size=16, max_steps_per_epoch=1, device="cpu")
     from xfer.checkpoints import save_checkpoint
 
     save_checkpoint(tmp_path, {"key": "other run", "epoch": 1})
@@ -248,7 +248,7 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
 def test_adaptation_while_fine_tuning_trains_on_unlabelled_target_batches(method):
     model, _ = tiny_classifier()
     target, plain = CountingDataset(toy_data(48, 5)), CountingDataset(toy_data(48, 5))
-    cfg = FinetuneConfig(epochs=2, batch_size=16, lr=3e-3, device="cpu", method=method, pseudo_threshold=0.5)
+    cfg = loop_config(epochs=2, batch_size=16, lr=3e-3, device="cpu", method=method, pseudo_threshold=0.5)
     seen = {}
     start_head = model.head.classifier.weight.detach().clone()
 
@@ -267,14 +267,14 @@ def test_adaptation_while_fine_tuning_trains_on_unlabelled_target_batches(method
 def test_adaptation_needs_target_images_and_a_trainable_backbone():
     model, _ = tiny_classifier()
     with pytest.raises(ValueError, match="needs unlabelled target images"):
-        finetune(model, toy_data(16, 0), toy_data(8, 1), FinetuneConfig(epochs=1, method="mcc", device="cpu"), torch.device("cpu"), seed=0, progress=False)
+        finetune(model, toy_data(16, 0), toy_data(8, 1), loop_config(epochs=1, method="mcc", device="cpu"), torch.device("cpu"), seed=0, progress=False)
     with pytest.raises(ConfigError, match="which strategy 'head_only' freezes"):
         parse_params({"finetune": {"strategy": "head_only", "method": "coral"}})
 
 
 def test_loader_workers_compile_and_channels_last_train_the_same_weights():
     """Decoding in worker processes changes nothing; compiled or channels_last training matches eager to float noise."""
-    cfg = FinetuneConfig(epochs=1, batch_size=16, max_steps_per_epoch=3, lr=1e-2, device="cpu")
+    cfg = loop_config(epochs=1, batch_size=16, max_steps_per_epoch=3, lr=1e-2, device="cpu")
     results = {}
     for name, update in {"eager": {}, "workers": {"num_workers": 2}, "compiled": {"compile": True}, "channels_last": {"channels_last": True}}.items():
         model, _ = tiny_classifier()
@@ -296,7 +296,7 @@ def test_selection_last_keeps_the_final_epoch_even_when_source_val_preferred_an_
     for selection in ("source_val", "last"):
         model, _ = tiny_classifier()
         seen, record = snapshots(model)
-        cfg = FinetuneConfig(epochs=3, batch_size=16, lr=5e-2, device="cpu", selection=selection)
+        cfg = loop_config(epochs=3, batch_size=16, lr=5e-2, device="cpu", selection=selection)
         trained, history = finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, on_epoch=record)
         final = dict(trained.named_parameters())
         results[selection] = (history, seen, final)

@@ -6,6 +6,11 @@ from xfer.config import ConfigError, HeadConfig, parse_params
 from xfer.heads import HeadData, HeadNet, best_epoch, build_head, class_weights, load_head, predict_proba, save_head, train_head
 
 
+def head_config(**overrides) -> HeadConfig:
+    """The plain supervised head these tests were written against (the default method adapts)."""
+    return HeadConfig(**{"method": "source_only", "adapt_weight": 1.0, **overrides})
+
+
 def blobs(n, seed, shift=0.0, sizes=None):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, n) if sizes is None else np.repeat(np.arange(len(sizes)), sizes)
@@ -21,7 +26,7 @@ def accuracy(head, data, domain="target"):
 def test_linear_head_learns_separable_classes_and_reports_every_epoch():
     seen = []
     data = HeadData(blobs(300, 0), blobs(90, 1), target_val=blobs(90, 2, shift=0.5))
-    head, history = train_head(HeadConfig(epochs=15, lr=0.05), data, 3, seed=0, on_epoch=lambda e, r: seen.append(e))
+    head, history = train_head(head_config(epochs=15, lr=0.05), data, 3, seed=0, on_epoch=lambda e, r: seen.append(e))
     assert seen == list(range(1, 16)) and len(history) == 15
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert accuracy(head, blobs(200, 3)) > 0.95 and "target_val_accuracy" in history[0]
@@ -31,7 +36,7 @@ def test_best_epoch_by_the_selection_rule_is_kept():
     # Target val is shifted: the two rules disagree on some epochs.
     data = HeadData(blobs(200, 0), blobs(60, 1), target_val=blobs(60, 2, shift=1.2))
     for selection, val in (("source_val", blobs(60, 1)), ("target_val", blobs(60, 2, shift=1.2))):
-        cfg = HeadConfig(epochs=6, lr=0.05, selection=selection)
+        cfg = head_config(epochs=6, lr=0.05, selection=selection)
         head, history = train_head(cfg, data, 3, seed=0)
         kept = accuracy(head, val)
         assert np.isclose(kept, max(r[f"{selection}_accuracy"] for r in history))
@@ -41,7 +46,7 @@ def test_best_epoch_by_the_selection_rule_is_kept():
 
 def test_early_stopping_ends_after_patience_epochs_without_progress():
     data = HeadData(blobs(200, 0), blobs(60, 1))
-    _, history = train_head(HeadConfig(epochs=200, lr=0.05, patience=3), data, 3, seed=0)
+    _, history = train_head(head_config(epochs=200, lr=0.05, patience=3), data, 3, seed=0)
     scores = [r["source_val_accuracy"] for r in history]
     best = len(scores) - scores[::-1].index(max(scores))
     assert len(history) < 200 and len(history) == best + 3
@@ -60,7 +65,7 @@ def test_class_balanced_loss_weights_rare_classes_and_recovers_their_recall():
     data = HeadData((x, y), (x, y))
     recall = {}
     for balanced in (False, True):
-        head, _ = train_head(HeadConfig(epochs=30, lr=0.02, class_balanced=balanced), data, 3, seed=0)
+        head, _ = train_head(head_config(epochs=30, lr=0.02, class_balanced=balanced), data, 3, seed=0)
         pred = predict_proba(head, tx, "source").argmax(1)
         recall[balanced] = (pred[ty == 2] == 2).mean()
     assert recall[True] > recall[False] + 0.2, recall
@@ -70,16 +75,16 @@ def test_label_smoothing_keeps_predictions_less_certain():
     data = HeadData(blobs(200, 0), blobs(60, 1))
     top = {}
     for smoothing in (0.0, 0.3):
-        head, _ = train_head(HeadConfig(epochs=30, lr=0.05, label_smoothing=smoothing), data, 3, seed=0)
+        head, _ = train_head(head_config(epochs=30, lr=0.05, label_smoothing=smoothing), data, 3, seed=0)
         top[smoothing] = predict_proba(head, blobs(100, 2)[0], "source").max(1).mean()
     assert top[0.3] < top[0.0] - 0.05 and top[0.3] < 0.9
 
 
 def test_adaptation_without_target_features_or_oracle_without_target_val_is_refused():
     with pytest.raises(ValueError, match="unlabelled target"):
-        train_head(HeadConfig(method="mcc"), HeadData(blobs(30, 0), blobs(9, 1)), 3, seed=0)
+        train_head(head_config(method="mcc"), HeadData(blobs(30, 0), blobs(9, 1)), 3, seed=0)
     with pytest.raises(ValueError, match="target_val"):
-        train_head(HeadConfig(selection="target_val"), HeadData(blobs(30, 0), blobs(9, 1)), 3, seed=0)
+        train_head(head_config(selection="target_val"), HeadData(blobs(30, 0), blobs(9, 1)), 3, seed=0)
 
 
 def test_aligning_method_on_a_linear_head_is_a_config_error_naming_the_fix():
@@ -91,7 +96,7 @@ def test_aligning_method_on_a_linear_head_is_a_config_error_naming_the_fix():
 
 
 def test_mlp_head_with_domain_norm_save_load_round_trip(tmp_path):
-    cfg = HeadConfig(kind="mlp", hidden_dim=8, epochs=2, domain_norm=True, method="coral")
+    cfg = head_config(kind="mlp", hidden_dim=8, epochs=2, domain_norm=True, method="coral")
     data = HeadData(blobs(60, 0), blobs(30, 1), target_train=blobs(60, 2, shift=3.0)[0])
     head, _ = train_head(cfg, data, 3, seed=0)
     assert isinstance(build_head(cfg, 16, 3), HeadNet) and head.embed_dim == 8
@@ -114,7 +119,7 @@ def test_labelled_target_rows_train_the_head_with_the_source():
     source = rotated_clusters(100, seed=0)
     target_test = rotated_clusters(100, seed=2, angle_deg=60)
     shots = rotated_clusters(5, seed=1, angle_deg=60)
-    cfg = HeadConfig(epochs=40, lr=0.02)
+    cfg = head_config(epochs=40, lr=0.02)
     plain, _ = train_head(cfg, HeadData(source, rotated_clusters(30, seed=3)), 4, seed=0)
     semi, _ = train_head(cfg, HeadData(source, rotated_clusters(30, seed=3), target_labeled=shots), 4, seed=0)
     assert accuracy(semi, target_test) > accuracy(plain, target_test) + 0.15

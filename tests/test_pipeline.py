@@ -8,10 +8,11 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tasks import tracking
+from tasks.tracking import loggable_params
+from xfer.config import load_params
+from xfer.contract import STAGE_NAMES as STAGES, stage_params
 from xfer.finetune import load_classifier
 from xfer.layout import Layout
-
-STAGES = ["fetch", "split", "features", "head", "finetune", "evaluate"]
 
 
 def test_every_stage_writes_its_files(pipeline_project):
@@ -32,7 +33,7 @@ def test_every_stage_writes_its_files(pipeline_project):
     assert len(list(layout.stage_plots("evaluate").glob("per_class_accuracy_*.png"))) == 3
     assert (layout.stage_plots("head") / "tsne.png").is_file()
     head = json.loads(layout.metrics("head").read_text())
-    assert head["method"] == "source_only" and head["uses_target_labels"] is False
+    assert head["method"] == "self_training" and head["uses_target_labels"] is False  # the default recipe
     assert 0 <= head["proxy_a_distance"]["backbone"] <= 2
     per_class = ev["head"]["target_test"]["per_class_accuracy"]
     assert len(per_class) == 10 and np.isclose(np.mean(list(per_class.values())), ev["head"]["target_test"]["macro_recall"])
@@ -67,6 +68,11 @@ def test_mlflow_holds_grouped_stage_runs(pipeline_project):
     manifest_digest = by_stage["split"].data.tags["data_digest"]
     assert by_stage["evaluate"].data.tags["data_digest"] == manifest_digest
     assert by_stage["head"].data.params["head.lr"] == "0.01"
+    # Each stage logs exactly the params its dvc.yaml entry names (xfer/contract.py), no more.
+    params = load_params(root / "params.yaml")
+    for stage, run in by_stage.items():
+        assert set(run.data.params) == set(loggable_params(stage_params(params, stage))), stage
+    assert "data.split.target_test" not in by_stage["fetch"].data.params and "data.digits.seed" in by_stage["fetch"].data.params
     assert by_stage["finetune"].data.params["backbone.name"] == "test_efficientnet"
     # One value per epoch, not only the last.
     history = client.get_metric_history(by_stage["head"].info.run_id, "head.source_val_accuracy")

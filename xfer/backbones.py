@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,24 +19,12 @@ import torch
 from torch import nn
 
 from xfer.config import BackboneConfig
+from xfer.data.images import Preprocessing
 from xfer.io import sha256_file
 
 
 class BackboneError(ValueError):
     """The backbone or its weights cannot be built as asked."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images become the tensors the backbone expects."""
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    channels: int = 3
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _lite0_weight_file() -> Path:
@@ -101,6 +89,13 @@ def resolve_weights(cfg: BackboneConfig) -> WeightsSource:
         )
     path = _OFFLINE_WEIGHTS[cfg.name][0]()
     return WeightsSource(path, sha256_file(path))
+
+
+def check_params(params, root: Path) -> None:
+    """Every backbone `params` names (main and fusion) is a timm model with weights to load."""
+    for backbone in (params.backbone, *params.fusion.backbones):
+        check_model_name(backbone.name)
+        resolve_weights(backbone)
 
 
 def check_model_name(name: str) -> None:

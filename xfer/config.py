@@ -211,9 +211,9 @@ class HeadConfig(_Strict):
     hidden_dim: int = Field(256, ge=1, le=8192)
     dropout: float = Field(0.0, ge=0, lt=1)
     # Domain adaptation on cached features; target labels are never seen.
-    method: AdaptationMethod = "source_only"
+    method: AdaptationMethod = "self_training"
     # Weight of the adaptation loss against the source classification loss.
-    adapt_weight: float = Field(1.0, ge=0, le=100)
+    adapt_weight: float = Field(3.0, ge=0, le=100)
     # self_training: where pseudo-labels come from: the nearest target class centroid
     # (refreshed each epoch) or the model's own argmax.
     pseudo_labels: Literal["centroid", "confidence"] = "centroid"
@@ -253,9 +253,9 @@ class AugmentConfig(_Strict):
     """Random augmentations of fine-tuning train images (never val or test); all off = none."""
 
     # Random resized crop keeping at least this fraction of the area; null = off.
-    crop_scale: float | None = Field(None, gt=0, le=1)
+    crop_scale: float | None = Field(0.7, gt=0, le=1)
     flip: bool = False  # horizontal, with probability 0.5 (off for digits and text)
-    rotation_deg: float = Field(0.0, ge=0, le=180)  # uniform in [-deg, deg]
+    rotation_deg: float = Field(10.0, ge=0, le=180)  # uniform in [-deg, deg]
     color_jitter: float = Field(0.0, ge=0, le=1)  # brightness, contrast and saturation strength
 
 
@@ -269,29 +269,29 @@ class FinetuneConfig(_Strict):
     unfreeze_every: int = Field(1, ge=1, le=1000)
     # Layer-wise learning-rate decay: block group i of n trains at lr * layer_decay ** (n - i).
     layer_decay: float = Field(1.0, gt=0, le=1)
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine"] = "cosine"
     # Linear warmup from 0, in epochs (may be fractional).
-    warmup_epochs: float = Field(0.0, ge=0, le=1000)
+    warmup_epochs: float = Field(0.5, ge=0, le=1000)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Exponential moving average of the weights (evaluated and kept instead of the raw ones); null = off.
     ema_decay: float | None = Field(None, gt=0, lt=1)
     # Stop after this many epochs without a better source val accuracy; null = run every epoch.
     patience: int | None = Field(None, ge=1)
     # Which epoch is kept: the best on source val (epoch 0 = the start), or the last one.
-    selection: Literal["source_val", "last"] = "source_val"
+    selection: Literal["source_val", "last"] = "last"
     # torch.use_deterministic_algorithms: bit-exact reruns and resumes, at some speed.
     deterministic: bool = False
     augment: AugmentConfig = AugmentConfig()
     # Adaptation while fine-tuning: the losses of xfer/adapt/ on the backbone's pooled
     # features, with labelled source batches and unlabelled target batches together.
-    method: AdaptationMethod = "source_only"
-    adapt_weight: float = Field(1.0, ge=0, le=100)
+    method: AdaptationMethod = "self_training"
+    adapt_weight: float = Field(3.0, ge=0, le=100)
     pseudo_labels: Literal["centroid", "confidence"] = "centroid"  # self_training
-    pseudo_threshold: float = Field(0.9, gt=0, lt=1)  # self_training
+    pseudo_threshold: float = Field(0.5, gt=0, lt=1)  # self_training
     mcc_temperature: float = Field(2.5, gt=0, le=100)  # mcc
-    epochs: int = Field(2, ge=0, le=1000)
+    epochs: int = Field(8, ge=0, le=1000)
     batch_size: int = Field(64, ge=1, le=4096)
-    lr: float = Field(1e-4, gt=0, le=10)
+    lr: float = Field(3e-4, gt=0, le=10)
     # The head's learning rate relative to the backbone's.
     head_lr_scale: float = Field(1.0, gt=0, le=100)
     weight_decay: float = Field(1e-4, ge=0, le=1)
@@ -367,10 +367,6 @@ class Params(_Strict):
             raise ValueError(f"fusion.backbones repeats the main backbone ({self.backbone.name} at {self.backbone.image_size} px), which is already in the fusion")
         return self
 
-    def section(self, *keys: str) -> dict[str, Any]:
-        """The named top-level sections as plain data, for logging."""
-        dumped = self.model_dump(mode="json")
-        return {k: dumped[k] for k in keys}
 
 
 def _format_errors(source: str, err: ValidationError) -> str:

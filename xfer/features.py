@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from xfer.backbones import Preprocessing
+from xfer.data.images import Preprocessing
 from xfer.data.images import ImageRows
 from xfer.io import atomic_dir, save_with, sha256_json, write_json
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from xfer.adapt import build_adaptation_loss
 from xfer.adapt.base import AdaptationLoss
-from xfer.backbones import Preprocessing
+from xfer.data.images import Preprocessing
 from xfer.checkpoints import load_checkpoint, remove_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xfer.config import FinetuneConfig, HeadConfig
 from xfer.features import worker_context

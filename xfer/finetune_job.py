@@ -29,6 +29,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from xfer import features as feats
 from xfer.backbones import create_backbone
 from xfer.config import HeadConfig, Params, load_params
+from xfer.contract import stage_params
 from xfer.data.augment import build_augmentation
 from xfer.data.images import ImageRows
 from xfer.data.split import class_names, read_manifest, rows
@@ -61,7 +62,8 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
     manifest = read_manifest(layout.manifest)
     names = class_names(manifest)
     fs = feats.load_current(layout.features)
-    probe_cfg = HeadConfig(kind="linear", epochs=cfg.probe_epochs, lr=cfg.probe_lr)
+    # The probe learns from source labels alone, whatever head.method the head stage uses.
+    probe_cfg = HeadConfig(kind="linear", method="source_only", adapt_weight=1.0, epochs=cfg.probe_epochs, lr=cfg.probe_lr)
     if cfg.strategy in PROBE_STARTED:
         probe, _ = train_head(probe_cfg, HeadData(fs.select("source", "train"), fs.select("source", "val")), len(names), params.seed)
     else:  # `full`: a fresh classifier, the baseline LP-FT is measured against
@@ -69,7 +71,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         probe = build_head(probe_cfg, fs.features.shape[1], len(names))
     backbone, prep, weights = create_backbone(params.backbone, num_classes=0)
     model = Classifier(backbone, probe)
-    run_key = sha256_json({"params": params.section("seed", "backbone", "finetune"), "weights": weights.digest, "manifest": sha256_file(layout.manifest), "features": fs.meta["key"]})
+    run_key = sha256_json({"params": stage_params(params, "finetune"), "weights": weights.digest, "manifest": sha256_file(layout.manifest), "features": fs.meta["key"]})
     augment = build_augmentation(cfg.augment)
 
     def data(role: str, split: str, train: bool = False) -> ImageRows:

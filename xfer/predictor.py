@@ -28,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from xfer.backbones import Preprocessing
+from xfer.data.images import Preprocessing
 from xfer.data.images import IMAGE_SUFFIXES, ImageReadError, to_tensor
 from xfer.finetune import load_classifier
 from xfer.heads import load_head

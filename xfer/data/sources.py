@@ -170,6 +170,11 @@ def resolve_source(cfg) -> DatasetSource:
     return DatasetSource(entry["loader"], cfg.name or key, cfg.domains or dict(entry["domains"]), archives, entry=entry)
 
 
+def check_params(params, root: Path) -> None:
+    """The dataset `params.data` names can be fetched into the project at `root`."""
+    check_source(resolve_source(params.data), root)
+
+
 def check_source(source: DatasetSource, root: Path) -> None:
     """Local paths exist (relative ones against the project root) and every download
     can be verified; raise SourceError if not."""

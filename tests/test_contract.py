@@ -1,0 +1,109 @@
+"""The stage table (xfer/contract.py) is the one contract: dvc.yaml, the import closures and the cores agree with it."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from helpers import REPO
+from xfer.contract import CODE_RESOURCES, PROJECT_PACKAGES, STAGES, dvc_stages, import_closure
+
+
+def dvc_yaml() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_dvc_yaml_stages_are_the_ones_the_table_gives():
+    fix = "regenerate with `python -m xfer.contract --write`"
+    assert list(dvc_yaml()["stages"]) == list(STAGES), fix
+    for name, expected in dvc_stages(REPO).items():
+        assert dvc_yaml()["stages"][name] == expected, f"dvc.yaml stage {name!r} differs from xfer/contract.py; {fix}"
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_file_a_stage_imports_is_one_of_its_dvc_deps(stage):
+    """The stage's import closure, computed from the source, against dvc.yaml as written."""
+    listed = set(dvc_yaml()["stages"][stage]["deps"])
+    closure = import_closure(REPO, STAGES[stage].entry_modules)
+    missing = sorted(set(closure) - listed)
+    assert not missing, f"stage {stage!r} imports {missing}, which its dvc.yaml deps do not list"
+    # Data deps are the table's; code deps are exactly the closure (nothing stale listed).
+    assert listed == set(closure) | set(STAGES[stage].deps)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_static_closure_covers_what_a_stage_process_really_loads(stage):
+    """Import the stage as its process does, in a fresh interpreter: every project file it
+    loads must be in the computed closure (a check on the static analysis itself)."""
+    modules = STAGES[stage].entry_modules
+    code = (
+        "import importlib, json, sys\n"
+        f"for m in {list(modules)!r}: importlib.import_module(m)\n"
+        "print(json.dumps([getattr(m, '__file__', None) for m in list(sys.modules.values())]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=True).stdout
+    loaded = set()
+    for path in json.loads(out.strip().splitlines()[-1]):
+        if path and path.startswith(str(REPO) + "/") and path.split("/")[len(REPO.parts)] in PROJECT_PACKAGES:
+            loaded.add(path[len(str(REPO)) + 1:])
+    assert loaded, "the stage loaded no project file: the check is not looking"
+    assert loaded <= set(import_closure(REPO, modules)), sorted(loaded - set(import_closure(REPO, modules)))
+
+
+def test_a_stage_process_does_not_load_other_stages():
+    """flows/stages.py names stages by string: the fetch process never loads fine-tuning or training code."""
+    closure = import_closure(REPO, STAGES["fetch"].entry_modules)
+    assert not {"tasks/finetune.py", "tasks/evaluate.py", "xfer/finetune.py", "xfer/heads.py", "xfer/backbones.py"} & set(closure)
+
+
+def test_closure_follows_lazy_and_relative_imports(tmp_path):
+    (tmp_path / "xfer" / "sub").mkdir(parents=True)
+    (tmp_path / "xfer" / "__init__.py").write_text("")
+    (tmp_path / "xfer" / "sub" / "__init__.py").write_text("")
+    (tmp_path / "xfer" / "a.py").write_text("def f():\n    from xfer.sub import b\n")
+    (tmp_path / "xfer" / "sub" / "b.py").write_text("from . import c\nimport numpy\n")
+    (tmp_path / "xfer" / "sub" / "c.py").write_text("")
+    (tmp_path / "xfer" / "unused.py").write_text("")
+    assert import_closure(tmp_path, ("xfer.a",)) == ["xfer/__init__.py", "xfer/a.py", "xfer/sub/__init__.py", "xfer/sub/b.py", "xfer/sub/c.py"]
+
+
+def test_every_non_python_file_of_the_packages_is_a_declared_code_resource():
+    tracked = subprocess.run(["git", "ls-files", *PROJECT_PACKAGES], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    data_files = {p for p in tracked if not p.endswith(".py")}
+    declared = {f for files in CODE_RESOURCES.values() for f in files}
+    assert data_files == declared
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_table_names_real_functions_and_params(stage, tiny_params):
+    entry = STAGES[stage]
+    for target, package in ((entry.task, "tasks"), (entry.core, "xfer"), *((c, None) for c in entry.checks)):
+        module, _, name = target.partition(":")
+        assert package is None or module.split(".")[0] == package, target
+        assert callable(getattr(importlib.import_module(module), name)), target
+    core_module = entry.core.partition(":")[0]
+    core_files = import_closure(REPO, (core_module,))
+    assert all(f.startswith("xfer/") for f in core_files), f"the core of {stage} imports outside xfer/: {core_files}"
+    for check in entry.checks:
+        assert list(inspect.signature(getattr(importlib.import_module(check.partition(':')[0]), check.partition(':')[2])).parameters)[:2] == ["params", "root"]
+    from xfer.config import parse_params
+    from xfer.contract import stage_params
+
+    chosen = stage_params(parse_params(tiny_params), stage)
+    assert chosen, stage  # every key the table names exists in params
+
+
+def test_core_package_never_imports_orchestration():
+    """xfer/ stays usable from a notebook: no prefect or mlflow anywhere in it."""
+    from xfer.contract import imported_modules
+
+    for path in sorted((REPO / "xfer").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        bad = {m for m in imported_modules(path, module) if m.split(".")[0] in ("prefect", "mlflow")}
+        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"

@@ -1,0 +1,279 @@
+"""The stage contract: one table naming, for every stage, what it reads and writes.
+
+For each stage: the params it reads (whole sections or dotted keys), the data
+files and folders it reads, the files it writes, the module of its Prefect
+task, its core function, and the checks its params get before any work.
+Everything else is derived from this table or checked against it:
+
+- dvc.yaml's `deps`, `params`, `outs` and `metrics` (tests/test_contract.py
+  compares them; `python -m xfer.contract` prints the stages block to paste);
+  the code deps are the stage's import closure, computed from the source by
+  `import_closure`, so a stage reruns when any file its process loads changes;
+- the params each stage logs to MLflow (tasks/tracking.py `stage_run`) and the
+  fine-tuning run key (xfer/finetune_job.py), via `Stage.params`;
+- the checks `flows/stages.py` runs before a stage (its own) and before the
+  whole pipeline (every stage's).
+
+Modules are named by string and imported only when a stage runs, so a stage
+process loads its own stage and nothing else.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+# The packages whose files are code deps; everything else is a library.
+PROJECT_PACKAGES = ("xfer", "tasks", "flows")
+# The module every stage process starts in (`python -m flows.stages <stage>`).
+ENTRY_MODULE = "flows.stages"
+# Files a module reads at run time as part of its code: they join the closure with it.
+CODE_RESOURCES = {"xfer/data/sources.py": ("xfer/data/registry.yaml",)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    # Param sections (`head`) or dotted keys (`data.split`) the stage reads:
+    # dvc.yaml `params`, what MLflow logs for the stage, and the run key.
+    params: tuple[str, ...]
+    # Data it reads (files or folders, relative to the project root).
+    deps: tuple[str, ...]
+    # What it writes: DVC `outs` (persist: true) and `metrics` files.
+    outs: tuple[str, ...]
+    metrics: tuple[str, ...]
+    # "module:function" of the Prefect task (tasks/<stage>.py) and of the core work (xfer/).
+    task: str
+    core: str
+    # "module:function"s taking (params, root) that raise a ValueError naming the bad value.
+    checks: tuple[str, ...] = ()
+
+    @property
+    def task_module(self) -> str:
+        return self.task.partition(":")[0]
+
+    @property
+    def entry_modules(self) -> tuple[str, ...]:
+        """The modules a stage process imports by name: the entry, the task and the checks."""
+        return (ENTRY_MODULE, self.task_module, *(c.partition(":")[0] for c in self.checks))
+
+
+MANIFEST = "data/splits/manifest.csv"
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage(
+            "fetch",
+            # Not the global seed nor the split: changing those never refetches.
+            params=("data.dataset", "data.sha256", "data.name", "data.domains", "data.classes",
+                    "data.max_unpacked_gb", "data.max_corrupt_fraction", "data.digits"),
+            deps=(),
+            outs=("data/raw",),
+            metrics=(),
+            task="tasks.fetch:fetch",
+            core="xfer.data.fetch:fetch_dataset",
+            checks=("xfer.data.sources:check_params",),
+        ),
+        Stage(
+            "split",
+            params=("seed", "data.dataset", "data.name", "data.source_domain", "data.target_domain", "data.split"),
+            deps=("data/raw",),
+            outs=(MANIFEST, "data/splits/report.json"),
+            metrics=(),
+            task="tasks.split:split",
+            core="xfer.data.split:build_manifest",
+        ),
+        Stage(
+            "features",
+            # Not features.num_workers, shard_rows or runner: how images are decoded and
+            # where shards run changes no number (every runner gives the same bytes).
+            params=("backbone", "features.batch_size", "features.dtype", "fusion"),
+            deps=(MANIFEST, "data/raw"),
+            outs=("data/features",),
+            metrics=(),
+            task="tasks.features:features",
+            core="xfer.features:extract",
+            checks=("xfer.backbones:check_params", "tasks.runners:check_params"),
+        ),
+        Stage(
+            "head",
+            params=("seed", "head", "fusion"),
+            deps=("data/features", MANIFEST),
+            outs=("models/head", "plots/head"),
+            metrics=("metrics/head.json",),
+            task="tasks.head:head",
+            core="xfer.head_stage:train_heads",
+        ),
+        Stage(
+            "finetune",
+            params=("seed", "backbone", "finetune"),
+            deps=("data/features", MANIFEST, "data/raw"),
+            outs=("models/finetune", "plots/finetune"),
+            metrics=("metrics/finetune.json",),
+            task="tasks.finetune:finetune",
+            core="xfer.finetune_job:run",
+            checks=("xfer.backbones:check_params",),
+        ),
+        Stage(
+            "evaluate",
+            # The frozen backbone travels in the registered model with the head.
+            params=("evaluate", "backbone", "registry", "fusion"),
+            # The fine-tuned network predicts from the images themselves.
+            deps=("data/features", "models/head", "models/finetune", MANIFEST, "data/raw"),
+            outs=("plots/evaluate",),
+            metrics=("metrics/eval.json",),
+            task="tasks.evaluate:evaluate",
+            core="xfer.evaluate:evaluate_models",
+            checks=("xfer.backbones:check_params",),
+        ),
+    )
+}
+STAGE_NAMES = tuple(STAGES)
+
+
+def select(data: dict, keys: tuple[str, ...]) -> dict:
+    """The parts of nested `data` that dotted `keys` name, nested as in `data`."""
+    out: dict = {}
+    for key in keys:
+        *parents, leaf = key.split(".")
+        src, dst = data, out
+        for part in parents:
+            src = src[part]
+            dst = dst.setdefault(part, {})
+        dst[leaf] = src[leaf]
+    return out
+
+
+def stage_params(params, stage: str) -> dict:
+    """The params `stage` reads, as nested plain data (what MLflow logs and run keys hash)."""
+    return select(params.model_dump(mode="json"), STAGES[stage].params)
+
+
+# ---- import closure ----------------------------------------------------------
+
+def module_file(root: Path, module: str) -> Path | None:
+    """The project file that defines `module`, or None for a library module."""
+    parts = module.split(".")
+    if parts[0] not in PROJECT_PACKAGES:
+        return None
+    base = root.joinpath(*parts)
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    return None
+
+
+def imported_modules(path: Path, module: str) -> set[str]:
+    """Every module an `import` anywhere in `path` names (also inside functions: a lazy
+    import still runs when its function does), with `from a import b` giving a and a.b."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, node.module] if node.module else anchor)
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def import_closure(root: Path, modules: tuple[str, ...]) -> list[str]:
+    """The project files (relative, sorted) that importing `modules` can load:
+    each module's file, its packages' __init__.py and its CODE_RESOURCES, transitively."""
+    seen: set[str] = set()
+    files: set[str] = set()
+    todo = list(modules)
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = module_file(root, module)
+        if path is None:
+            continue
+        rel = path.relative_to(root).as_posix()
+        files.add(rel)
+        files.update(CODE_RESOURCES.get(rel, ()))
+        parts = module.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))
+        todo.extend(imported_modules(path, module))
+    return sorted(files)
+
+
+def code_deps(root: Path, stage: Stage) -> list[str]:
+    return import_closure(root, stage.entry_modules)
+
+
+# ---- dvc.yaml ------------------------------------------------------------------
+
+def dvc_stage(root: Path, stage: Stage) -> dict:
+    """The dvc.yaml entry the table gives for `stage`."""
+    entry: dict = {
+        "cmd": f"python -m {ENTRY_MODULE} {stage.name}",
+        "deps": [*code_deps(root, stage), *stage.deps],
+        "params": list(stage.params),
+        "outs": [{out: {"persist": True}} for out in stage.outs],
+    }
+    if stage.metrics:
+        entry["metrics"] = [{m: {"persist": True}} for m in stage.metrics]
+    if not stage.deps and not entry["deps"]:
+        del entry["deps"]
+    return entry
+
+
+def dvc_stages(root: Path) -> dict:
+    return {name: dvc_stage(root, stage) for name, stage in STAGES.items()}
+
+
+DVC_HEADER = """\
+# Generated from the stage table in xfer/contract.py by `python -m xfer.contract --write`
+# (everything above `plots:`); tests/test_contract.py fails when the two differ.
+# Each stage's code deps are the files its process can import (its import closure),
+# so a change reruns exactly the stages it can affect.
+# Outputs are `persist: true` so that a stage that fails (bad params, a crash)
+# leaves the previous results in place; every write is atomic.
+# The plots/<stage> folders are plain `outs`: what `dvc plots show` draws from
+# them is defined once, in the top-level `plots:` at the end (hand-written).
+"""
+
+
+def dvc_yaml_text(root: Path, current: str) -> str:
+    """dvc.yaml with its stages block generated and its hand-written `plots:` part kept."""
+    import re
+
+    import yaml
+
+    plots = re.search(r"^(?:#[^\n]*\n)*plots:.*", current, re.M | re.S)
+    stages = yaml.safe_dump({"stages": dvc_stages(root)}, sort_keys=False, width=120)
+    return DVC_HEADER + stages + ("\n" + plots.group(0) if plots else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m xfer.contract [--write]`: print (or write into dvc.yaml) what the table gives."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    root = Path(__file__).resolve().parents[1]
+    path = root / "dvc.yaml"
+    text = dvc_yaml_text(root, path.read_text() if path.is_file() else "")
+    if args == ["--write"]:
+        path.write_text(text)
+        print(f"wrote {path}")
+    elif not args:
+        print(text, end="")
+    else:
+        print("usage: python -m xfer.contract [--write]", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

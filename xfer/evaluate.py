@@ -1,0 +1,108 @@
+"""The evaluate stage's work: every model (and their fusion) on source test, target val and target test.
+
+`evaluate_models` scores the head on its cached features, the fine-tuned
+network on the images themselves, each fusion member's head on its own
+features, and the fusion (the mean of every model's class probabilities);
+it writes `eval.json` and the figures, and returns what it scored. Tracking
+and the registry stay in tasks/evaluate.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xfer import features as feats
+from xfer.config import Params, member_name
+from xfer.data.images import ImageRows
+from xfer.data.split import read_manifest, rows
+from xfer.finetune import load_classifier, predict_logits, select_device
+from xfer.heads import MEMBERS_DIR, HeadNet, load_head
+from xfer.io import write_json
+from xfer.metrics import classification_metrics, confusion_matrix, fuse_probabilities, per_class_accuracy, reliability_from_probabilities, softmax
+from xfer.plots import per_class_accuracy_figure, prediction_rows, reliability_figure, save_confusion_matrix, save_figure, write_rows_csv
+
+# (manifest role, split) -> the name used in eval.json and plot files.
+# target_val is what the registry's promotion rule compares (tasks/registry.py).
+EVAL_SETS = {("source", "test"): "source_test", ("target", "val"): "target_val", ("target", "test"): "target_test"}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    results: dict[str, dict]  # model -> split -> metrics (eval.json)
+    plots: list[Path]
+    features: feats.FeatureSet  # the main backbone's, which the registered head reads
+
+
+def fusion_members(features_dir: Path, head_dir: Path, params: Params) -> dict[str, tuple[HeadNet, feats.FeatureSet]]:
+    """{member name: (its head, its cached features)} for each of params `fusion.backbones`."""
+    members = {}
+    for backbone in params.fusion.backbones:
+        name = member_name(backbone)
+        head, spec = load_head(head_dir / MEMBERS_DIR / name)
+        fs = feats.load_member(features_dir, name)
+        if spec["features_key"] != fs.meta["key"]:
+            raise RuntimeError(f"the head of {name} was trained on other features than the cached ones; rerun the head stage")
+        members[name] = (head, fs)
+    return members
+
+
+def head_probabilities(head: HeadNet, x: np.ndarray, role: str) -> np.ndarray:
+    with torch.no_grad():
+        # A head with domain_norm standardises each domain with that domain's statistics.
+        return torch.softmax(head(torch.as_tensor(x), role), 1).numpy()
+
+
+def evaluate_models(
+    *, manifest_path: Path, images_root: Path, features_dir: Path, head_dir: Path, finetune_dir: Path,
+    metrics_path: Path, plot_dir: Path, params: Params,
+) -> Evaluation:
+    manifest = read_manifest(manifest_path)
+    fs = feats.load_current(features_dir)
+    head, head_spec = load_head(head_dir)
+    classifier, spec = load_classifier(finetune_dir)
+    device = select_device("auto")
+    names = head_spec["class_names"]
+    members = fusion_members(features_dir, head_dir, params)
+    results: dict[str, dict] = {"head": {}, "finetune": {}, "fusion": {}, **{name: {} for name in members}}
+    plots: list[Path] = []
+    for (role, split), set_name in EVAL_SETS.items():
+        x, y = fs.select(role, split)
+        part = rows(manifest, role, split)
+        data = ImageRows(part.path.tolist(), part.label.tolist(), spec.prep(), images_root)
+        logits, labels = predict_logits(classifier, data, params.evaluate.batch_size, device, progress=True, desc=f"evaluate {set_name}")
+        if not np.array_equal(labels, y):
+            raise RuntimeError(f"{set_name}: cached features and manifest rows are out of order; rerun the features stage")
+        # Kept whole, not just their argmax: calibration needs each row's confidence.
+        probabilities = {"head": head_probabilities(head, x, role), "finetune": softmax(logits)}
+        for name, (member_head, member_fs) in members.items():
+            xm, ym = member_fs.select(role, split)
+            if not np.array_equal(ym, y):
+                raise RuntimeError(f"{set_name}: the features of {name} are not in manifest order; rerun the features stage")
+            probabilities[name] = head_probabilities(member_head, xm, role)
+        # Fusion: the mean of every model's class probabilities.
+        probabilities["fusion"] = fuse_probabilities(list(probabilities.values()))
+        predictions = {model_name: p.argmax(1) for model_name, p in probabilities.items()}
+        predictions["finetune"] = logits.argmax(1)
+        per_class = {}
+        for model_name, pred in predictions.items():
+            scored = results[model_name][set_name] = classification_metrics(y, pred, len(names))
+            cm = confusion_matrix(y, pred, len(names))
+            per_class[model_name] = per_class_accuracy(cm)
+            scored["per_class_accuracy"] = dict(zip(names, per_class[model_name].round(6).tolist()))
+            path = plot_dir / f"confusion_{model_name}_{set_name}.png"
+            save_confusion_matrix(path, cm, names, f"{model_name} on {set_name} (accuracy {scored['accuracy']:.3f})")
+            plots.append(path)
+            reliability = reliability_from_probabilities(probabilities[model_name], y)
+            scored["ece"] = reliability.ece
+            path = plot_dir / f"reliability_{model_name}_{set_name}.png"
+            plots.append(save_figure(path, reliability_figure(reliability, f"{model_name} on {set_name}")))
+            # What `dvc plots show` draws as a confusion matrix (dvc.yaml `plots:`).
+            write_rows_csv(plot_dir / f"predictions_{model_name}_{set_name}.csv", prediction_rows(y, probabilities[model_name], names))
+        path = plot_dir / f"per_class_accuracy_{set_name}.png"
+        plots.append(save_figure(path, per_class_accuracy_figure(per_class, names, f"per-class accuracy on {set_name}")))
+    write_json(metrics_path, results)
+    return Evaluation(results, plots, fs)
