@@ -21,7 +21,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: run test ui servers stop pipeline bench clean-venv
+.PHONY: run test test-fast lint ui servers stop pipeline bench clean-venv
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,15 @@ pipeline: $(STAMP)
 ## test: the test suite (offline, tiny generated data)
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+## test-fast: the core package's unit tests only (no stage, pipeline or server): the inner loop
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m core
+
+## lint: ruff's checks and its formatting, as CI runs them
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 ## ui: the MLflow UI on http://127.0.0.1:$(UI_PORT) over this project's runs
 ui: $(STAMP)

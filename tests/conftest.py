@@ -17,6 +17,21 @@ os.environ.update(DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
 
 from helpers import TINY_PARAMS, write_params  # noqa: E402
 
+# `make test-fast` (pytest -m core): the core package's unit tests, which run no stage,
+# no pipeline and no server (tests/test_contract.py checks that these modules import
+# nothing from tasks/, flows/, prefect or mlflow).
+CORE_TEST_MODULES = {
+    "test_adapt", "test_archives", "test_augment", "test_backbones", "test_config", "test_diagnostics",
+    "test_digits", "test_download", "test_features", "test_fetch", "test_finetune", "test_heads", "test_io",
+    "test_metrics", "test_split", "test_torchvision_sets",
+}  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module is not None and item.module.__name__ in CORE_TEST_MODULES:
+            item.add_marker(pytest.mark.core)
+
 
 @pytest.fixture
 def tiny_params() -> dict:

@@ -107,3 +107,17 @@ def test_core_package_never_imports_orchestration():
         module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
         bad = {m for m in imported_modules(path, module) if m.split(".")[0] in ("prefect", "mlflow")}
         assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
+
+
+def test_fast_tier_holds_only_core_unit_tests():
+    """`make test-fast` runs the modules conftest marks core: none may reach a stage, a flow,
+    Prefect or MLflow, nor use a fixture that runs the pipeline or starts a server."""
+    from conftest import CORE_TEST_MODULES
+    from xfer.contract import imported_modules
+
+    for name in sorted(CORE_TEST_MODULES):
+        path = REPO / "tests" / f"{name}.py"
+        reached = {m for m in imported_modules(path, name) if m.split(".")[0] in ("tasks", "flows", "prefect", "mlflow")}
+        assert not reached, f"{name} imports {sorted(reached)}"
+        text = path.read_text()
+        assert not any(f in text for f in ("prefect_api", "pipeline_project")), name
