@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml requirements.lock
 ## run: the whole pipeline on params.yaml with DVC (only stale stages run)
 run: $(STAMP)
 	$(BIN)/python -m xfer.config params.yaml
-	$(BIN)/python -m flows.serve $(BIN)/dvc repro
+	$(BIN)/python -m servers.temporary_prefect $(BIN)/dvc repro
 	@echo; $(BIN)/xfer summary
 
 ## pipeline: the same chain as one Prefect flow in one process
@@ -49,11 +49,11 @@ ui: $(STAMP)
 
 ## servers: a Prefect server and an MLflow server over $(STORE) in the background (logs, pids: .servers/)
 servers: $(STAMP)
-	@$(BIN)/python -m flows.servers start --root $(abspath $(STORE)) --prefect-port $(PREFECT_PORT) --mlflow-port $(UI_PORT)
+	@$(BIN)/python -m servers.supervisor start --root $(abspath $(STORE)) --prefect-port $(PREFECT_PORT) --mlflow-port $(UI_PORT)
 
 ## stop: stop what `make servers` started
 stop:
-	@$(BIN)/python -m flows.servers stop --root $(abspath $(STORE))
+	@$(BIN)/python -m servers.supervisor stop --root $(abspath $(STORE))
 
 ## bench: per-stage wall time and orchestration overhead
 bench: $(STAMP)

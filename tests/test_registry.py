@@ -90,7 +90,7 @@ def target_test_folder(root: Path, dest: Path) -> Path:
 
 
 def xfer_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_xfer_predict_reproduces_the_evaluated_accuracy(pipeline_project, tmp_path):

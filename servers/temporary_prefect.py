@@ -1,6 +1,6 @@
 """Run a command with one temporary Prefect server shared by all its flows.
 
-    python -m flows.serve dvc repro
+    python -m servers.temporary_prefect dvc repro
 
 Without a server to talk to, every `python -m flows.stages ...` process that
 `dvc repro` starts spins up a temporary Prefect server of its own (about 10 s
