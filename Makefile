@@ -4,7 +4,10 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
+# The package and what the default pipeline needs; then the test tools and
+# every extra (dask, ray, team: pyproject.toml), which only the tests need.
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 UI_PORT ?= 5000
 PREFECT_PORT ?= 4200
 # The project whose MLflow store `make ui` serves.
@@ -26,7 +29,12 @@ export DVC_NO_ANALYTICS := 1
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing xfer and its pinned dependencies into $(VENV) (a few minutes the first time)"
-	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[test]' 2> >(grep -v "is neither a file nor a directory" >&2)
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable . 2> >(grep -v "is neither a file nor a directory" >&2)
+	@touch $@
+
+$(TEST_STAMP): $(STAMP)
+	@echo "installing the test tools and the dask, ray and team extras into $(VENV)"
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[test,dask,ray,team]' 2> >(grep -v "is neither a file nor a directory" >&2)
 	@touch $@
 
 ## run: the whole pipeline on params.yaml with DVC (only stale stages run)
@@ -40,7 +48,7 @@ pipeline: $(STAMP)
 	$(BIN)/python -m flows.pipeline
 
 ## test: the test suite (offline, tiny generated data)
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
 ## ui: the MLflow UI on http://127.0.0.1:$(UI_PORT) over this project's runs
