@@ -80,7 +80,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"{PROG} {installed_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    validate = commands.add_parser("validate", help="check params.yaml, touch nothing", description="Validate a params file: print the first problem (key path and what is allowed) and exit 2, or say it is valid.")
+    validate = commands.add_parser("validate", help="check params.yaml, touch nothing", description="Validate a params file: print each invalid key (its path and what is allowed) and exit 2, or say it is valid.")
     validate.add_argument("params", nargs="?", default="params.yaml", metavar="PARAMS", help="the params file (default: params.yaml)")
     validate.set_defaults(run=run_validate)
 
