@@ -4,7 +4,10 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
+# The package and what the default pipeline needs; then the test tools and
+# every extra (dask, ray, team: pyproject.toml), which only the tests need.
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 UI_PORT ?= 5000
 PREFECT_PORT ?= 4200
 # The project whose MLflow store `make ui` serves.
@@ -26,13 +29,18 @@ export DVC_NO_ANALYTICS := 1
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing xfer and its pinned dependencies into $(VENV) (a few minutes the first time)"
-	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[test]' 2> >(grep -v "is neither a file nor a directory" >&2)
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable . 2> >(grep -v "is neither a file nor a directory" >&2)
+	@touch $@
+
+$(TEST_STAMP): $(STAMP)
+	@echo "installing the test tools and the dask, ray and team extras into $(VENV)"
+	$(BIN)/python -m pip install --quiet --constraint requirements.lock --editable '.[test,dask,ray,team]' 2> >(grep -v "is neither a file nor a directory" >&2)
 	@touch $@
 
 ## run: the whole pipeline on params.yaml with DVC (only stale stages run)
 run: $(STAMP)
 	$(BIN)/python -m flows.stages --check
-	$(BIN)/python -m flows.serve $(BIN)/dvc repro
+	$(BIN)/python -m servers.temporary_prefect $(BIN)/dvc repro
 	@echo; $(BIN)/xfer summary
 
 ## pipeline: the same chain as one Prefect flow in one process
@@ -40,15 +48,15 @@ pipeline: $(STAMP)
 	$(BIN)/python -m flows.pipeline
 
 ## test: the test suite (offline, tiny generated data)
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
 ## test-fast: the core package's unit tests only (no stage, pipeline or server): the inner loop
-test-fast: $(STAMP)
+test-fast: $(TEST_STAMP)
 	$(BIN)/python -m pytest -m core
 
 ## lint: ruff's checks and its formatting, as CI runs them
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
@@ -58,11 +66,11 @@ ui: $(STAMP)
 
 ## servers: a Prefect server and an MLflow server over $(STORE) in the background (logs, pids: .servers/)
 servers: $(STAMP)
-	@$(BIN)/python -m flows.servers start --root $(abspath $(STORE)) --prefect-port $(PREFECT_PORT) --mlflow-port $(UI_PORT)
+	@$(BIN)/python -m servers.supervisor start --root $(abspath $(STORE)) --prefect-port $(PREFECT_PORT) --mlflow-port $(UI_PORT)
 
 ## stop: stop what `make servers` started
 stop:
-	@$(BIN)/python -m flows.servers stop --root $(abspath $(STORE))
+	@$(BIN)/python -m servers.supervisor stop --root $(abspath $(STORE))
 
 ## bench: per-stage wall time and orchestration overhead
 bench: $(STAMP)

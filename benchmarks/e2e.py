@@ -4,7 +4,7 @@
 
 Runs each stage as `make run` does (`python -m flows.stages <stage>`, one
 process each, all talking to one shared temporary Prefect server, see
-flows/serve.py) in a scratch copy of the project, then splits every stage's
+servers/temporary_prefect.py) in a scratch copy of the project, then splits every stage's
 wall time into:
 
   startup   python start + imports (torch, timm, prefect, mlflow), measured
@@ -18,7 +18,7 @@ wall time into:
 starts a temporary server of its own, as plain `dvc repro` does) and prints
 both totals and their ratio. --servers also runs the stages with a temporary
 server per process and against a Prefect server started as `make servers`
-starts it (flows/servers.py; kept running, so its start is not paid per
+starts it (servers/supervisor.py; kept running, so its start is not paid per
 command), and prints each stage's prefect overhead in the three modes side
 by side. All figures come from one run.
 
@@ -137,17 +137,17 @@ def with_temporary_server(root: Path, env: dict, startup: float) -> tuple[dict, 
 
 
 def with_running_servers(root: Path, env: dict, startup: float) -> tuple[dict, float]:
-    """The stages against servers started as `make servers` does (flows/servers.py); their start time."""
-    from flows import servers
+    """The stages against servers started as `make servers` does (servers/supervisor.py); their start time."""
+    from servers import supervisor
 
     os.environ["PREFECT_HOME"] = env["PREFECT_HOME"]  # the server's home, as the Makefile exports it
     started = time.perf_counter()
-    urls = servers.start(root, free_port(), free_port())
+    urls = supervisor.start(root, free_port(), free_port())
     server_start = time.perf_counter() - started
     try:
         return measure(root, {**env, "PREFECT_API_URL": urls["prefect"] + "/api"}, startup), server_start
     finally:
-        servers.stop(root)
+        supervisor.stop(root)
 
 
 def free_port() -> int:

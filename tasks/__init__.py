@@ -15,3 +15,8 @@ for _name, _value in {
     "RAY_USAGE_STATS_ENABLED": "0",
 }.items():
     os.environ.setdefault(_name, _value)
+
+
+def install_hint(extra: str) -> str:
+    """How to install one of pyproject.toml's extras (dask, ray, team), from an index or a checkout."""
+    return f"pip install 'xfer[{extra}]' (in a checkout: pip install --constraint requirements.lock -e '.[{extra}]')"

@@ -1,8 +1,11 @@
 """The registered model's code (MLflow "models from code"): it travels inside the model.
 
-`mlflow.pyfunc.load_model("models:/<name>@champion").predict(images)` takes
-file paths, HxWxC arrays, or a DataFrame with an `image` column, and returns
-a DataFrame: `class`, `probability`, and one probability column per class.
+`mlflow.pyfunc.load_model("models:/<name>@champion").predict(paths)` takes
+image file paths (a list, or a DataFrame whose one column, e.g. `image`,
+holds them: the signature tasks/registry.py logs) and returns a DataFrame:
+`class`, `probability`, and one probability column per class. MLflow checks
+the input against the signature first; arrays in memory go to
+`.unwrap_python_model().predict(None, arrays)`, which skips that check.
 The preprocessing and every weight the model needs are in its `bundle`
 artifact (xfer/predictor.py); the xfer package travels as its code path.
 """
@@ -17,12 +20,12 @@ class ImageClassifier(PythonModel):
 
         self.predictor = load_bundle(context.artifacts["bundle"])
 
-    # No type hints: MLflow would then coerce inputs to one schema, and paths, arrays
-    # and frames are all welcome here (xfer.predictor.as_image_list checks them).
+    # No type hints: the logged signature states the served input (paths); called
+    # directly, paths, arrays and frames are all welcome (xfer.predictor.as_image_list).
     def predict(self, context, model_input, params=None):
-        from xfer.predictor import as_image_list
+        from xfer.predictor import DEFAULT_BATCH_SIZE, as_image_list
 
-        batch_size = int((params or {}).get("batch_size", 64))
+        batch_size = int((params or {}).get("batch_size", DEFAULT_BATCH_SIZE))
         return self.predictor.frame(self.predictor.predict_proba(as_image_list(model_input), batch_size))
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 import xfer
 from xfer.backbones import create_backbone
@@ -25,7 +27,7 @@ from xfer.config import BackboneConfig, Params, member_name
 from xfer.features import FeatureSet, load_member
 from xfer.heads import MEMBERS_DIR, load_head
 from xfer.layout import Layout
-from xfer.predictor import FinetunePart, HeadPart, write_bundle
+from xfer.predictor import CLASS_COLUMN, DEFAULT_BATCH_SIZE, PROBABILITY_COLUMN, FinetunePart, HeadPart, bundle_class_names, write_bundle
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -89,8 +91,27 @@ def servable_parts(layout: Layout, params: Params, features: FeatureSet) -> list
     return parts
 
 
+def served_signature(class_names: list[str]) -> ModelSignature:
+    """What the served model takes and returns, as MLflow enforces and shows it.
+
+    In: one column of image file paths, readable where the model runs: a list
+    of paths, or a DataFrame whose one column (`image`, say) holds them. The
+    column is unnamed so that both reach the model; MLflow refuses anything
+    else, arrays included, before the model sees it.
+    Out: the predicted class, its probability, and one probability column per class.
+    Params: `batch_size`, images per forward pass.
+    """
+    outputs = [ColSpec(DataType.string, CLASS_COLUMN), ColSpec(DataType.float, PROBABILITY_COLUMN)]
+    outputs += [ColSpec(DataType.float, name) for name in class_names]
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string)]),
+        outputs=Schema(outputs),
+        params=ParamSchema([ParamSpec("batch_size", DataType.long, DEFAULT_BATCH_SIZE)]),
+    )
+
+
 def log_servable_model(layout: Layout, params: Params, features: FeatureSet) -> mlflow.models.model.ModelInfo:
-    """The registry.model as an MLflow pyfunc model in the active run: images in, probabilities out."""
+    """The registry.model as an MLflow pyfunc model in the active run: image paths in, probabilities out."""
     parts = servable_parts(layout, params, features)
     with tempfile.TemporaryDirectory(prefix="xfer-bundle-") as tmp:
         bundle = write_bundle(Path(tmp) / "bundle", params.registry.model, parts)
@@ -100,6 +121,7 @@ def log_servable_model(layout: Layout, params: Params, features: FeatureSet) -> 
             artifacts={"bundle": str(bundle)},
             code_paths=[str(XFER_PACKAGE)],
             pip_requirements=[f"{p}=={installed_version(p)}" for p in SERVING_PACKAGES],
+            signature=served_signature(bundle_class_names(bundle)),
         )
 
 

@@ -24,9 +24,11 @@ from urllib.parse import urlsplit
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from tasks import install_hint
 from xfer.config import RunnerConfig
 
-# The package each runner kind needs, for a clear error when it is not installed.
+# The package each runner kind needs, for a clear error when it is not installed;
+# pyproject.toml's extra of the same name as the kind installs it.
 RUNNER_PACKAGES = {"dask": ("prefect_dask", "prefect-dask"), "ray": ("prefect_ray", "prefect-ray")}
 
 
@@ -44,7 +46,7 @@ def check_runner(cfg: RunnerConfig, timeout: float = 5.0) -> None:
     if cfg.kind in RUNNER_PACKAGES:
         module, dist = RUNNER_PACKAGES[cfg.kind]
         if importlib.util.find_spec(module) is None:
-            raise RunnerError(f"features.runner.kind {cfg.kind!r} needs the {dist} package: pip install {dist}")
+            raise RunnerError(f"features.runner.kind {cfg.kind!r} needs the {dist} package, not installed here: {install_hint(cfg.kind)}")
     if cfg.address and "://" in cfg.address:
         check_reachable(cfg.kind, cfg.address, timeout)
 

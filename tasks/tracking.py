@@ -31,6 +31,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tasks import install_hint
 from xfer.config import Params, flatten
 from xfer.contract import stage_params
 from xfer.io import sha256_file, sha256_json
@@ -94,9 +95,17 @@ def check_database_driver(uri: str, where: str) -> None:
     try:
         dialect.import_dbapi()
     except ImportError as err:
+        raise TrackingURIError(f"{where}: its database driver {dialect.driver!r} is not installed ({err}); {driver_hint(dialect.name, dialect.driver)}") from None
+
+
+def driver_hint(database: str, driver: str) -> str:
+    """What to do about a missing database driver: the `team` extra installs psycopg2."""
+    if database != "postgresql":
+        return f"install the Python package that provides {driver!r}"
+    if driver != "psycopg2":
         # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; this project installs psycopg2.
-        hint = " (write postgresql+psycopg2://...)" if dialect.name == "postgresql" else ""
-        raise TrackingURIError(f"{where}: its database driver {dialect.driver!r} is not installed ({err}){hint}") from None
+        return "write postgresql+psycopg2://..., the driver the `team` extra installs"
+    return f"psycopg2-binary is in the `team` extra: {install_hint('team')}"
 
 
 def team_tracking_uri() -> str | None:

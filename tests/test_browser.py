@@ -2,7 +2,7 @@
 
 Debian's /usr/bin/chromium driven by Playwright (never `playwright install`:
 it downloads a browser). The servers are the ones `make servers` starts
-(flows/servers.py) over the store the session's tiny pipeline wrote. Without
+(servers/supervisor.py) over the store the session's tiny pipeline wrote. Without
 Chromium these tests are skipped with that reason, except under CI (CI=true),
 where a missing browser fails them.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import servers
+from servers import supervisor
 from helpers import REPO, TINY_PARAMS, free_port, local_and_ci_verdicts, write_params
 
 CHROMIUM = Path(os.environ.get("XFER_CHROMIUM", "/usr/bin/chromium"))
@@ -94,7 +94,7 @@ def ui(chromium, pipeline_project, tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server-home")
     ports = {"prefect": free_port(), "mlflow": free_port()}
     env = {**os.environ, "PREFECT_HOME": str(home)}
-    cmd = [sys.executable, "-m", "flows.servers", "start", "--root", str(root), "--prefect-port", str(ports["prefect"]), "--mlflow-port", str(ports["mlflow"])]
+    cmd = [sys.executable, "-m", "servers.supervisor", "start", "--root", str(root), "--prefect-port", str(ports["prefect"]), "--mlflow-port", str(ports["mlflow"])]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     print(f"servers answered in {time.perf_counter() - started:.1f} s")
@@ -106,7 +106,7 @@ def ui(chromium, pipeline_project, tmp_path_factory):
         print(f"fetch stage against it in {time.perf_counter() - started:.1f} s")
         yield {"mlflow": f"http://127.0.0.1:{ports['mlflow']}", "prefect": prefect, "flow_run": flow_run}
     finally:
-        servers.stop(root)
+        supervisor.stop(root)
 
 
 def run_fetch_against(api_url: str, project: Path) -> dict:

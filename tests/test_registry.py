@@ -90,7 +90,7 @@ def target_test_folder(root: Path, dest: Path) -> Path:
 
 
 def xfer_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_xfer_predict_reproduces_the_evaluated_accuracy(pipeline_project, tmp_path):
@@ -109,8 +109,9 @@ def test_xfer_predict_reproduces_the_evaluated_accuracy(pipeline_project, tmp_pa
     np.testing.assert_allclose(predictions[classes].max(1), predictions.probability, atol=1e-6)
 
 
-def test_served_model_takes_paths_and_arrays_alike(pipeline_project):
+def test_served_model_takes_paths_and_its_unwrapped_model_arrays_alike(pipeline_project):
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     root, _ = pipeline_project
     client_for(root)
@@ -118,15 +119,22 @@ def test_served_model_takes_paths_and_arrays_alike(pipeline_project):
     manifest = pd.read_csv(root / "data/splits/manifest.csv")
     paths = [str(root / p) for p in manifest.path[:5]]
     by_path = model.predict(pd.DataFrame({"image": paths}))
+    # The signature's one unnamed column: a plain list of paths is the same input.
+    pd.testing.assert_frame_equal(model.predict(paths), by_path)
     arrays = []
     for p in paths:
         with Image.open(p) as img:
             arrays.append(np.asarray(img.convert("RGB")))
-    by_array = model.predict(np.stack(arrays))
+    # Arrays are not what the signature names: MLflow refuses them before the model runs ...
+    with pytest.raises(MlflowException, match="schema"):
+        model.predict(np.stack(arrays))
+    # ... and the model itself, unwrapped, takes them.
+    unwrapped = model.unwrap_python_model()
+    by_array = unwrapped.predict(None, np.stack(arrays))
     assert list(by_path["class"]) == list(by_array["class"])
     np.testing.assert_allclose(by_path["probability"], by_array["probability"], atol=1e-6)
     # Float arrays in 0..1 are the same pixels.
-    by_float = model.predict([a.astype(np.float32) / 255 for a in arrays])
+    by_float = unwrapped.predict(None, [a.astype(np.float32) / 255 for a in arrays])
     np.testing.assert_allclose(by_path["probability"], by_float["probability"], atol=1e-5)
 
 

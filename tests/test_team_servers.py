@@ -97,7 +97,7 @@ def test_bad_tracking_uri_stops_the_pipeline_and_predict_before_any_work(tmp_pat
     assert proc.returncode == 2 and "error: XFER_TRACKING_URI='postgres://mlflow@db/mlflow'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
     (tmp_path / "a.png").write_bytes(b"")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "predict", str(tmp_path / "a.png"), "--root", str(tmp_path), "--out", str(tmp_path / "p.csv")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "cli", "predict", str(tmp_path / "a.png"), "--root", str(tmp_path), "--out", str(tmp_path / "p.csv")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "xfer predict: XFER_TRACKING_URI='postgres://mlflow@db/mlflow'" in proc.stderr, proc.stderr
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "mlflow.db").exists()
 

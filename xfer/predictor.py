@@ -41,6 +41,7 @@ MODELS = ("head", "finetune", "fusion")
 # Columns of a prediction frame besides one probability column per class.
 CLASS_COLUMN = "class"
 PROBABILITY_COLUMN = "probability"
+DEFAULT_BATCH_SIZE = 64
 
 
 class PredictorError(ValueError):
@@ -108,7 +109,7 @@ class Predictor:
     members: list[Member]
 
     @torch.inference_mode()
-    def predict_proba(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
+    def predict_proba(self, images: Sequence[Any], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """(N, classes) probabilities, in input order: the mean over the members."""
         out = []
         for start in range(0, len(images), batch_size):
@@ -137,7 +138,11 @@ def as_pil(image: Any) -> Image.Image:
             raise ImageReadError(f"cannot read image {image}: {err}") from None
     if isinstance(image, Image.Image):
         return image
-    return array_to_image(np.asarray(image))
+    array = np.asarray(image)
+    # A number, None or some other object where an image belongs (a JSON request can send any).
+    if array.ndim == 0 or array.dtype.kind not in "biuf":
+        raise PredictorError(f"expected an image file path or an HxWxC array; got {type(image).__name__} {image!r:.80}")
+    return array_to_image(array)
 
 
 def array_to_image(array: np.ndarray) -> Image.Image:
@@ -169,11 +174,21 @@ def _load_member(folder: Path, info: dict) -> Member:
     return Member(_as_prep(info["preprocessing"]), lambda x: torch.softmax(head(frozen(x).float(), "target"), 1))
 
 
+def bundle_info(bundle_dir: Path) -> dict:
+    """predictor.json of a bundle: the model, class names and members, without loading a weight."""
+    path = Path(bundle_dir) / BUNDLE_FILE
+    if not path.is_file():
+        raise PredictorError(f"{path} not found: not a predictor bundle")
+    return json.loads(path.read_text())
+
+
+def bundle_class_names(bundle_dir: Path) -> list[str]:
+    return list(bundle_info(bundle_dir)["class_names"])
+
+
 def load_bundle(bundle_dir: Path) -> Predictor:
     bundle_dir = Path(bundle_dir)
-    if not (bundle_dir / BUNDLE_FILE).is_file():
-        raise PredictorError(f"{bundle_dir / BUNDLE_FILE} not found: not a predictor bundle")
-    info = json.loads((bundle_dir / BUNDLE_FILE).read_text())
+    info = bundle_info(bundle_dir)
     members = [_load_member(bundle_dir / m["folder"], m) for m in info["members"]]
     return Predictor(info["model"], info["class_names"], members)
 

@@ -1,8 +1,8 @@
 """A Prefect server and an MLflow server for a project, in the background.
 
-    python -m flows.servers start  [--root .] [--prefect-port 4200] [--mlflow-port 5000]
-    python -m flows.servers stop   [--root .]
-    python -m flows.servers status [--root .]
+    python -m servers.supervisor start  [--root .] [--prefect-port 4200] [--mlflow-port 5000]
+    python -m servers.supervisor stop   [--root .]
+    python -m servers.supervisor status [--root .]
 
 `make servers` / `make stop` call this. Both servers bind 127.0.0.1 only.
 Each runs in its own process group (the servers start worker processes of
@@ -14,7 +14,7 @@ their own) with its log, pid file and URL under `<root>/.servers/`:
             and <root>/mlartifacts, as `make ui` serves it
 
 With `export PREFECT_API_URL=http://127.0.0.1:4200/api` every stage (and
-`flows/serve.py`, hence `make run`) talks to the running Prefect server
+`servers/temporary_prefect.py`, hence `make run`) talks to the running Prefect server
 instead of starting a temporary one of its own.
 """
 

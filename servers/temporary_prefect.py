@@ -1,10 +1,10 @@
 """Run a command with one temporary Prefect server shared by all its flows.
 
-    python -m flows.serve dvc repro
+    python -m servers.temporary_prefect dvc repro
 
 Without a server to talk to, every `python -m flows.stages ...` process that
-`dvc repro` starts spins up a temporary Prefect server of its own (about 10 s
-each). This starts one on 127.0.0.1, points the command at it through
+`dvc repro` starts spins up a temporary Prefect server of its own (seconds
+each; the README's Servers section has measured figures). This starts one on 127.0.0.1, points the command at it through
 PREFECT_API_URL, and stops it when the command ends. If PREFECT_API_URL is
 already set, the command runs against that server unchanged.
 """

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import servers
+from servers import supervisor
 from helpers import REPO, TINY_PARAMS, free_port, listening_addresses, write_params
 
 
@@ -70,13 +70,13 @@ def test_servers_listen_on_loopback_only(started):
 
 def test_second_start_starts_no_copy(started):
     root, env, ports, _ = started
-    before = servers.status(root)
+    before = supervisor.status(root)
     proc = make("servers", root, env, PREFECT_PORT=ports["prefect"], UI_PORT=ports["mlflow"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("prefect", "mlflow"):
         assert f"{name} is already running (pid {before[name]})" in proc.stdout
     assert "started" not in proc.stdout
-    assert servers.status(root) == before
+    assert supervisor.status(root) == before
     # One server process per kind on the machine for this project.
     cmdlines = [p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if _readable(p)]
     assert sum(f"--port {ports['prefect']}".encode() in c.replace(b"\0", b" ") for c in cmdlines) == 1
@@ -116,12 +116,12 @@ def test_start_refuses_a_port_another_program_holds(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.servers", "start", "--root", str(tmp_path), "--prefect-port", str(port), "--mlflow-port", str(free_port())],
+            [sys.executable, "-m", "servers.supervisor", "start", "--root", str(tmp_path), "--prefect-port", str(port), "--mlflow-port", str(free_port())],
             cwd=REPO, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert proc.returncode == 1
     assert f"port {port} on 127.0.0.1 is taken by another program" in proc.stderr
-    assert servers.status(tmp_path) == {"prefect": None, "mlflow": None}
+    assert supervisor.status(tmp_path) == {"prefect": None, "mlflow": None}
     assert not list((tmp_path / ".servers").glob("*.pid"))
 
 
@@ -131,8 +131,8 @@ def test_stop_ignores_a_stale_pid_file_naming_another_program(tmp_path):
     try:
         (tmp_path / ".servers").mkdir()
         (tmp_path / ".servers" / "prefect.pid").write_text(f"{other.pid}\n")
-        assert servers.status(tmp_path)["prefect"] is None
-        messages = servers.stop(tmp_path)
+        assert supervisor.status(tmp_path)["prefect"] is None
+        messages = supervisor.stop(tmp_path)
         assert "prefect: not running (removed a stale pid file)" in messages
         assert other.poll() is None, "stop killed a process that was not a server"
         assert not (tmp_path / ".servers" / "prefect.pid").exists()
@@ -143,13 +143,13 @@ def test_stop_ignores_a_stale_pid_file_naming_another_program(tmp_path):
 
 def test_stop_leaves_no_process_and_no_pid_file(started):
     root, env, ports, _ = started
-    pids = servers.status(root)
+    pids = supervisor.status(root)
     assert all(pids.values()), pids
     proc = make("stop", root, env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name, pid in pids.items():
         assert f"{name}: stopped (pid {pid})" in proc.stdout
-        assert servers.group_members(pid) == []  # the server and every worker it started
+        assert supervisor.group_members(pid) == []  # the server and every worker it started
         assert not (root / ".servers" / f"{name}.pid").exists()
     assert listening_addresses(ports["prefect"]) == set()
     assert listening_addresses(ports["mlflow"]) == set()

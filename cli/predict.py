@@ -1,11 +1,10 @@
 """`xfer predict`: class predictions for image files and folders, from a registered model.
 
-    xfer predict <images or folders>... [--model models:/xfer@champion] [--out predictions.csv] [--root .]
-
 The model is any MLflow model URI; by default `models:/<registry.name>@champion`.
 It is read from the MLflow store the stages write: --tracking-uri if given,
-else XFER_TRACKING_URI (a team server, say), else the project's at --root. Folders are searched recursively. The CSV has one row per image:
-path, predicted class, its probability, and one probability column per class.
+else XFER_TRACKING_URI (a team server, say), else the project's at --root.
+Folders are searched recursively. The CSV has one row per image: path,
+predicted class, its probability, and one probability column per class.
 It is written whole or not at all.
 """
 
@@ -14,18 +13,28 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-from tqdm import tqdm
+# torch, pandas and mlflow are imported where they are used: `xfer --help`
+# builds this command's parser and must answer in a moment.
+if TYPE_CHECKING:
+    import pandas as pd
 
-from xfer.config import ConfigError, load_params
-from xfer.data.images import ImageReadError
-from xfer.io import write_text
-from xfer.layout import Layout
-from xfer.predictor import PredictorError, image_files
+    from xfer.layout import Layout
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and folders of images")
+    parser.add_argument("--model", help="MLflow model URI (default: models:/<registry.name>@champion)")
+    parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
+    parser.add_argument("--root", default=".", help="project root holding params.yaml and mlflow.db (default: .)")
+    parser.add_argument("--tracking-uri", help="MLflow store holding the model (default: $XFER_TRACKING_URI if set, else the project's, sqlite:///<root>/mlflow.db)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
 
 
 def default_model_uri(layout: Layout) -> str:
+    from xfer.config import load_params
+
     return f"models:/{load_params(layout.params).registry.name}@champion"
 
 
@@ -38,6 +47,9 @@ def load_model(uri: str, store: str):
 
 def predict_files(model, paths: list[Path], batch_size: int, progress: bool = True) -> pd.DataFrame:
     """The model's prediction frame for `paths`, batch by batch, with a progress bar."""
+    import pandas as pd
+    from tqdm import tqdm
+
     frames = []
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
@@ -49,17 +61,15 @@ def predict_files(model, paths: list[Path], batch_size: int, progress: bool = Tr
     return frame
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="xfer predict", description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", help="image files and folders of images")
-    parser.add_argument("--model", help="MLflow model URI (default: models:/<registry.name>@champion)")
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
-    parser.add_argument("--root", default=".", help="project root holding params.yaml and mlflow.db (default: .)")
-    parser.add_argument("--tracking-uri", help="MLflow store holding the model (default: $XFER_TRACKING_URI if set, else the project's, sqlite:///<root>/mlflow.db)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    from tasks.tracking import TrackingURIError, tracking_uri
+    from xfer.config import ConfigError
+    from xfer.data.images import ImageReadError
+    from xfer.io import write_text
+    from xfer.layout import Layout
+    from xfer.predictor import PredictorError, image_files
+
     layout = Layout(Path(args.root))
-    from tasks.tracking import TrackingURIError, tracking_uri  # imports mlflow: after --help
 
     try:
         if args.batch_size < 1:
@@ -83,7 +93,3 @@ def main(argv: list[str] | None = None) -> int:
     write_text(args.out, frame.to_csv(index=False))
     print(f"{len(frame)} predictions from {uri} -> {args.out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
