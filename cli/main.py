@@ -18,12 +18,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from cli import predict
+# The stage table imports nothing but the standard library: `--help` stays quick.
+from xfer.contract import STAGE_NAMES
 
 PROG = "xfer"
-# The stage names, as dvc.yaml and flows.stages name them. Written out here so
-# that parsing (and `--help`) never imports prefect and torch; a test checks
-# that they are flows.stages.STAGES.
-STAGE_NAMES = ("fetch", "split", "features", "head", "finetune", "evaluate")
 
 
 class Parser(argparse.ArgumentParser):

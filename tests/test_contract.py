@@ -99,16 +99,6 @@ def test_table_names_real_functions_and_params(stage, tiny_params):
     assert chosen, stage  # every key the table names exists in params
 
 
-def test_core_package_never_imports_orchestration():
-    """xfer/ stays usable from a notebook: no prefect or mlflow anywhere in it."""
-    from xfer.contract import imported_modules
-
-    for path in sorted((REPO / "xfer").rglob("*.py")):
-        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-        bad = {m for m in imported_modules(path, module) if m.split(".")[0] in ("prefect", "mlflow")}
-        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}"
-
-
 def test_fast_tier_holds_only_core_unit_tests():
     """`make test-fast` runs the modules conftest marks core: none may reach a stage, a flow,
     Prefect or MLflow, nor use a fixture that runs the pipeline or starts a server."""
