@@ -72,8 +72,9 @@ servers: $(STAMP)
 stop:
 	@$(BIN)/python -m servers.supervisor stop --root $(abspath $(STORE))
 
-## bench: per-stage wall time and orchestration overhead
+## bench: each stage's startup before and after the stage contract, then per-stage wall time and orchestration overhead
 bench: $(STAMP)
+	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/e2e.py
 
 clean-venv:

@@ -26,8 +26,6 @@ from xfer.config import load_params
 from xfer.contract import STAGE_NAMES, STAGES
 from xfer.layout import Layout
 
-STAGE_NAMES = STAGE_NAMES  # re-exported: the order every runner follows
-
 
 def resolve(target: str):
     """The object a contract string "module:name" names, imported now."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -62,9 +63,8 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-def local_and_ci_verdicts(test: str, env: dict[str, str]) -> tuple["subprocess.CompletedProcess", "subprocess.CompletedProcess"]:
+def local_and_ci_verdicts(test: str, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
     """Run one test in a fresh pytest twice, as `make test` would and as CI would (CI=true)."""
-    import subprocess
     import sys
 
     base = {**os.environ, **env}

@@ -29,7 +29,8 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from xfer.data.images import Preprocessing
-from xfer.data.images import IMAGE_SUFFIXES, ImageReadError, to_tensor
+from xfer.data.formats import IMAGE_SUFFIXES
+from xfer.data.images import ImageReadError, to_tensor
 from xfer.finetune import load_classifier
 from xfer.heads import load_head
 from xfer.io import save_torch, write_json

@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How images become the tensors the backbone expects."""
@@ -26,7 +27,6 @@ class Preprocessing:
         return asdict(self)
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 class ImageReadError(ValueError):

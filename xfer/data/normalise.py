@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from xfer.data.images import IMAGE_SUFFIXES
+from xfer.data.formats import IMAGE_SUFFIXES
 from xfer.data.sources import slug
 
 # Folders and files archivers leave behind; never data.
