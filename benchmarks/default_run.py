@@ -33,11 +33,13 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 # Largest difference allowed between the committed figures and a run on another
-# CPU, per model. Set at about 1.5x the largest difference measured between the
-# two CPU kinds seen (the .md shows that table), rounded up: the head trains on
-# bit-identical features for seconds; fine-tuning runs 8 epochs of self-training,
-# which carries a last-bit difference as far as a change of seed (0.868 to 0.961
-# over seeds 0-2, benchmarks/results/finetune.md). Fusion averages the two.
+# CPU, per model, rounded up from about 1.5x the largest difference measured: the
+# .md's table (Intel Xeon against this run's AMD EPYC: finetune 0.032, fusion 0.009,
+# head 0.000) and issue 15's report from another AMD EPYC machine (finetune target
+# test macro precision 0.912 against the Intel run's 0.844: 0.068). The head trains
+# for seconds on bit-identical features; fine-tuning runs 8 epochs of self-training,
+# which carries a last-bit difference about as far as a change of seed does (0.868
+# to 0.961 over seeds 0-2, benchmarks/results/finetune.md). Fusion averages them.
 TOLERANCE = {"head": 0.03, "finetune": 0.12, "fusion": 0.12}
 
 
@@ -123,11 +125,11 @@ def markdown(result: dict, other: dict | None) -> str:
         "in their last bits between CPU kinds.",
     ]
     if other is not None:
-        diff = differences(result["eval"], other["eval"])
+        diff = result["other_cpu"]["largest_difference"] if other["eval"] is None else differences(result["eval"], other["eval"])
         lines += [
             "",
             f"Measured: this run against the same params on {other['machine']['cpu']} "
-            f"({other['machine'].get('cpu_capability', '?')} kernels); largest difference per model over every split and metric:",
+            f"(its kernels: {other['machine'].get('cpu_capability', 'not recorded')}); the largest difference per model over every split and metric:",
             "",
             "| model | largest difference | tolerance |",
             "|---|---:|---:|",
@@ -149,8 +151,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, help="run in this folder (kept); default: a scratch folder")
     parser.add_argument("--other", type=Path, help="the .json this script wrote on another CPU kind, for the table of differences")
+    parser.add_argument("--render", action="store_true", help="run nothing: write the .md again from the committed .json")
     args = parser.parse_args()
     other = json.loads(args.other.read_text()) if args.other else None
+    if args.render:
+        from xfer.io import write_text
+
+        result = json.loads((RESULTS / "default_run.json").read_text())
+        other = other or ({"machine": result["other_cpu"]["machine"], "eval": None} if "other_cpu" in result else None)
+        write_text(RESULTS / "default_run.md", markdown(result, other))
+        return 0
     if args.root:
         args.root.mkdir(parents=True, exist_ok=True)
         result = run(args.root)
