@@ -7,8 +7,8 @@ process each, all talking to one shared temporary Prefect server, see
 servers/temporary_prefect.py) in a scratch copy of the project, then splits every stage's
 wall time into:
 
-  startup   python start + imports (torch, timm, prefect, mlflow), measured
-            once by importing flows.stages in a bare process
+  startup   python start + the imports of that stage's process (its own task
+            module and checks, xfer/contract.py), measured in a bare process
   work      the stage's own computation, timed inside the stage
   mlflow    the rest of the MLflow run: store setup, params, metrics,
             artifacts, model logging (timed inside the stage)
@@ -43,7 +43,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGES = ["fetch", "split", "features", "head", "finetune", "evaluate"]
+from xfer.contract import STAGE_NAMES as STAGES  # noqa: E402
+from xfer.contract import STAGES as CONTRACT  # noqa: E402
 
 
 def copy_project(dest: Path, params: Path) -> None:
@@ -93,15 +94,15 @@ def stage_timings(root: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def measure(root: Path, env: dict, startup: float) -> dict[str, dict[str, float]]:
+def measure(root: Path, env: dict, startup: dict[str, float]) -> dict[str, dict[str, float]]:
     """Run every stage in `root` with `env`; split each one's wall time (see the docstring)."""
     walls = run_stages(root, env)
     inner = stage_timings(root)
     rows = {}
     for stage in STAGES:
         wall, work, mlf = walls[stage], inner[stage]["work"], inner[stage]["mlflow"]
-        prefect = max(wall - startup - work - mlf, 0.0)
-        rows[stage] = {"wall": wall, "startup": startup, "work": work, "mlflow": mlf, "prefect": prefect}
+        prefect = max(wall - startup[stage] - work - mlf, 0.0)
+        rows[stage] = {"wall": wall, "startup": startup[stage], "work": work, "mlflow": mlf, "prefect": prefect}
     return rows
 
 
@@ -121,7 +122,7 @@ def print_breakdown(rows: dict[str, dict[str, float]]) -> dict[str, float]:
     return totals
 
 
-def with_temporary_server(root: Path, env: dict, startup: float) -> tuple[dict, float]:
+def with_temporary_server(root: Path, env: dict, startup: dict[str, float]) -> tuple[dict, float]:
     """The stages against one temporary server for them all (as `make run`); its start time."""
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -136,7 +137,7 @@ def with_temporary_server(root: Path, env: dict, startup: float) -> tuple[dict, 
         server.stop()
 
 
-def with_running_servers(root: Path, env: dict, startup: float) -> tuple[dict, float]:
+def with_running_servers(root: Path, env: dict, startup: dict[str, float]) -> tuple[dict, float]:
     """The stages against servers started as `make servers` does (servers/supervisor.py); their start time."""
     from servers import supervisor
 
@@ -190,7 +191,7 @@ def main() -> None:
     base_env = {**os.environ}
     base_env.pop("PREFECT_API_URL", None)
     env = scratch_env(base_env, root)
-    startup = min(timed([sys.executable, "-c", "import flows.stages"], root, env) for _ in range(2))
+    startup = {stage: min(timed([sys.executable, "-c", f"import {', '.join(CONTRACT[stage].entry_modules)}"], root, env) for _ in range(2)) for stage in STAGES}
 
     shared, server_start = with_temporary_server(root, env, startup)
     print(f"\nxfer end-to-end, params {args.params.name}, {os.cpu_count()} CPU(s); seconds per stage\n")
