@@ -32,7 +32,7 @@ def fusion_members(layout: Layout, params: Params) -> dict[str, tuple[HeadNet, f
     for backbone in params.fusion.backbones:
         name = member_name(backbone)
         head, spec = load_head(layout.head_dir / MEMBERS_DIR / name)
-        fs = feats.load_member(layout.features, name)
+        fs = feats.load_member(layout.features_members, name)
         if spec["features_key"] != fs.meta["key"]:
             raise RuntimeError(f"the head of {name} was trained on other features than the cached ones; rerun the head stage")
         members[name] = (head, fs)
@@ -44,7 +44,7 @@ def evaluate(layout: Layout, params: Params) -> dict:
     with stage_run("evaluate", layout, params, ["evaluate"]) as run:
         with run.work():
             manifest = read_manifest(layout.manifest)
-            fs = feats.load_current(layout.features)
+            fs = feats.load_current(layout.features_current)
             head, head_spec = load_head(layout.head_dir)
             classifier, spec = load_classifier(layout.finetune_dir)
             device = select_device("auto")

@@ -66,7 +66,7 @@ def train_member_heads(layout: Layout, params: Params, names: list[str]) -> dict
             shutil.rmtree(stale)
     summaries = {}
     for name in wanted:
-        fs = feats.load_member(layout.features, name)
+        fs = feats.load_member(layout.features_members, name)
         model, history = train_head(params.head, head_data(fs), len(names), params.seed)
         save_head(members_dir / name, model, params.head, fs.features.shape[1], names, fs.meta["key"])
         kept = best_epoch(params.head, history)
@@ -80,7 +80,7 @@ def head(layout: Layout, params: Params) -> dict:
     cfg = params.head
     with stage_run("head", layout, params, ["seed", "head", "fusion"]) as run:
         with run.work():
-            fs = feats.load_current(layout.features)
+            fs = feats.load_current(layout.features_current)
             names = class_names(read_manifest(layout.manifest))
             logger.info("head: %s on %s, method %s, selection %s", cfg.kind, fs.meta["key"], cfg.method, cfg.selection)
             data = head_data(fs)

@@ -60,7 +60,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
     device = local_device(cfg.device)
     manifest = read_manifest(layout.manifest)
     names = class_names(manifest)
-    fs = feats.load_current(layout.features)
+    fs = feats.load_current(layout.features_current)
     probe_cfg = HeadConfig(kind="linear", epochs=cfg.probe_epochs, lr=cfg.probe_lr)
     if cfg.strategy in PROBE_STARTED:
         probe, _ = train_head(probe_cfg, HeadData(fs.select("source", "train"), fs.select("source", "val")), len(names), params.seed)
