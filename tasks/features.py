@@ -22,6 +22,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -107,7 +108,16 @@ def cached_features(layout: Layout, backbone: BackboneConfig, cfg: FeaturesConfi
     meta = {"backbone": backbone.name, "weights_digest": digest, "preprocessing": prep.as_dict()}
     shards = feats.shards_dir(layout.feature_cache, key)
 
+    how = "miss, computed"
+
     def compute():
+        nonlocal how
+        # A clone that got the outputs from `dvc pull` has them but not the cache: take
+        # them from there (they pass their digests) rather than run the backbone again.
+        published = feats.find_published(key, [layout.features_current, *feats.member_dirs(layout.features_members)])
+        if published is not None:
+            how = f"miss, taken from {published}"
+            return np.load(published / feats.FEATURES_FILE)
         with shard_runner(cfg.runner) as runner:
             extract_shards.with_options(task_runner=runner)(str(layout.root.resolve()), backbone, digest, manifest, cfg, str(shards))
         return feats.merge_shards(shards, feats.shard_bounds(len(manifest), cfg.shard_rows, cfg.batch_size))
@@ -117,7 +127,7 @@ def cached_features(layout: Layout, backbone: BackboneConfig, cfg: FeaturesConfi
     entry, hit = feats.get_or_compute(layout.feature_cache, key, compute, manifest, meta, dtype=cfg.dtype)
     # The entry is whole now; its shards were only the way there.
     shutil.rmtree(shards, ignore_errors=True)
-    get_run_logger().info("features of %s: cache %s: %s", backbone.name, "hit" if hit else "miss, computed", entry)
+    get_run_logger().info("features of %s: cache %s: %s", backbone.name, "hit" if hit else how, entry)
     return {"key": key, "cache_hit": hit, "dim": model.num_features, "weights_digest": digest, "entry": entry}
 
 

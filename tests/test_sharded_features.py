@@ -305,3 +305,15 @@ def test_a_local_dask_cluster_leaves_this_process_environment_as_it_was(prefect_
         seen = on_workers.with_options(task_runner=runner)()
     assert os.environ == before
     assert all(env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1", "PREFECT_API_URL": prefect_api} for env in seen), seen
+
+
+def test_pulled_outputs_refill_the_cache_without_a_forward_pass(tmp_path, split_project, one_pass):
+    """A clone after `dvc pull`: the published features, an empty cache, and here no images either."""
+    root = _project_with(split_project, tmp_path / "p", TINY_PARAMS)
+    first, _ = _run_features(root)
+    shutil.rmtree(Layout(root).feature_cache)
+    shutil.rmtree(Layout(root).raw)  # any forward pass would fail to read its images
+    again, entry = _run_features(root)
+    assert again["key"] == first["key"] and not again["cache_hit"]
+    _assert_same_bytes(entry, one_pass)
+    assert feats.entry_problem(entry) is None

@@ -472,6 +472,24 @@ def publish_members(entries: dict[str, Path], dest: Path) -> bool:
     return linked
 
 
+def member_dirs(members: Path) -> list[Path]:
+    """The member folders of a members output (none if it doesn't exist)."""
+    members = Path(members)
+    return sorted(p for p in members.iterdir() if p.is_dir() and not p.name.startswith(".")) if members.is_dir() else []
+
+
+def find_published(key: str, folders: list[Path]) -> Path | None:
+    """The first of `folders` (published outputs) that holds entry `key` whole and undamaged, if any."""
+    for folder in folders:
+        try:
+            meta = json.loads((Path(folder) / META_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("key") == key and entry_problem(folder) is None:
+            return Path(folder)
+    return None
+
+
 def load_member(members: Path, name: str) -> FeatureSet:
     """The features of fusion member `name` (xfer.config.member_name), from the members output the features stage wrote."""
     pointer = Path(members) / MEMBERS_FILE
