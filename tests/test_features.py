@@ -430,3 +430,14 @@ def test_members_output_lists_its_members_and_drops_removed_ones(tmp_path, manif
     assert [p.name for p in members.iterdir()] == [feats.MEMBERS_FILE]
     with pytest.raises(feats.FeatureCacheError, match="it has: none"):
         feats.load_member(members, "head_a_32px")
+
+
+def test_a_member_folder_whose_key_members_json_does_not_name_is_refused(tmp_path, manifest):
+    import json
+
+    cache, members = tmp_path / "cache", tmp_path / "features" / "members"
+    a = feats.write_entry(cache, "ka", np.ones((10, 2), np.float32), manifest, {})
+    feats.publish_members({"m1": a}, members)
+    (members / feats.MEMBERS_FILE).write_text(json.dumps({"m1": "kother"}))
+    with pytest.raises(feats.FeatureCacheError, match="holds the features of key ka, but .* names kother"):
+        feats.load_member(members, "m1")
