@@ -79,11 +79,13 @@ def cache(args: list[str]) -> int:
             print(f"{verb} {e.key} ({label}, {fc.human_bytes(e.bytes)})")
         for path in result.old_layout:
             print(f"{verb} {path} (old cache layout)")
+        for path in result.leftovers:
+            print(f"{verb} {path} (left by an interrupted write)")
         for e in result.busy:
             print(f"kept {e.key}: another process holds its lock (computing it right now)")
         kept = ", ".join(f"{e.key} ({'; '.join(e.used_by)})" for e in result.kept) or "none"
         print(f"in use, kept: {kept}")
-        print(f"{verb} {len(result.removed) + len(result.old_layout)} items; {'would free' if ns.dry_run else 'freed'} {fc.human_bytes(result.reclaimed)}")
+        print(f"{verb} {len(result.removed) + len(result.old_layout) + len(result.leftovers)} items; {'would free' if ns.dry_run else 'freed'} {fc.human_bytes(result.reclaimed)}")
         return 0
     except FeatureCacheError as err:
         print(f"xfer cache {ns.action}: {err}", file=sys.stderr)

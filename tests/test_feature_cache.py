@@ -184,3 +184,27 @@ def test_cache_cli_names_what_is_valid(project, capsys):
     with pytest.raises(SystemExit) as exit_:
         xfer(["cache", "prune"])
     assert exit_.value.code == 2 and "invalid choice: 'prune'" in capsys.readouterr().err
+
+
+def test_gc_removes_what_interrupted_writes_left_unless_the_key_is_being_written(project, holder, capsys):
+    """A process killed mid-write leaves `.<key>.<random>.tmp` (xfer.io.atomic_dir); gc frees it, but not one being written now."""
+    crashed = project.feature_cache / ".eeeeeeeeeeeeeeee.k3j_x9a1.tmp"
+    live = project.feature_cache / ".ffffffffffffffff.p0q1r2s3.tmp"
+    published = project.features / ".current.z9y8x7w6.tmp"
+    for folder in (crashed, live, published):
+        folder.mkdir()
+        (folder / feats.FEATURES_FILE).write_bytes(b"x" * 5000)
+    holder("key", project.feature_cache, "ffffffffffffffff")
+    assert xfer(["cache", "gc", "--dry-run", "--root", str(project.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove {crashed} (left by an interrupted write)" in out and f"would remove {published}" in out
+    assert str(live) not in out and crashed.is_dir()
+    result = fc.gc(project.feature_cache, project.features_current, project.features_members, project.features)
+    assert result.leftovers == [crashed, published] and result.other_bytes == 10000
+    assert not crashed.exists() and not published.exists() and live.is_dir()
+
+
+def test_gc_dry_run_too_refuses_while_a_features_stage_runs(project, holder, capsys):
+    holder("in-use", project.feature_cache)
+    assert xfer(["cache", "gc", "--dry-run", "--root", str(project.root)]) == 2
+    assert "a features stage is using the feature cache" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from xfer import features as feats
 
 # An old xfer cached entries in the features output folder itself, beside these.
 _OUTPUT_NAMES = {"current", "members"}
+# xfer.io.atomic_dir's temporary folders (`.<name>.<8 random>.tmp`, `.old`) and gc's
+# own (`.gc`): left behind only by a process killed mid-write.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.(tmp|old|gc)$")
 
 
 @dataclass
@@ -158,11 +162,12 @@ class GcResult:
     kept: list[Entry]  # in use by an output
     busy: list[Entry]  # another process holds the key's lock
     old_layout: list[Path]  # removed (or would be) from the features output folder
-    old_layout_bytes: int
+    leftovers: list[Path]  # temporary folders of writes a crash interrupted
+    other_bytes: int  # what removing old_layout and leftovers frees
 
     @property
     def reclaimed(self) -> int:
-        return sum(e.reclaimable for e in self.removed) + self.old_layout_bytes
+        return sum(e.reclaimable for e in self.removed) + self.other_bytes
 
 
 def gc(cache_root: Path, outputs_current: Path, outputs_members: Path, features_dir: Path | None = None, dry_run: bool = False) -> GcResult:
@@ -178,7 +183,8 @@ def gc(cache_root: Path, outputs_current: Path, outputs_members: Path, features_
             f"{outputs_current} holds no features, so every entry would look unused: run the features stage first "
             f"(to drop the whole cache, delete {cache_root})"
         )
-    with feats.cache_in_use(cache_root, exclusive=True) if cache_root.is_dir() and not dry_run else contextlib.nullcontext():
+    # A dry run too: it says what gc would do, and gc refuses while a stage runs.
+    with feats.cache_in_use(cache_root, exclusive=True) if cache_root.is_dir() else contextlib.nullcontext():
         entries = list_entries(cache_root, outputs_current, outputs_members)
         removed, kept, busy = [], [], []
         for entry in entries:
@@ -193,11 +199,29 @@ def gc(cache_root: Path, outputs_current: Path, outputs_members: Path, features_
                     _remove(entry.path)
                 removed.append(entry)
         old = old_layout(features_dir) if features_dir is not None else []
-        old_bytes = sum(_sizes(p)[1] if p.is_dir() else (p.stat().st_size if p.stat().st_nlink == 1 else 0) for p in old)
+        crashed = []
+        # In the cache, a temporary folder belongs to a key: skip it while that key is locked (being written).
+        for path in sorted(cache_root.iterdir()) if cache_root.is_dir() else []:
+            match = _LEFTOVER.match(path.name)
+            if match:
+                with _free_key(cache_root, match["name"], dry_run=True) as free:
+                    if free:
+                        crashed.append(path)
+        # Beside the outputs, only a features stage writes, and none runs while gc holds the cache.
+        if features_dir is not None and Path(features_dir).is_dir():
+            crashed += sorted(p for p in Path(features_dir).iterdir() if _LEFTOVER.match(p.name))
+        other = sum(_own_bytes(p) for p in old + crashed)
         if not dry_run:
-            for path in old:
+            for path in old + crashed:
                 _remove(path) if path.is_dir() else path.unlink()
-    return GcResult(removed, kept, busy, old, old_bytes)
+    return GcResult(removed, kept, busy, old, crashed, other)
+
+
+def _own_bytes(path: Path) -> int:
+    if path.is_dir():
+        return _sizes(path)[1]
+    stat = path.stat()
+    return stat.st_size if stat.st_nlink == 1 else 0
 
 
 def human_bytes(n: float) -> str:
