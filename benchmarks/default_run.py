@@ -81,7 +81,7 @@ def exact_outputs(root: Path) -> dict:
     from xfer.layout import Layout
 
     layout = Layout(root)
-    entry = feats.load_current(layout.features)
+    entry = feats.load_current(layout.features_current)
     return {
         "manifest_sha256": sha256(layout.manifest),
         "features_key": entry.meta["key"],

@@ -359,8 +359,8 @@ def scale_main(args) -> int:
                 busy = (cpu_ticks()[0] - ticks[0]) / max(1, cpu_ticks()[1] - ticks[1])
                 wall = out["end"] - out["start"]
                 assert not out["cache_hit"], "a benchmark run found its features cached"
-                stored = np.load(feats.entry_dir(layout.features, out["key"]) / feats.FEATURES_FILE)
-                shutil.rmtree(layout.features)
+                stored = np.load(feats.entry_dir(layout.feature_cache, out["key"]) / feats.FEATURES_FILE)
+                shutil.rmtree(layout.feature_cache)
                 n_shards = len(feats.shard_bounds(rows, shard, batch))
                 timing = shard_timings(n_shards, workers)
                 row = {
@@ -391,7 +391,7 @@ def scale_main(args) -> int:
             # Warm-up: the server's first flow and task runs, the page cache, two threads at once.
             for workers in (1, 2):
                 stage(4 * batch, FeaturesConfig(batch_size=batch, shard_rows=batch, runner={"kind": "threads", "workers": workers}).model_dump_json())
-                shutil.rmtree(layout.features)
+                shutil.rmtree(layout.feature_cache)
 
             single: dict = {}  # the first run, threads x 1, is the single-process path
             run("threads", 1, args.headline_shard, args.rows)

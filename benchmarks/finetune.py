@@ -89,15 +89,15 @@ def project(base: Params, split_overrides: dict) -> Path:
     root = CACHE / name
     layout = Layout(root)
     params = with_overrides(base, {}, split_overrides)
-    if not (layout.features / feats.CURRENT_FILE).is_file():
+    if not (layout.features_current / feats.META_FILE).is_file():
         dataset = fetch_dataset(params.data, layout.raw, CACHE / "downloads", root=root)
         manifest, _ = build_manifest(layout.raw / dataset["dataset"], params.data, params.seed, root=root)
         save_with(layout.manifest, lambda tmp: manifest.to_csv(tmp, index=False))
         model, prep, weights = create_backbone(params.backbone, num_classes=0)
         key = feats.cache_key(params.backbone.name, weights.digest, prep, manifest, params.features.dtype)
         meta = {"backbone": params.backbone.name, "weights_digest": weights.digest, "preprocessing": prep.as_dict()}
-        feats.get_or_compute(layout.features, key, lambda: feats.extract(model, manifest, prep, params.features.batch_size, root=root), manifest, meta, params.features.dtype)
-        feats.set_current(layout.features, key)
+        entry, _ = feats.get_or_compute(layout.feature_cache, key, lambda: feats.extract(model, manifest, prep, params.features.batch_size, root=root), manifest, meta, params.features.dtype)
+        feats.publish_current(entry, layout.features_current)
     return root
 
 

@@ -5,6 +5,7 @@
     xfer pipeline [--root .]              run the whole chain as one Prefect flow
     xfer summary [metrics/eval.json]      the evaluation as a small table
     xfer predict <images or folders>...   predictions of a registered model (default @champion)
+    xfer cache list|gc [--root .]         the feature cache's entries; remove those no output holds
 
 `xfer <command> --help` describes each command; `xfer --version` prints the
 installed version.
@@ -69,6 +70,57 @@ def run_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cache(args: argparse.Namespace) -> int:
+    """`xfer cache list` / `xfer cache gc`: the feature cache, entry by entry, and reclaiming unused ones."""
+    from xfer import feature_cache as fc
+    from xfer.features import FeatureCacheError
+    from xfer.layout import Layout
+
+    layout = Layout(Path(args.root))
+    where = layout.feature_cache
+    try:
+        if args.action == "list":
+            entries = fc.list_entries(where, layout.features_current, layout.features_members, verify=args.verify)
+            if not entries:
+                print(f"{where}: no entries (the features stage fills it)")
+            else:
+                print(f"{where}: {sum(e.kind == 'entry' for e in entries)} entries, {fc.human_bytes(sum(e.bytes for e in entries))}")
+                print(f"{'key':<16}  {'backbone':<24} {'px':>4} {'rows':>8}  {'dtype':<7}  {'size':>9}  {'created':<16}  used by")
+                for e in entries:
+                    px = "" if e.image_size is None else e.image_size
+                    rows = "" if e.rows is None else e.rows
+                    what = ", ".join(e.used_by) or ("-" if e.kind == "entry" else "shards of an unfinished computation")
+                    if e.problem:
+                        what += f" [{'DAMAGED: ' if args.verify else ''}{e.problem}]"
+                    print(f"{e.key:<16}  {e.backbone[:24]:<24} {px:>4} {rows:>8}  {e.dtype:<7}  {fc.human_bytes(e.bytes):>9}  {e.created:%Y-%m-%d %H:%M}  {what}")
+            used = {k for e in entries for k in [e.key] if e.used_by}
+            for key, users in fc.references(layout.features_current, layout.features_members).items():
+                if key not in used:
+                    print(f"note: {', '.join(users)} holds key {key}, which is not in the cache (restored by `dvc pull`, or removed)")
+            old = fc.old_layout(layout.features)
+            if old:
+                print(f"note: {layout.features} also holds {len(old)} files or folders of the old cache layout that nothing reads; `xfer cache gc` removes them")
+            return 1 if args.verify and any(e.problem for e in entries) else 0
+        result = fc.gc(where, layout.features_current, layout.features_members, layout.features, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        for e in result.removed:
+            label = f"{e.backbone} {e.image_size}px" if e.kind == "entry" else "shards"
+            print(f"{verb} {e.key} ({label}, {fc.human_bytes(e.bytes)})")
+        for path in result.old_layout:
+            print(f"{verb} {path} (old cache layout)")
+        for path in result.leftovers:
+            print(f"{verb} {path} (left by an interrupted write)")
+        for e in result.busy:
+            print(f"kept {e.key}: another process holds its lock (computing it right now)")
+        kept = ", ".join(f"{e.key} ({'; '.join(e.used_by)})" for e in result.kept) or "none"
+        print(f"in use, kept: {kept}")
+        print(f"{verb} {len(result.removed) + len(result.old_layout) + len(result.leftovers)} items; {'would free' if args.dry_run else 'freed'} {fc.human_bytes(result.reclaimed)}")
+        return 0
+    except FeatureCacheError as err:
+        print(f"xfer cache {args.action}: {err}", file=sys.stderr)
+        return 2
+
+
 def add_root(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=".", help="project root holding params.yaml and data/ (default: .)")
 
@@ -98,6 +150,16 @@ def build_parser() -> Parser:
     predict_parser = commands.add_parser("predict", help="predictions of a registered model (default @champion)", description=predict.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     predict.add_arguments(predict_parser)
     predict_parser.set_defaults(run=predict.run)
+
+    cache = commands.add_parser("cache", help="the feature cache: list its entries, or reclaim unused ones", description="The feature cache (data/feature-cache/): every backbone's features ever computed.")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="{list,gc}", parser_class=Parser)
+    listing = actions.add_parser("list", help="each entry: key, backbone, image size, rows, size, created, which output uses it")
+    add_root(listing)
+    listing.add_argument("--verify", action="store_true", help="also check every entry's files against their sha256 (reads them all)")
+    collect = actions.add_parser("gc", help="remove the entries neither data/features/current nor data/features/members holds")
+    add_root(collect)
+    collect.add_argument("--dry-run", action="store_true", help="only list what would be removed and the bytes it would free")
+    cache.set_defaults(run=run_cache)
     return parser
 
 

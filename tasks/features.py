@@ -1,7 +1,11 @@
 """features stage: frozen-backbone features for every manifest row, cached.
 
-The main backbone's entry becomes `current`; each of `fusion.backbones` gets an
-entry of its own, named in `members.json`, for the head stage to train on.
+Entries live in the content-addressed cache `data/feature-cache/<key>/`, which
+is not a DVC output. The stage's outputs are what later stages read: the main
+backbone's entry published as `data/features/current/` (head, finetune and
+evaluate), and each of `fusion.backbones` as `data/features/members/<name>/`
+with `members.json` (head and evaluate). So adding a fusion backbone never
+reruns finetune, and dvc.lock never hashes entries of earlier runs.
 
 A missing entry is computed in shards of `features.shard_rows` rows, mapped
 over the task runner `features.runner` names (threads, Dask or Ray: see
@@ -18,6 +22,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -102,20 +107,40 @@ def cached_features(layout: Layout, backbone: BackboneConfig, cfg: FeaturesConfi
     digest = weights.digest
     key = feats.cache_key(backbone.name, digest, prep, manifest, dtype=cfg.dtype)
     meta = {"backbone": backbone.name, "weights_digest": digest, "preprocessing": prep.as_dict()}
-    shards = feats.shards_dir(layout.features, key)
+    shards = feats.shards_dir(layout.feature_cache, key)
+
+    how = "miss, computed"
 
     def compute():
+        nonlocal how
+        # A clone that got the outputs from `dvc pull` has them but not the cache: take
+        # them from there (they pass their digests) rather than run the backbone again.
+        published = feats.find_published(key, [layout.features_current, *feats.member_dirs(layout.features_members)])
+        if published is not None:
+            how = f"miss, taken from {published}"
+            return np.load(published / feats.FEATURES_FILE)
         with shard_runner(cfg.runner) as runner:
             extract_shards.with_options(task_runner=runner)(str(layout.root.resolve()), backbone, digest, manifest, cfg, str(shards))
         return feats.merge_shards(shards, feats.shard_bounds(len(manifest), cfg.shard_rows, cfg.batch_size))
 
     # Another process (a parallel `dvc exp run`, a second pipeline) may want the same
     # key: get_or_compute lets one of them compute it and the others find it done.
-    entry, hit = feats.get_or_compute(layout.features, key, compute, manifest, meta, dtype=cfg.dtype)
+    entry, hit = feats.get_or_compute(layout.feature_cache, key, compute, manifest, meta, dtype=cfg.dtype)
     # The entry is whole now; its shards were only the way there.
     shutil.rmtree(shards, ignore_errors=True)
-    get_run_logger().info("features of %s: cache %s: %s", backbone.name, "hit" if hit else "miss, computed", entry)
-    return {"key": key, "cache_hit": hit, "dim": model.num_features, "weights_digest": digest}
+    get_run_logger().info("features of %s: cache %s: %s", backbone.name, "hit" if hit else how, entry)
+    return {"key": key, "cache_hit": hit, "dim": model.num_features, "weights_digest": digest, "entry": entry}
+
+
+def _mention_old_layout(layout: Layout) -> None:
+    """Entries an older xfer cached in data/features/ itself: nothing reads them now."""
+    ours = {layout.features_current.name, layout.features_members.name}
+    old = [p for p in layout.features.iterdir() if p.name not in ours and not p.name.startswith(".")]
+    if old:
+        get_run_logger().warning(
+            "features: %s holds %d files or folders of the old cache layout that nothing reads now; `xfer cache gc` removes them",
+            layout.features, len(old),
+        )
 
 
 @task(name="features", cache_policy=NO_CACHE)
@@ -123,10 +148,18 @@ def features(layout: Layout, params: Params) -> dict:
     with stage_run("features", layout, params) as run:
         with run.work():
             manifest = read_manifest(layout.manifest)
-            main = cached_features(layout, params.backbone, params.features, manifest)
-            members = {member_name(b): cached_features(layout, b, params.features, manifest) for b in params.fusion.backbones}
-            feats.set_current(layout.features, main["key"])
-            feats.set_members(layout.features, {name: m["key"] for name, m in members.items()})
+            # Shared with other stages, exclusive to `xfer cache gc`: no entry this run
+            # finds or computes is removed before it is published.
+            with feats.cache_in_use(layout.feature_cache):
+                main = cached_features(layout, params.backbone, params.features, manifest)
+                members = {member_name(b): cached_features(layout, b, params.features, manifest) for b in params.fusion.backbones}
+                linked = feats.publish_current(main["entry"], layout.features_current)
+                linked &= feats.publish_members({name: m["entry"] for name, m in members.items()}, layout.features_members)
+            get_run_logger().info(
+                "features: published %s and %s (%s the cache)",
+                layout.features_current, layout.features_members, "hard links into" if linked else "copies from",
+            )
+            _mention_old_layout(layout)
         run.set_tags({"features_key": main["key"], "weights_digest": main["weights_digest"]})
         run.log_metrics({"cache_hit": int(main["cache_hit"]), "rows": len(manifest), "dim": main["dim"]})
         for name, m in members.items():

@@ -87,7 +87,7 @@ def servable_parts(layout: Layout, params: Params, features: FeatureSet) -> list
     if kind == "fusion":
         for backbone in params.fusion.backbones:
             name = member_name(backbone)
-            parts.append(head_part(layout.head_dir / MEMBERS_DIR / name, backbone, load_member(layout.features, name)))
+            parts.append(head_part(layout.head_dir / MEMBERS_DIR / name, backbone, load_member(layout.features_members, name)))
     return parts
 
 

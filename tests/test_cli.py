@@ -21,6 +21,9 @@ HELP = {
     "pipeline": ["usage: xfer pipeline", "--root"],
     "summary": ["usage: xfer summary", "EVAL_JSON"],
     "predict": ["usage: xfer predict", "IMAGE_OR_FOLDER", "--model", "--out", "--tracking-uri", "--batch-size"],
+    "cache": ["usage: xfer cache", "{list,gc}"],
+    "cache list": ["usage: xfer cache list", "--root", "--verify"],
+    "cache gc": ["usage: xfer cache gc", "--root", "--dry-run"],
 }
 
 
@@ -45,13 +48,13 @@ def test_top_level_help_lists_every_command():
     proc = xfer("--help")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.startswith("usage: xfer")
-    for command in HELP:
+    for command in (c for c in HELP if " " not in c):
         assert f"\n    {command} " in proc.stdout, command
 
 
 @pytest.mark.parametrize("command", sorted(HELP))
 def test_every_command_answers_help_with_its_usage(command, tmp_path):
-    proc = xfer(command, "--help", cwd=tmp_path)
+    proc = xfer(*command.split(), "--help", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     for words in HELP[command]:
         assert words in proc.stdout, (command, words, proc.stdout)
@@ -73,7 +76,7 @@ def test_no_command_prints_usage_and_exits_2():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["nope"], "invalid choice: 'nope' (choose from 'validate', 'stage', 'pipeline', 'summary', 'predict')"),
+        (["nope"], "invalid choice: 'nope' (choose from 'validate', 'stage', 'pipeline', 'summary', 'predict', 'cache')"),
         (["stage", "fech"], "invalid choice: 'fech' (choose from 'fetch', 'split', 'features', 'head', 'finetune', 'evaluate')"),
         (["stage"], "the following arguments are required: STAGE"),
         (["predict"], "the following arguments are required: IMAGE_OR_FOLDER"),

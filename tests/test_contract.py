@@ -111,3 +111,15 @@ def test_fast_tier_holds_only_core_unit_tests():
         assert not reached, f"{name} imports {sorted(reached)}"
         text = path.read_text()
         assert not any(f in text for f in ("prefect_api", "pipeline_project")), name
+
+
+def test_table_paths_are_the_layouts():
+    """The contract's file names and xfer/layout.py's (what the tasks pass to the cores) are one set of paths."""
+    from pathlib import Path
+
+    from xfer.contract import FEATURES, MANIFEST, MEMBER_FEATURES
+    from xfer.layout import Layout
+
+    layout = Layout(Path("."))
+    assert (layout.manifest.as_posix(), layout.features_current.as_posix(), layout.features_members.as_posix()) == (MANIFEST, FEATURES, MEMBER_FEATURES)
+    assert {layout.metrics(s).as_posix() for s in ("head", "finetune", "eval")} == {m for st in STAGES.values() for m in st.metrics}

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -187,9 +188,9 @@ def test_prefect_pipeline_writes_what_dvc_writes(repo, pipeline_project):
     sh([dvc, "repro"], root, env)
     other, _ = pipeline_project
     assert (root / "data/splits/manifest.csv").read_bytes() == (other / "data/splits/manifest.csv").read_bytes()
-    key = json.loads((root / "data/features/current.json").read_text())["key"]
-    assert key == json.loads((other / "data/features/current.json").read_text())["key"]
-    np.testing.assert_allclose(np.load(root / f"data/features/{key}/features.npy"), np.load(other / f"data/features/{key}/features.npy"), atol=1e-5)
+    key = json.loads((root / "data/features/current/meta.json").read_text())["key"]
+    assert key == json.loads((other / "data/features/current/meta.json").read_text())["key"]
+    np.testing.assert_allclose(np.load(root / "data/features/current/features.npy"), np.load(other / "data/features/current/features.npy"), atol=1e-5)
     ours = json.loads((root / "metrics/eval.json").read_text())
     theirs = json.loads((other / "metrics/eval.json").read_text())
     for model in ("head", "finetune"):
@@ -209,6 +210,112 @@ def test_push_and_pull_through_a_local_remote_restore_data_and_manifest(repo, tm
     pulled = sh([dvc, "pull"], root, env)
     assert tree_digest(root, tracked) == before, pulled.stdout
     assert "Running stage" not in sh([dvc, "repro"], root, env).stdout
+
+
+def ran_stages(proc) -> set[str]:
+    return {line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")}
+
+
+def features_outs(root: Path) -> dict[str, str]:
+    """{out path: hash} of the features stage in dvc.lock."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for o in lock["stages"]["features"]["outs"]}
+
+
+def xfer_cache(root: Path, env, *args) -> subprocess.CompletedProcess:
+    return sh([sys.executable, "-m", "cli", "cache", *args, "--root", str(root)], REPO, env, check=False)
+
+
+def test_fusion_backbones_rerun_features_head_and_evaluate_never_finetune(repo):
+    """Acceptance: adding a fusion backbone, then removing it, never reruns finetune; the
+    cache keeps the member's entry, but dvc.lock does not depend on it."""
+    from xfer.config import BackboneConfig, member_name
+
+    root, env, dvc, _ = repo
+    sh(["git", "checkout", "params.yaml"], root, env)
+    sh([dvc, "repro"], root, env)
+    before = features_outs(root)
+    assert set(before) == {"data/features/current", "data/features/members"}
+    finetune_before = tree_digest(root, ["models/finetune"])
+    member = BackboneConfig(name="test_resnet", pretrained=False, image_size=40)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["fusion"]["backbones"] = [member.model_dump(mode="json")]
+    write_params(root, params)
+
+    added = sh([dvc, "repro"], root, env)
+    assert "Running stage 'finetune'" not in added.stdout
+    assert ran_stages(added) == {"features", "head", "evaluate"}, added.stdout
+    assert member_name(member) in json.loads((root / "metrics/eval.json").read_text())
+    with_member = features_outs(root)
+    assert with_member["data/features/current"] == before["data/features/current"]
+    assert with_member["data/features/members"] != before["data/features/members"]
+    assert "up to date" in sh([dvc, "status"], root, env).stdout
+
+    sh(["git", "checkout", "params.yaml"], root, env)
+    removed = sh([dvc, "repro"], root, env)
+    assert "Running stage 'finetune'" not in removed.stdout
+    assert ran_stages(removed) == {"features", "head", "evaluate"}, removed.stdout
+    assert "up to date" in sh([dvc, "status"], root, env).stdout
+    assert tree_digest(root, ["models/finetune"]) == finetune_before
+    # The member's entry stays in the cache (switching back is free), yet the features
+    # outs are what they were before it was ever computed: dvc.lock ignores the cache.
+    listed = xfer_cache(root, env, "list")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines() if re.match(r"[0-9a-f]{16} ", line)}
+    current = json.loads((root / "data/features/current/meta.json").read_text())["key"]
+    assert len(rows) == 2 and rows[current].split()[1:3] == ["test_efficientnet", "32"] and rows[current].endswith("current"), listed.stdout
+    (stale,) = set(rows) - {current}
+    assert rows[stale].split()[1:3] == ["test_resnet", "40"] and rows[stale].endswith(" -"), listed.stdout
+    assert features_outs(root) == before
+
+
+def test_cache_gc_keeps_what_the_outputs_hold_and_frees_the_rest(repo):
+    """`xfer cache gc` on the cache the runs above left: the stale member goes, current stays, nothing reruns."""
+    root, env, dvc, _ = repo
+    cache = root / "data/feature-cache"
+    current = json.loads((root / "data/features/current/meta.json").read_text())["key"]
+    entries = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert current in entries and len(entries) == 2, entries
+    stale = next(k for k in entries if k != current)
+    stale_bytes = sum(p.stat().st_size for p in (cache / stale).iterdir())
+
+    dry = xfer_cache(root, env, "gc", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would remove {stale}" in dry.stdout and current not in dry.stdout.split("in use")[0]
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == entries
+
+    done = xfer_cache(root, env, "gc")
+    assert done.returncode == 0, done.stderr
+    assert f"removed {stale}" in done.stdout and f"{current} (current)" in done.stdout
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == [current]
+    assert stale_bytes > 0 and "freed 0 B" not in done.stdout
+    assert "up to date" in sh([dvc, "status"], root, env).stdout
+    assert "Running stage" not in sh([dvc, "repro"], root, env).stdout
+
+
+def test_damaged_features_are_computed_again_not_passed_on(repo):
+    """A byte changed in the published features (and the cache entry it may share an inode
+    with): dvc repro reruns features, which recomputes the entry; nothing else reruns."""
+    root, env, dvc, _ = repo
+    published = root / "data/features/current/features.npy"
+    key = json.loads((root / "data/features/current/meta.json").read_text())["key"]
+    entry = root / "data/feature-cache" / key / "features.npy"
+    good = published.read_bytes()
+    assert entry.read_bytes() == good
+    # One write per inode: the two may be hard links of one file.
+    for path in {p.stat().st_ino: p for p in (published, entry)}.values():
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([good[-1] ^ 0xFF]))
+    assert published.read_bytes() != good and entry.read_bytes() != good
+    # The readers refuse the damaged output outright.
+    run = sh([sys.executable, "-m", "flows.stages", "head", "--root", str(root)], REPO, env, check=False)
+    assert run.returncode != 0 and "damaged" in run.stdout + run.stderr
+    again = sh([dvc, "repro"], root, env)
+    assert ran_stages(again) == {"features"}, again.stdout
+    assert published.read_bytes() == good and entry.read_bytes() == good
+    assert "up to date" in sh([dvc, "status"], root, env).stdout
 
 
 def test_a_local_two_domain_folder_runs_end_to_end(tmp_path, prefect_api):

@@ -128,9 +128,9 @@ def test_unknown_dtype_is_refused_with_the_choices(manifest, tmp_path):
 
 def test_entry_round_trip_and_selection(tmp_path, manifest):
     x = np.arange(20, dtype=np.float32).reshape(10, 2)
-    feats.write_entry(tmp_path / "cache", "k1", x, manifest, {"backbone": "m"})
-    feats.set_current(tmp_path / "cache", "k1")
-    fs = feats.load_current(tmp_path / "cache")
+    entry = feats.write_entry(tmp_path / "cache", "k1", x, manifest, {"backbone": "m"})
+    feats.publish_current(entry, tmp_path / "out" / "current")
+    fs = feats.load_current(tmp_path / "out" / "current")
     assert fs.meta["key"] == "k1" and fs.meta["dim"] == 2 and fs.meta["dtype"] == "float32"
     sx, sy = fs.select("target", "test")
     np.testing.assert_array_equal(sx, x[6:])
@@ -296,3 +296,148 @@ def test_an_incomplete_entry_is_recomputed_whole(tmp_path, manifest):
     entry, hit = feats.get_or_compute(tmp_path, "k1", lambda: np.ones((10, 2), np.float32), manifest, {})
     assert not hit
     np.testing.assert_array_equal(feats.load_entry(entry).features, np.ones((10, 2)))
+
+
+# --- published outputs and damage -------------------------------------------------
+
+
+def _flip_a_byte(path, offset=-1):
+    """Change one byte in place, as a disk error or a stray write would: same size, same inode."""
+    with open(path, "r+b") as f:
+        f.seek(offset, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(offset, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_an_entry_records_its_digests_and_a_damaged_one_is_refused(tmp_path, manifest):
+    entry = feats.write_entry(tmp_path, "k1", np.ones((10, 2), np.float32), manifest, {})
+    meta = feats.load_entry(entry).meta
+    assert set(meta[feats.DIGESTS]) == {feats.FEATURES_FILE, feats.INDEX_FILE}
+    assert feats.entry_problem(entry) is None
+    _flip_a_byte(entry / feats.FEATURES_FILE)
+    with pytest.raises(feats.FeatureCacheError, match=f"{feats.FEATURES_FILE} has sha256 .* but meta.json records"):
+        feats.load_entry(entry)
+    # The loader still opens it when told not to check: the check, not the format, caught it.
+    assert feats.load_entry(entry, verify=False).features.shape == (10, 2)
+
+
+def test_a_damaged_index_is_refused(tmp_path, manifest):
+    entry = feats.write_entry(tmp_path, "k1", np.ones((10, 2), np.float32), manifest, {})
+    text = (entry / feats.INDEX_FILE).read_text()
+    (entry / feats.INDEX_FILE).write_text(text.replace("target,test", "source,train", 1))
+    with pytest.raises(feats.FeatureCacheError, match=f"{feats.INDEX_FILE} has sha256"):
+        feats.load_entry(entry)
+
+
+def test_a_damaged_cache_entry_is_computed_again_never_a_hit(tmp_path, manifest, caplog):
+    entry, hit = feats.get_or_compute(tmp_path, "k", lambda: np.ones((10, 2), np.float32), manifest, {})
+    _flip_a_byte(entry / feats.FEATURES_FILE)
+    with caplog.at_level("WARNING", logger="xfer.features"):
+        entry, hit = feats.get_or_compute(tmp_path, "k", lambda: np.full((10, 2), 2, np.float32), manifest, {})
+    assert not hit and "is damaged" in caplog.text
+    np.testing.assert_array_equal(feats.load_entry(entry).features, np.full((10, 2), 2))
+
+
+def test_an_entry_without_digests_is_not_trusted(tmp_path, manifest):
+    import json
+
+    entry = feats.write_entry(tmp_path, "k", np.ones((10, 2), np.float32), manifest, {})
+    meta = json.loads((entry / feats.META_FILE).read_text())
+    del meta[feats.DIGESTS]
+    (entry / feats.META_FILE).write_text(json.dumps(meta))
+    assert "no file digests" in feats.entry_problem(entry)
+    _, hit = feats.get_or_compute(tmp_path, "k", lambda: np.ones((10, 2), np.float32), manifest, {})
+    assert not hit and feats.entry_problem(entry) is None
+
+
+def test_publish_links_the_entry_and_replaces_the_old_output_whole(tmp_path, manifest):
+    cache, out = tmp_path / "cache", tmp_path / "features" / "current"
+    a = feats.write_entry(cache, "ka", np.ones((10, 2), np.float32), manifest, {})
+    b = feats.write_entry(cache, "kb", np.zeros((10, 3), np.float32), manifest, {})
+    assert feats.publish_current(a, out) is True
+    for name in feats.ENTRY_FILES:
+        assert (out / name).stat().st_ino == (a / name).stat().st_ino  # a hard link: no bytes copied
+    assert feats.load_current(out).meta["key"] == "ka"
+    feats.publish_current(b, out)
+    assert feats.load_current(out).meta["key"] == "kb" and feats.load_current(out).features.shape == (10, 3)
+    # Nothing left beside the output: no temporary or old folders.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["current"]
+
+
+def test_publish_copies_across_filesystems(tmp_path, manifest):
+    """/dev/shm is a tmpfs: a hard link from the test's folder to it is impossible (EXDEV)."""
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's temporary folder")
+    entry = feats.write_entry(tmp_path / "cache", "k", np.arange(20, dtype=np.float32).reshape(10, 2), manifest, {})
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        out = feats.Path(shm) / "current"
+        assert feats.publish_current(entry, out) is False
+        assert (out / feats.FEATURES_FILE).stat().st_ino != (entry / feats.FEATURES_FILE).stat().st_ino
+        np.testing.assert_array_equal(feats.load_current(out).features, np.arange(20).reshape(10, 2))
+
+
+def test_a_damaged_entry_is_never_published_and_the_old_output_stays(tmp_path, manifest):
+    cache, out = tmp_path / "cache", tmp_path / "features"
+    good = feats.write_entry(cache, "good", np.ones((10, 2), np.float32), manifest, {})
+    bad = feats.write_entry(cache, "bad", np.zeros((10, 2), np.float32), manifest, {})
+    feats.publish_current(good, out / "current")
+    feats.publish_members({"m1": good}, out / "members")
+    _flip_a_byte(bad / feats.FEATURES_FILE)
+    with pytest.raises(feats.FeatureCacheError, match="damaged"):
+        feats.publish_current(bad, out / "current")
+    with pytest.raises(feats.FeatureCacheError, match="damaged"):
+        feats.publish_members({"m1": good, "m2": bad}, out / "members")
+    assert feats.load_current(out / "current").meta["key"] == "good"
+    assert feats.load_member(out / "members", "m1").meta["key"] == "good"
+    assert sorted(p.name for p in out.iterdir()) == ["current", "members"]
+
+
+def test_a_damaged_published_output_is_refused_by_its_readers(tmp_path, manifest):
+    cache, out = tmp_path / "cache", tmp_path / "features"
+    entry = feats.write_entry(cache, "k", np.ones((10, 2), np.float32), manifest, {})
+    feats.publish_current(entry, out / "current")
+    feats.publish_members({"m1": entry}, out / "members")
+    # Replaced, not changed in place: the cache entry keeps its bytes.
+    damaged = np.ones((10, 2), np.float32)
+    damaged[3, 1] = 7
+    for path in (out / "current" / feats.FEATURES_FILE, out / "members" / "m1" / feats.FEATURES_FILE):
+        path.unlink()
+        np.save(path, damaged)
+    with pytest.raises(feats.FeatureCacheError, match="current are damaged .*features.npy has sha256"):
+        feats.load_current(out / "current")
+    with pytest.raises(feats.FeatureCacheError, match="m1 are damaged .*features.npy has sha256"):
+        feats.load_member(out / "members", "m1")
+    assert feats.entry_problem(entry) is None
+
+
+def test_members_output_lists_its_members_and_drops_removed_ones(tmp_path, manifest):
+    import json
+
+    cache, members = tmp_path / "cache", tmp_path / "features" / "members"
+    a = feats.write_entry(cache, "ka", np.ones((10, 2), np.float32), manifest, {})
+    b = feats.write_entry(cache, "kb", np.zeros((10, 4), np.float32), manifest, {})
+    feats.publish_members({"head_a_32px": a, "head_b_40px": b}, members)
+    assert json.loads((members / feats.MEMBERS_FILE).read_text()) == {"head_a_32px": "ka", "head_b_40px": "kb"}
+    assert feats.load_member(members, "head_b_40px").features.shape == (10, 4)
+    feats.publish_members({"head_a_32px": a}, members)
+    assert sorted(p.name for p in members.iterdir()) == ["head_a_32px", feats.MEMBERS_FILE]
+    with pytest.raises(feats.FeatureCacheError, match=r"head_b_40px .* \(it has: head_a_32px\)"):
+        feats.load_member(members, "head_b_40px")
+    feats.publish_members({}, members)
+    assert [p.name for p in members.iterdir()] == [feats.MEMBERS_FILE]
+    with pytest.raises(feats.FeatureCacheError, match="it has: none"):
+        feats.load_member(members, "head_a_32px")
+
+
+def test_a_member_folder_whose_key_members_json_does_not_name_is_refused(tmp_path, manifest):
+    import json
+
+    cache, members = tmp_path / "cache", tmp_path / "features" / "members"
+    a = feats.write_entry(cache, "ka", np.ones((10, 2), np.float32), manifest, {})
+    feats.publish_members({"m1": a}, members)
+    (members / feats.MEMBERS_FILE).write_text(json.dumps({"m1": "kother"}))
+    with pytest.raises(feats.FeatureCacheError, match="holds the features of key ka, but .* names kother"):
+        feats.load_member(members, "m1")

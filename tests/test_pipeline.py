@@ -18,7 +18,7 @@ from xfer.layout import Layout
 def test_every_stage_writes_its_files(pipeline_project):
     root, result = pipeline_project
     layout = Layout(root)
-    for path in [layout.manifest, layout.features / "current.json", layout.head_dir / "head.pt", layout.finetune_dir / "model.pt", layout.metrics("head"), layout.metrics("finetune")]:
+    for path in [layout.manifest, layout.features_current / "meta.json", layout.head_dir / "head.pt", layout.finetune_dir / "model.pt", layout.metrics("head"), layout.metrics("finetune")]:
         assert path.is_file(), path
     assert sorted(p.name for p in (layout.raw / "digits").iterdir()) == ["dataset.json", "handwritten", "images.csv", "printed", "validation.json"]
     assert layout.split_report.is_file()
@@ -47,7 +47,7 @@ def test_target_test_never_trains_a_model(pipeline_project):
     # 12 per class, 25% test: 3 per class held out in each domain.
     assert (m[(m.role == "target") & (m.split == "test")].groupby("label").size() == 3).all()
     head_spec = json.loads((Layout(root).head_dir / "head.json").read_text())
-    assert head_spec["features_key"] == json.loads((Layout(root).features / "current.json").read_text())["key"]
+    assert head_spec["features_key"] == json.loads((Layout(root).features_current / "meta.json").read_text())["key"]
 
 
 def test_mlflow_holds_grouped_stage_runs(pipeline_project):

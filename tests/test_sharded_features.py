@@ -57,7 +57,7 @@ def one_pass(split_project) -> np.ndarray:
 
 
 def _project_with(split_project: Path, dest: Path, params: dict) -> Path:
-    shutil.copytree(split_project, dest, ignore=shutil.ignore_patterns("features", "mlflow.db", "mlartifacts"))
+    shutil.copytree(split_project, dest, ignore=shutil.ignore_patterns("features", "feature-cache", "mlflow.db", "mlartifacts"))
     write_params(dest, params)
     return dest
 
@@ -66,7 +66,7 @@ def _run_features(root: Path) -> tuple[dict, Path]:
     from flows.stages import STAGE_FLOWS
 
     result = STAGE_FLOWS["features"](root=str(root))
-    return result, feats.entry_dir(Layout(root).features, result["key"])
+    return result, feats.entry_dir(Layout(root).feature_cache, result["key"])
 
 
 def _assert_same_bytes(entry: Path, one_pass: np.ndarray) -> None:
@@ -105,7 +105,7 @@ def test_default_threads_runner_gives_the_one_pass_features(tmp_path, split_proj
     assert not result["cache_hit"]
     _assert_same_bytes(entry, one_pass)
     # Shards are only the way to the entry: none are left once it is written.
-    assert not feats.shards_dir(Layout(root).features, result["key"]).exists()
+    assert not feats.shards_dir(Layout(root).feature_cache, result["key"]).exists()
 
 
 def test_many_shards_on_two_threads_give_the_one_pass_features(tmp_path, split_project):
@@ -123,7 +123,7 @@ def test_dask_local_cluster_gives_byte_identical_features(tmp_path, split_projec
     assert len(feats.shard_bounds(len(one_pass), 64, 64)) >= 3
     result, entry = _run_features(root)
     _assert_same_bytes(entry, one_pass)
-    assert not feats.shards_dir(Layout(root).features, result["key"]).exists()
+    assert not feats.shards_dir(Layout(root).feature_cache, result["key"]).exists()
 
 
 def test_a_rerun_computes_only_the_shards_a_crash_left_missing(tmp_path, split_project, one_pass):
@@ -180,7 +180,7 @@ def test_killing_a_dask_worker_mid_extraction_still_completes_with_identical_fea
         outcome: dict = {}
         stage = threading.Thread(target=lambda: outcome.update(zip(("result", "entry"), _run_features(root))))
         stage.start()
-        shards_root = Layout(root).features
+        shards_root = Layout(root).feature_cache
         victim = None
         deadline = time.monotonic() + 120
         while victim is None and time.monotonic() < deadline and stage.is_alive():
@@ -265,8 +265,9 @@ def test_dask_workers_report_to_the_stage_processes_own_temporary_server(tmp_pat
     log = proc.stdout + proc.stderr
     assert log.count("Starting temporary server") == 1, log[-3000:]
     assert log.count("Finished in state Completed") >= 3  # the shard tasks ran and reported
-    key = json.loads((Layout(root).features / feats.CURRENT_FILE).read_text())["key"]
-    _assert_same_bytes(feats.entry_dir(Layout(root).features, key), one_pass)
+    key = json.loads((Layout(root).features_current / feats.META_FILE).read_text())["key"]
+    _assert_same_bytes(feats.entry_dir(Layout(root).feature_cache, key), one_pass)
+    _assert_same_bytes(Layout(root).features_current, one_pass)
 
 
 def test_a_cluster_address_nothing_answers_stops_the_stage_before_any_work(tmp_path, capsys):
@@ -304,3 +305,15 @@ def test_a_local_dask_cluster_leaves_this_process_environment_as_it_was(prefect_
         seen = on_workers.with_options(task_runner=runner)()
     assert os.environ == before
     assert all(env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1", "PREFECT_API_URL": prefect_api} for env in seen), seen
+
+
+def test_pulled_outputs_refill_the_cache_without_a_forward_pass(tmp_path, split_project, one_pass):
+    """A clone after `dvc pull`: the published features, an empty cache, and here no images either."""
+    root = _project_with(split_project, tmp_path / "p", TINY_PARAMS)
+    first, _ = _run_features(root)
+    shutil.rmtree(Layout(root).feature_cache)
+    shutil.rmtree(Layout(root).raw)  # any forward pass would fail to read its images
+    again, entry = _run_features(root)
+    assert again["key"] == first["key"] and not again["cache_hit"]
+    _assert_same_bytes(entry, one_pass)
+    assert feats.entry_problem(entry) is None

@@ -60,6 +60,10 @@ class Stage:
 
 
 MANIFEST = "data/splits/manifest.csv"
+# The features stage's outputs, split by who reads them; the cache itself
+# (data/feature-cache/, every key ever computed) is not an output.
+FEATURES = "data/features/current"
+MEMBER_FEATURES = "data/features/members"
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -91,7 +95,7 @@ STAGES: dict[str, Stage] = {
             # where shards run changes no number (every runner gives the same bytes).
             params=("backbone", "features.batch_size", "features.dtype", "fusion"),
             deps=(MANIFEST, "data/raw"),
-            outs=("data/features",),
+            outs=(FEATURES, MEMBER_FEATURES),
             metrics=(),
             task="tasks.features:features",
             core="xfer.features:extract",
@@ -100,7 +104,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "head",
             params=("seed", "head", "fusion"),
-            deps=("data/features", MANIFEST),
+            deps=(FEATURES, MEMBER_FEATURES, MANIFEST),
             outs=("models/head", "plots/head"),
             metrics=("metrics/head.json",),
             task="tasks.head:head",
@@ -109,7 +113,8 @@ STAGES: dict[str, Stage] = {
         Stage(
             "finetune",
             params=("seed", "backbone", "finetune"),
-            deps=("data/features", MANIFEST, "data/raw"),
+            # Not the fusion members: adding or removing one never reruns fine-tuning.
+            deps=(FEATURES, MANIFEST, "data/raw"),
             outs=("models/finetune", "plots/finetune"),
             metrics=("metrics/finetune.json",),
             task="tasks.finetune:finetune",
@@ -121,7 +126,7 @@ STAGES: dict[str, Stage] = {
             # The frozen backbone travels in the registered model with the head.
             params=("evaluate", "backbone", "registry", "fusion"),
             # The fine-tuned network predicts from the images themselves.
-            deps=("data/features", "models/head", "models/finetune", MANIFEST, "data/raw"),
+            deps=(FEATURES, MEMBER_FEATURES, "models/head", "models/finetune", MANIFEST, "data/raw"),
             outs=("plots/evaluate",),
             metrics=("metrics/eval.json",),
             task="tasks.evaluate:evaluate",

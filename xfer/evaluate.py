@@ -37,13 +37,13 @@ class Evaluation:
     features: feats.FeatureSet  # the main backbone's, which the registered head reads
 
 
-def fusion_members(features_dir: Path, head_dir: Path, params: Params) -> dict[str, tuple[HeadNet, feats.FeatureSet]]:
+def fusion_members(member_features_dir: Path, head_dir: Path, params: Params) -> dict[str, tuple[HeadNet, feats.FeatureSet]]:
     """{member name: (its head, its cached features)} for each of params `fusion.backbones`."""
     members = {}
     for backbone in params.fusion.backbones:
         name = member_name(backbone)
         head, spec = load_head(head_dir / MEMBERS_DIR / name)
-        fs = feats.load_member(features_dir, name)
+        fs = feats.load_member(member_features_dir, name)
         if spec["features_key"] != fs.meta["key"]:
             raise RuntimeError(f"the head of {name} was trained on other features than the cached ones; rerun the head stage")
         members[name] = (head, fs)
@@ -57,16 +57,17 @@ def head_probabilities(head: HeadNet, x: np.ndarray, role: str) -> np.ndarray:
 
 
 def evaluate_models(
-    *, manifest_path: Path, images_root: Path, features_dir: Path, head_dir: Path, finetune_dir: Path,
-    metrics_path: Path, plot_dir: Path, params: Params,
+    *, manifest_path: Path, images_root: Path, features_dir: Path, member_features_dir: Path, head_dir: Path,
+    finetune_dir: Path, metrics_path: Path, plot_dir: Path, params: Params,
 ) -> Evaluation:
+    """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'."""
     manifest = read_manifest(manifest_path)
     fs = feats.load_current(features_dir)
     head, head_spec = load_head(head_dir)
     classifier, spec = load_classifier(finetune_dir)
     device = select_device("auto")
     names = head_spec["class_names"]
-    members = fusion_members(features_dir, head_dir, params)
+    members = fusion_members(member_features_dir, head_dir, params)
     results: dict[str, dict] = {"head": {}, "finetune": {}, "fusion": {}, **{name: {} for name in members}}
     plots: list[Path] = []
     for (role, split), set_name in EVAL_SETS.items():

@@ -1,10 +1,18 @@
 """Frozen-backbone features for every manifest row, cached by content.
 
-A cache entry lives in `<root>/<key>/` where key hashes what determines the
-numbers: backbone name, weights digest, preprocessing, manifest digest and
+A cache entry lives in `<cache root>/<key>/` where key hashes what determines
+the numbers: backbone name, weights digest, preprocessing, manifest digest and
 the stored dtype. The same inputs never get computed twice: `get_or_compute`
 serialises processes that want the same key on a file lock, and an entry is
 written to a temporary folder and renamed, so a half-written one never exists.
+Its meta.json records the sha256 of its features and index, so a damaged
+entry is refused, never read.
+
+The cache root (Layout.feature_cache) is not a DVC output: it keeps every key
+ever computed, and DVC would hash them all. The features stage publishes the
+entries the current params name as its outputs (`publish_current`,
+`publish_members`), and later stages read only those (`load_current`,
+`load_member`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +39,21 @@ from tqdm.auto import tqdm
 
 from xfer.data.images import Preprocessing
 from xfer.data.images import ImageRows
-from xfer.io import atomic_dir, save_with, sha256_json, write_json
+from xfer.io import atomic_dir, save_with, sha256_file, sha256_json, write_json
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
 META_FILE = "meta.json"
-CURRENT_FILE = "current.json"
-# {fusion member name: key}: the extra backbones of params `fusion.backbones`.
+ENTRY_FILES = (FEATURES_FILE, INDEX_FILE, META_FILE)
+# meta.json's {file: sha256} of the files it describes: checked on every load.
+DIGESTS = "sha256"
+DIGESTED_FILES = (FEATURES_FILE, INDEX_FILE)
+# In the members output: {fusion member name: key}, one folder per member beside it.
 MEMBERS_FILE = "members.json"
 LOCK_SUFFIX = ".lock"
+# `<cache root>/.in-use.lock`: held shared by every features stage for its whole run and
+# exclusively by `xfer cache gc`, so gc never removes an entry a stage is about to publish.
+IN_USE_LOCK = ".in-use.lock"
 # `<key>.shards/`: the shards of an entry being computed, kept across a crash so a
 # rerun computes only the missing ones; removed once the entry is written.
 SHARDS_SUFFIX = ".shards"
@@ -162,7 +177,37 @@ def entry_dir(cache_root: Path, key: str) -> Path:
 
 
 def is_complete(entry: Path) -> bool:
-    return all((entry / f).is_file() for f in (FEATURES_FILE, INDEX_FILE, META_FILE))
+    return all((Path(entry) / f).is_file() for f in ENTRY_FILES)
+
+
+def entry_problem(entry: Path) -> str | None:
+    """Why the entry (or a published copy of one) cannot be trusted, or None if every file is what meta.json records.
+
+    Reads the features and index once to hash them (about 1 GB/s): the price of never
+    training on a file that was truncated, overwritten in place or flipped on disk.
+    """
+    entry = Path(entry)
+    missing = [f for f in ENTRY_FILES if not (entry / f).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        meta = json.loads((entry / META_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"{META_FILE} is not valid JSON ({err})"
+    digests = meta.get(DIGESTS) if isinstance(meta, dict) else None
+    if not isinstance(digests, dict):
+        return f"{META_FILE} records no file digests (written by an older xfer)"
+    for name in DIGESTED_FILES:
+        got = sha256_file(entry / name)
+        if got != digests.get(name):
+            return f"{name} has sha256 {got[:12]}, but {META_FILE} records {str(digests.get(name))[:12]}"
+    return None
+
+
+def verify_entry(entry: Path, hint: str = "run the features stage again") -> None:
+    problem = entry_problem(entry)
+    if problem is not None:
+        raise FeatureCacheError(f"features in {entry} are damaged or incomplete: {problem}; {hint}")
 
 
 def _as_stored(features: np.ndarray, dtype: str) -> np.ndarray:
@@ -189,7 +234,8 @@ def write_entry(cache_root: Path, key: str, features: np.ndarray, manifest: pd.D
     with atomic_dir(dest) as tmp:
         np.save(tmp / FEATURES_FILE, stored)
         manifest[INDEX_COLUMNS].to_csv(tmp / INDEX_FILE, index=False)
-        write_json(tmp / META_FILE, {**meta, "key": key, "rows": int(stored.shape[0]), "dim": int(stored.shape[1]), "dtype": dtype})
+        digests = {name: sha256_file(tmp / name) for name in DIGESTED_FILES}
+        write_json(tmp / META_FILE, {**meta, "key": key, "rows": int(stored.shape[0]), "dim": int(stored.shape[1]), "dtype": dtype, DIGESTS: digests})
     return dest
 
 
@@ -233,18 +279,45 @@ def get_or_compute(
     Returns (entry folder, cache hit). On a hit `compute` is never called.
     Processes asking for the same key at once queue on the key's lock: the
     first computes and writes, the others then find the entry complete.
+    An entry whose files do not match their recorded digests is computed
+    again and replaced, with a warning: it is never returned as a hit.
     """
     _check_dtype(dtype)
     entry = entry_dir(cache_root, key)
     # Entries only appear by rename, so a complete one is whole: no lock needed to read it.
-    if is_complete(entry):
+    if is_complete(entry) and entry_problem(entry) is None:
         return entry, True
     with key_lock(cache_root, key):
-        if is_complete(entry):
-            return entry, True
+        if entry.exists():
+            problem = entry_problem(entry)
+            if problem is None:
+                return entry, True
+            log.warning("features %s: the cache entry %s is damaged (%s); computing it again", key, entry, problem)
         features = compute()
         write_entry(cache_root, key, features, manifest, meta, dtype)
     return entry, False
+
+
+@contextlib.contextmanager
+def cache_in_use(cache_root: Path, exclusive: bool = False) -> Iterator[None]:
+    """Hold the cache's in-use lock: shared for a stage that reads and publishes entries, exclusive for gc.
+
+    Exclusive never waits: it raises FeatureCacheError while any stage holds the lock.
+    """
+    path = Path(cache_root) / IN_USE_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if exclusive:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FeatureCacheError(f"a features stage is using the feature cache {cache_root} right now; try again when it has finished") from None
+        else:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -323,15 +396,17 @@ def merge_shards(shards: Path, bounds: list[tuple[int, int]]) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def set_current(cache_root: Path, key: str) -> None:
-    """Point later stages at `key`: the entry the current params and manifest produce."""
-    write_json(Path(cache_root) / CURRENT_FILE, {"key": key})
+def load_entry(entry: Path, verify: bool = True) -> FeatureSet:
+    """The entry's features memory-mapped (read-only, pages read on use), with its index and meta.
 
-
-def load_entry(entry: Path) -> FeatureSet:
-    """The entry's features memory-mapped (read-only, pages read on use), with its index and meta."""
+    With `verify` (the default) each file is first checked against the digest meta.json
+    records: one read of the features, which also brings them into the page cache.
+    """
+    entry = Path(entry)
     if not is_complete(entry):
-        raise FeatureCacheError(f"feature cache entry {entry} is missing or incomplete (run the features stage)")
+        raise FeatureCacheError(f"features {entry} are missing or incomplete (run the features stage)")
+    if verify:
+        verify_entry(entry)
     try:
         features = np.load(entry / FEATURES_FILE, mmap_mode="r")
     except ValueError as err:
@@ -345,23 +420,93 @@ def load_entry(entry: Path) -> FeatureSet:
     return FeatureSet(features, index, meta)
 
 
-def set_members(cache_root: Path, keys: dict[str, str]) -> None:
-    """Point later stages at the fusion backbones' entries: {member name: key}."""
-    write_json(Path(cache_root) / MEMBERS_FILE, keys)
+def _link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link `src` to `dst` (free, same inode), or copy it where a link is impossible; True if linked."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:  # another filesystem (EXDEV), or one without hard links
+        shutil.copyfile(src, dst)
+        return False
 
 
-def load_member(cache_root: Path, name: str) -> FeatureSet:
-    """The features of fusion member `name` (xfer.config.member_name), as the features stage left them."""
-    pointer = Path(cache_root) / MEMBERS_FILE
-    keys = json.loads(pointer.read_text()) if pointer.is_file() else {}
-    if name not in keys:
-        raise FeatureCacheError(f"no cached features for fusion member {name} in {pointer} (run the features stage)")
-    return load_entry(entry_dir(cache_root, keys[name]))
+def _place_entry(entry: Path, dest: Path) -> bool:
+    dest.mkdir(parents=True, exist_ok=True)
+    linked = [_link_or_copy(entry / name, dest / name) for name in ENTRY_FILES]
+    return all(linked)
 
 
-def load_current(cache_root: Path) -> FeatureSet:
-    pointer = Path(cache_root) / CURRENT_FILE
+# Why the stage's outputs are copies of entries and not a pointer file naming a key:
+# DVC hashes, pushes and pulls what a stage declares. A pointer would keep the features
+# themselves out of `dvc push`, so a teammate's `dvc pull` would get a name without the
+# numbers and head would fail on a clone; and `dvc status` could not see a damaged entry.
+# Published files are hard links into the cache, so on one filesystem this costs no
+# space or copying; elsewhere they are copies. A hard link shares its bytes with the
+# entry: the digests in meta.json catch a file changed in place, on either side.
+def publish_current(entry: Path, dest: Path) -> bool:
+    """Make `dest` (the features stage's current output) the entry's files, swapped in whole; True if hard-linked.
+
+    The entry is verified against its digests first: a damaged one is never published.
+    """
+    verify_entry(entry)
+    with atomic_dir(dest) as tmp:
+        return _place_entry(Path(entry), tmp)
+
+
+def publish_members(entries: dict[str, Path], dest: Path) -> bool:
+    """Make `dest` the fusion members' output: `<name>/` per member (the entry's files) and members.json {name: key}.
+
+    Always written, with members.json `{}` when there are none, so the output exists
+    for DVC; swapped in whole, so a dropped member disappears with the old folder.
+    """
+    linked = True
+    with atomic_dir(dest) as tmp:
+        keys = {}
+        for name, entry in entries.items():
+            if not name or name in {MEMBERS_FILE, ".", ".."} or "/" in name or name.startswith("."):
+                raise FeatureCacheError(f"fusion member name {name!r} cannot name a folder")
+            verify_entry(entry)
+            linked &= _place_entry(Path(entry), tmp / name)
+            keys[name] = json.loads((Path(entry) / META_FILE).read_text())["key"]
+        write_json(tmp / MEMBERS_FILE, keys)
+    return linked
+
+
+def member_dirs(members: Path) -> list[Path]:
+    """The member folders of a members output (none if it doesn't exist)."""
+    members = Path(members)
+    return sorted(p for p in members.iterdir() if p.is_dir() and not p.name.startswith(".")) if members.is_dir() else []
+
+
+def find_published(key: str, folders: list[Path]) -> Path | None:
+    """The first of `folders` (published outputs) that holds entry `key` whole and undamaged, if any."""
+    for folder in folders:
+        try:
+            meta = json.loads((Path(folder) / META_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("key") == key and entry_problem(folder) is None:
+            return Path(folder)
+    return None
+
+
+def load_member(members: Path, name: str) -> FeatureSet:
+    """The features of fusion member `name` (xfer.config.member_name), from the members output the features stage wrote."""
+    pointer = Path(members) / MEMBERS_FILE
     if not pointer.is_file():
         raise FeatureCacheError(f"{pointer} not found (run the features stage)")
-    key = json.loads(pointer.read_text())["key"]
-    return load_entry(entry_dir(cache_root, key))
+    keys = json.loads(pointer.read_text())
+    if name not in keys:
+        have = ", ".join(sorted(keys)) or "none"
+        raise FeatureCacheError(f"no features for fusion member {name} in {members} (it has: {have}); run the features stage")
+    fs = load_entry(Path(members) / name)
+    if fs.meta.get("key") != keys[name]:
+        raise FeatureCacheError(f"{Path(members) / name} holds the features of key {fs.meta.get('key')}, but {pointer} names {keys[name]}; run the features stage")
+    return fs
+
+
+def load_current(current: Path) -> FeatureSet:
+    """The main backbone's features, from the current output the features stage wrote."""
+    if not Path(current).is_dir():
+        raise FeatureCacheError(f"{current} not found (run the features stage)")
+    return load_entry(Path(current))

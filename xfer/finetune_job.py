@@ -61,7 +61,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
     device = local_device(cfg.device)
     manifest = read_manifest(layout.manifest)
     names = class_names(manifest)
-    fs = feats.load_current(layout.features)
+    fs = feats.load_current(layout.features_current)
     # The probe learns from source labels alone, whatever head.method the head stage uses.
     probe_cfg = HeadConfig(kind="linear", method="source_only", adapt_weight=1.0, epochs=cfg.probe_epochs, lr=cfg.probe_lr)
     if cfg.strategy in PROBE_STARTED:

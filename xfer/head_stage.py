@@ -66,7 +66,7 @@ def domain_gap(fs: feats.FeatureSet, model: HeadNet, seed: int) -> dict:
     return {"before": distances["backbone features"], "after": distances[after[0]], "after_space": after[0], "panels": panels}
 
 
-def train_member_heads(features_dir: Path, head_dir: Path, params: Params, names: list[str]) -> dict[str, dict]:
+def train_member_heads(member_features_dir: Path, head_dir: Path, params: Params, names: list[str]) -> dict[str, dict]:
     """A head like the main one on each fusion backbone's features, in <head_dir>/members/<name>/."""
     members_dir = head_dir / MEMBERS_DIR
     wanted = [member_name(b) for b in params.fusion.backbones]
@@ -76,7 +76,7 @@ def train_member_heads(features_dir: Path, head_dir: Path, params: Params, names
             shutil.rmtree(stale)
     summaries = {}
     for name in wanted:
-        fs = feats.load_member(features_dir, name)
+        fs = feats.load_member(member_features_dir, name)
         model, history = train_head(params.head, head_data(fs), len(names), params.seed)
         save_head(members_dir / name, model, params.head, fs.features.shape[1], names, fs.meta["key"])
         kept = best_epoch(params.head, history)
@@ -85,9 +85,10 @@ def train_member_heads(features_dir: Path, head_dir: Path, params: Params, names
 
 
 def train_heads(
-    *, features_dir: Path, manifest_path: Path, head_dir: Path, plot_dir: Path, metrics_path: Path,
-    params: Params, on_epoch: EpochCallback | None = None,
+    *, features_dir: Path, member_features_dir: Path, manifest_path: Path, head_dir: Path, plot_dir: Path,
+    metrics_path: Path, params: Params, on_epoch: EpochCallback | None = None,
 ) -> HeadResult:
+    """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'."""
     cfg = params.head
     fs = feats.load_current(features_dir)
     names = class_names(read_manifest(manifest_path))
@@ -110,7 +111,7 @@ def train_heads(
         "proxy_a_distance": {"backbone": gap["before"], "head": gap["after"]},
         "proxy_a_distance_head_space": gap["after_space"],
     }
-    members = train_member_heads(features_dir, head_dir, params, names)
+    members = train_member_heads(member_features_dir, head_dir, params, names)
     if members:
         summary["fusion_members"] = members
     write_json(metrics_path, summary)

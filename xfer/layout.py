@@ -36,8 +36,24 @@ class Layout:
         return self.root / "data" / "splits" / "report.json"
 
     @property
+    def feature_cache(self) -> Path:
+        """Every feature entry ever computed, `<key>/`, content-addressed; not a DVC output (xfer.features)."""
+        return self.root / "data" / "feature-cache"
+
+    @property
     def features(self) -> Path:
+        """The features stage's outputs: `current/` and `members/`, what later stages read."""
         return self.root / "data" / "features"
+
+    @property
+    def features_current(self) -> Path:
+        """The main backbone's entry as published by the features stage: head, finetune and evaluate read it."""
+        return self.features / "current"
+
+    @property
+    def features_members(self) -> Path:
+        """The fusion backbones' entries, `<member name>/` each, and members.json: head and evaluate read it."""
+        return self.features / "members"
 
     @property
     def head_dir(self) -> Path:
