@@ -104,7 +104,11 @@ def run_method(name: str, cfg: HeadConfig, fs: feats.FeatureSet, seeds: list[int
         "uses_target_labels": name == ORACLE,
         "best_epochs": epochs,
         "train_seconds_mean": float(np.mean(seconds)),
-        "config": {k: v for k, v in cfg.model_dump().items() if k in ("kind", "hidden_dim", "method", "adapt_weight", "domain_norm", "epochs", "lr", "pseudo_threshold", "mcc_temperature", "selection")},
+        "config": {
+            k: v
+            for k, v in cfg.model_dump().items()
+            if k in ("kind", "hidden_dim", "method", "adapt_weight", "domain_norm", "epochs", "lr", "pseudo_threshold", "mcc_temperature", "selection")
+        },
     }
 
 
@@ -138,7 +142,9 @@ def markdown(results: dict, meta: dict) -> str:
         c = r["config"]
         head = c["kind"] + (" + domain norm" if c["domain_norm"] else "")
         seeds = " ".join(f"{v:.3f}" for v in r["per_seed"].values())
-        lines.append(f"| {name} | {head} | {'yes (oracle)' if r['uses_target_labels'] else 'no'} | {r['mean']:.3f} | {r['std']:.3f} | {seeds} | {r['train_seconds_mean']:.1f} |")
+        lines.append(
+            f"| {name} | {head} | {'yes (oracle)' if r['uses_target_labels'] else 'no'} | {r['mean']:.3f} | {r['std']:.3f} | {seeds} | {r['train_seconds_mean']:.1f} |"
+        )
     if meta.get("speed"):
         lines += ["", f"Training speed, {meta['speed_shape']} (2-core CPU): " + ", ".join(f"{k} {v:.1f} s" for k, v in meta["speed"].items()) + "."]
     return "\n".join(lines) + "\n"
@@ -152,9 +158,21 @@ def log_to_mlflow(results: dict, meta: dict) -> None:
 
     experiment_id = use_store(Layout(REPO), "xfer-benchmarks")
     for name, r in results.items():
-        with mlflow.start_run(experiment_id=experiment_id, run_name=f"adaptation-{name}", tags={"benchmark": "adaptation", "uses_target_labels": str(r["uses_target_labels"]).lower()}):
-            mlflow.log_params({**{f"head.{k}": v for k, v in r["config"].items()}, "seeds": ",".join(map(str, meta["seeds"])), "features_key": meta["features_key"]})
-            mlflow.log_metrics({"target_test_accuracy_mean": r["mean"], "target_test_accuracy_std": r["std"], **{f"target_test_accuracy_seed_{s}": v for s, v in r["per_seed"].items()}})
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"adaptation-{name}",
+            tags={"benchmark": "adaptation", "uses_target_labels": str(r["uses_target_labels"]).lower()},
+        ):
+            mlflow.log_params(
+                {**{f"head.{k}": v for k, v in r["config"].items()}, "seeds": ",".join(map(str, meta["seeds"])), "features_key": meta["features_key"]}
+            )
+            mlflow.log_metrics(
+                {
+                    "target_test_accuracy_mean": r["mean"],
+                    "target_test_accuracy_std": r["std"],
+                    **{f"target_test_accuracy_seed_{s}": v for s, v in r["per_seed"].items()},
+                }
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.methods:
         results[name] = run_method(name, recipe_config(params, name), fs, args.seeds)
         r = results[name]
-        print(f"{name:<16} {r['mean']:.3f} +- {r['std']:.3f}  ({' '.join(f'{v:.3f}' for v in r['per_seed'].values())})  {r['train_seconds_mean']:.1f} s/run", flush=True)
+        print(
+            f"{name:<16} {r['mean']:.3f} +- {r['std']:.3f}  ({' '.join(f'{v:.3f}' for v in r['per_seed'].values())})  {r['train_seconds_mean']:.1f} s/run",
+            flush=True,
+        )
     if not args.no_speed:
         print("training speed:")
         meta["speed_shape"] = "50 epochs over 10,000 x 1280 source features (plus 10,000 target rows)"

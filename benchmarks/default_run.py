@@ -95,10 +95,7 @@ def figures(eval_json: dict) -> dict:
 
 def differences(ours: dict, other: dict) -> dict[str, float]:
     """model -> the largest absolute difference over its splits and metrics."""
-    return {
-        m: max(abs(ours[m][s][k] - other[m][s][k]) for s in ours[m] for k in METRICS)
-        for m in ours if m in other
-    }
+    return {m: max(abs(ours[m][s][k] - other[m][s][k]) for s in ours[m] for k in METRICS) for m in ours if m in other}
 
 
 def markdown(result: dict, other: dict | None) -> str:

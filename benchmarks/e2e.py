@@ -118,7 +118,9 @@ def print_breakdown(rows: dict[str, dict[str, float]]) -> dict[str, float]:
             for k, v in row.items():
                 totals[k] += v
         r = row
-        print(f"{stage:<10}{r['wall']:>8.1f}{r['startup']:>9.1f}{r['work']:>8.1f}{r['mlflow']:>8.1f}{r['prefect']:>9.1f}{100 * (1 - r['work'] / r['wall']):>11.0f}%")
+        print(
+            f"{stage:<10}{r['wall']:>8.1f}{r['startup']:>9.1f}{r['work']:>8.1f}{r['mlflow']:>8.1f}{r['prefect']:>9.1f}{100 * (1 - r['work'] / r['wall']):>11.0f}%"
+        )
     return totals
 
 

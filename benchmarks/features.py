@@ -91,10 +91,17 @@ def write_images(root: Path, rows: int, seed: int = 0) -> pd.DataFrame:
         pixels = (rng.integers(0, 17, (8, 8)) * 255 // 16).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(root / path)
         role, split = ("source", "train") if i % 2 == 0 else ("target", "train")
-        records.append({
-            "path": path, "label": i % 10, "class_name": str(i % 10), "domain": role, "role": role, "split": split,
-            "sha256": hashlib.sha256((root / path).read_bytes()).hexdigest(),
-        })
+        records.append(
+            {
+                "path": path,
+                "label": i % 10,
+                "class_name": str(i % 10),
+                "domain": role,
+                "role": role,
+                "split": split,
+                "sha256": hashlib.sha256((root / path).read_bytes()).hexdigest(),
+            }
+        )
     return pd.DataFrame(records, columns=[*feats.INDEX_COLUMNS, "class_name"])
 
 
@@ -276,11 +283,11 @@ def scale_main(args) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     import shutil
 
-    import tasks  # noqa: F401  (offline defaults before prefect is imported)
     from prefect import flow
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    import tasks  # noqa: F401  (offline defaults before prefect is imported)
     from tasks.features import cached_features
     from xfer.config import FeaturesConfig
     from xfer.data.split import read_manifest
@@ -364,8 +371,15 @@ def scale_main(args) -> int:
                 n_shards = len(feats.shard_bounds(rows, shard, batch))
                 timing = shard_timings(n_shards, workers)
                 row = {
-                    "runner": kind, "note": note, "workers": workers, "rows": rows, "shard_rows": shard, "shards": n_shards,
-                    "wall_s": wall, "img_s": rows / wall, "img_s_per_worker": rows / wall / workers,
+                    "runner": kind,
+                    "note": note,
+                    "workers": workers,
+                    "rows": rows,
+                    "shard_rows": shard,
+                    "shards": n_shards,
+                    "wall_s": wall,
+                    "img_s": rows / wall,
+                    "img_s_per_worker": rows / wall / workers,
                     # The single-process run's bytes, or their first rows for a sweep on fewer rows.
                     "identical_to_single_process": stored.tobytes() == single.setdefault("features", stored)[:rows].tobytes(),
                     "identical_to_one_pass": stored.tobytes() == reference[:rows].tobytes(),
@@ -417,7 +431,9 @@ def scale_main(args) -> int:
 
             saved = dict(os.environ)
             try:
-                with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None, env={"PREFECT_API_URL": server.api_url}) as cluster:
+                with LocalCluster(
+                    n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None, env={"PREFECT_API_URL": server.api_url}
+                ) as cluster:
                     run("dask", 2, args.headline_shard, args.rows, note=DASK_DEFAULT_ENV, address=cluster.scheduler_address)
             finally:
                 os.environ.clear()
@@ -432,7 +448,8 @@ def scale_main(args) -> int:
 
     def headline(kind: str, workers: int) -> dict:
         return next(
-            r for r in runs
+            r
+            for r in runs
             if r["runner"] == kind and r["workers"] == workers and r["shard_rows"] == args.headline_shard and r["rows"] == args.rows and not r["note"]
         )
 
@@ -610,12 +627,14 @@ def main() -> None:
         extract_rows = []
         for workers in args.workers:
             extract_s = statistics.median(times[f"extract{workers}"])
-            extract_rows.append({
-                "workers": workers,
-                "extract_img_s": n / extract_s,
-                "loader_img_s": n / statistics.median(times[f"loader{workers}"]),
-                "ratio_to_forward": forward_s / extract_s,
-            })
+            extract_rows.append(
+                {
+                    "workers": workers,
+                    "extract_img_s": n / extract_s,
+                    "loader_img_s": n / statistics.median(times[f"loader{workers}"]),
+                    "ratio_to_forward": forward_s / extract_s,
+                }
+            )
         features = run_extract(args.workers[0])
         # The two paths must compute the same thing, or the ratio compares different work.
         with torch.inference_mode():
@@ -671,8 +690,7 @@ def main() -> None:
         f"{'workers':>8}{'extract img/s':>15}{'loader img/s':>14}{'forward img/s':>15}{'ratio':>8}",
         *[f"{r['workers']:>8}{r['extract_img_s']:>15.0f}{r['loader_img_s']:>14.0f}{n / forward_s:>15.0f}{r['ratio_to_forward']:>8.2f}" for r in extract_rows],
         "",
-        f"cache hit: get_or_compute + load_entry {hit_s * 1e3:.1f} ms; "
-        f"with create_backbone + cache_key first {hit_backbone_s * 1e3:.0f} ms",
+        f"cache hit: get_or_compute + load_entry {hit_s * 1e3:.1f} ms; with create_backbone + cache_key first {hit_backbone_s * 1e3:.0f} ms",
         f"load average (1 min) before {result['loadavg_1min']['before']:.2f}, after {result['loadavg_1min']['after']:.2f}",
     ]
     print(f"\n{title}\n")

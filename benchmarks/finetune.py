@@ -78,7 +78,8 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # The ten labels per class repeated 8 times per epoch (otherwise 6% of the rows), and
     # self-training on the unlabelled rest of the target.
     "lp_ft+10_labels x8+self_training+augment, cosine, last": (
-        {**LONGER, "labeled_target_repeats": 8, "method": "self_training", "adapt_weight": 3.0}, {"target_shots": 10},
+        {**LONGER, "labeled_target_repeats": 8, "method": "self_training", "adapt_weight": 3.0},
+        {"target_shots": 10},
     ),
 }
 
@@ -96,7 +97,14 @@ def project(base: Params, split_overrides: dict) -> Path:
         model, prep, weights = create_backbone(params.backbone, num_classes=0)
         key = feats.cache_key(params.backbone.name, weights.digest, prep, manifest, params.features.dtype)
         meta = {"backbone": params.backbone.name, "weights_digest": weights.digest, "preprocessing": prep.as_dict()}
-        entry, _ = feats.get_or_compute(layout.feature_cache, key, lambda: feats.extract(model, manifest, prep, params.features.batch_size, root=root), manifest, meta, params.features.dtype)
+        entry, _ = feats.get_or_compute(
+            layout.feature_cache,
+            key,
+            lambda: feats.extract(model, manifest, prep, params.features.batch_size, root=root),
+            manifest,
+            meta,
+            params.features.dtype,
+        )
         feats.publish_current(entry, layout.features_current)
     return root
 
@@ -160,7 +168,9 @@ def markdown(results: dict, seeds: list[int], epochs: int, device: str) -> str:
     ]
     for name, r in results.items():
         per_seed = ", ".join(f"{v:.3f}" for v in r["per_seed"].values())
-        lines.append(f"| {name} | {r.get('epochs', epochs)} | {r['target_labels']} | {r['mean']:.3f} ± {r['std']:.3f} | {per_seed} | {r['seconds_per_run']:.0f} |")
+        lines.append(
+            f"| {name} | {r.get('epochs', epochs)} | {r['target_labels']} | {r['mean']:.3f} ± {r['std']:.3f} | {per_seed} | {r['seconds_per_run']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

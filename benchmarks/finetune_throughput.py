@@ -76,8 +76,7 @@ def classifier(backbone: str) -> Classifier:
 
 def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], epochs: int) -> None:
     """The pipeline's path on the real digits: linear probe on frozen features, then fine-tune."""
-    from xfer.config import HeadConfig
-    from xfer.config import DataConfig
+    from xfer.config import DataConfig, HeadConfig
     from xfer.data.fetch import fetch_dataset
     from xfer.data.images import ImageRows
     from xfer.data.split import build_manifest, rows
@@ -105,7 +104,16 @@ def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], ep
             head = copy.deepcopy(probe)
             cfg = FinetuneConfig(**LOOP_BASE, epochs=epochs, amp=amp)
             start = time.perf_counter()
-            _, history = finetune(Classifier(body, head), data("source", "train"), data("source", "val"), cfg, device, seed=0, monitor={"target_val": data("target", "val")}, progress=False)
+            _, history = finetune(
+                Classifier(body, head),
+                data("source", "train"),
+                data("source", "val"),
+                cfg,
+                device,
+                seed=0,
+                monitor={"target_val": data("target", "val")},
+                progress=False,
+            )
             took = time.perf_counter() - start
             label = "bf16 autocast" if amp and device.type == "cuda" else "fp32"
             print(f"\nprobe then fine-tune on {device.type}, {label}, LOOP_BASE finetune params, {epochs} epochs: {took:.1f} s")
@@ -133,8 +141,16 @@ def pipeline_throughput(backbone: str, size: int, batch: int, device: torch.devi
         stamps = {}
         cfg = FinetuneConfig(**LOOP_BASE, epochs=2, batch_size=batch, max_steps_per_epoch=steps, num_workers=workers, amp=amp, freeze_bn=True)
         # One validation row: what is timed between the epoch callbacks is the training loop.
-        finetune(Classifier(body, torch.nn.Linear(body.num_features, 10)), train, Subset(train, [0]), cfg, device, seed=0, progress=False,
-                 on_epoch=lambda epoch, _: stamps.__setitem__(epoch, time.perf_counter()))
+        finetune(
+            Classifier(body, torch.nn.Linear(body.num_features, 10)),
+            train,
+            Subset(train, [0]),
+            cfg,
+            device,
+            seed=0,
+            progress=False,
+            on_epoch=lambda epoch, _: stamps.__setitem__(epoch, time.perf_counter()),
+        )
         # Epoch 1 warms up (workers start, kernels are chosen); epoch 2 is measured.
         return steps * batch / (stamps[2] - stamps[1])
 
@@ -169,15 +185,34 @@ def main() -> None:
     rows = []
     for workers in args.workers:
         pipeline = pipeline_throughput(args.backbone, size, args.batch, device, args.steps, workers, amp)
-        rows.append({"workers": workers, "pipeline_img_s": round(pipeline, 1), "ceiling_img_s": round(ceilings[size], 1), "ratio": round(pipeline / ceilings[size], 3)})
-    table = "\n".join(
-        [f"# Fine-tuning throughput: {args.backbone} at {size} px, batch {args.batch}, on {name}{', bf16 autocast' if amp else ''}", "",
-         "| loader workers | pipeline img/s | ceiling img/s (preloaded tensors) | pipeline / ceiling |", "|---:|---:|---:|---:|"]
-        + [f"| {r['workers']} | {r['pipeline_img_s']:.1f} | {r['ceiling_img_s']:.1f} | {r['ratio']:.2f} |" for r in rows]
-    ) + "\n"
+        rows.append(
+            {"workers": workers, "pipeline_img_s": round(pipeline, 1), "ceiling_img_s": round(ceilings[size], 1), "ratio": round(pipeline / ceilings[size], 3)}
+        )
+    table = (
+        "\n".join(
+            [
+                f"# Fine-tuning throughput: {args.backbone} at {size} px, batch {args.batch}, on {name}{', bf16 autocast' if amp else ''}",
+                "",
+                "| loader workers | pipeline img/s | ceiling img/s (preloaded tensors) | pipeline / ceiling |",
+                "|---:|---:|---:|---:|",
+            ]
+            + [f"| {r['workers']} | {r['pipeline_img_s']:.1f} | {r['ceiling_img_s']:.1f} | {r['ratio']:.2f} |" for r in rows]
+        )
+        + "\n"
+    )
     print("\n" + table)
     results = Path(__file__).parent / "results"
-    write_json(results / "finetune_throughput.json", {"device": name, "backbone": args.backbone, "size": size, "batch": args.batch, "ceilings": {str(k): round(v, 1) for k, v in ceilings.items()}, "pipeline": rows})
+    write_json(
+        results / "finetune_throughput.json",
+        {
+            "device": name,
+            "backbone": args.backbone,
+            "size": size,
+            "batch": args.batch,
+            "ceilings": {str(k): round(v, 1) for k, v in ceilings.items()},
+            "pipeline": rows,
+        },
+    )
     write_text(results / "finetune_throughput.md", table)
     if args.epochs:
         real_finetune(args.backbone, device, [False, True] if device.type == "cuda" else [False], args.epochs)

@@ -72,10 +72,7 @@ def markdown(result: dict, ref: str, repeats: int) -> str:
         "",
         "| stage | before s | after s | after / before |",
         "|---|---:|---:|---:|",
-        *(
-            f"| {name} | {r['before_s']:.2f} | {r['after_s']:.2f} | {r['after_s'] / r['before_s']:.2f} |"
-            for name, r in result["stages"].items()
-        ),
+        *(f"| {name} | {r['before_s']:.2f} | {r['after_s']:.2f} | {r['after_s'] / r['before_s']:.2f} |" for name, r in result["stages"].items()),
         "",
         f"For scale, a fresh interpreter alone: {result['python_s']:.2f} s; with one library each: "
         + ", ".join(f"{lib} {s:.2f} s" for lib, s in result["libraries"].items())

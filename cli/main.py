@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from cli import predict
+
 # The stage table imports nothing but the standard library: `--help` stays quick.
 from xfer.contract import STAGE_NAMES
 
@@ -92,14 +93,18 @@ def run_cache(args: argparse.Namespace) -> int:
                     what = ", ".join(e.used_by) or ("-" if e.kind == "entry" else "shards of an unfinished computation")
                     if e.problem:
                         what += f" [{'DAMAGED: ' if args.verify else ''}{e.problem}]"
-                    print(f"{e.key:<16}  {e.backbone[:24]:<24} {px:>4} {rows:>8}  {e.dtype:<7}  {fc.human_bytes(e.bytes):>9}  {e.created:%Y-%m-%d %H:%M}  {what}")
+                    print(
+                        f"{e.key:<16}  {e.backbone[:24]:<24} {px:>4} {rows:>8}  {e.dtype:<7}  {fc.human_bytes(e.bytes):>9}  {e.created:%Y-%m-%d %H:%M}  {what}"
+                    )
             used = {k for e in entries for k in [e.key] if e.used_by}
             for key, users in fc.references(layout.features_current, layout.features_members).items():
                 if key not in used:
                     print(f"note: {', '.join(users)} holds key {key}, which is not in the cache (restored by `dvc pull`, or removed)")
             old = fc.old_layout(layout.features)
             if old:
-                print(f"note: {layout.features} also holds {len(old)} files or folders of the old cache layout that nothing reads; `xfer cache gc` removes them")
+                print(
+                    f"note: {layout.features} also holds {len(old)} files or folders of the old cache layout that nothing reads; `xfer cache gc` removes them"
+                )
             return 1 if args.verify and any(e.problem for e in entries) else 0
         result = fc.gc(where, layout.features_current, layout.features_members, layout.features, dry_run=args.dry_run)
         verb = "would remove" if args.dry_run else "removed"
@@ -114,7 +119,9 @@ def run_cache(args: argparse.Namespace) -> int:
             print(f"kept {e.key}: another process holds its lock (computing it right now)")
         kept = ", ".join(f"{e.key} ({'; '.join(e.used_by)})" for e in result.kept) or "none"
         print(f"in use, kept: {kept}")
-        print(f"{verb} {len(result.removed) + len(result.old_layout) + len(result.leftovers)} items; {'would free' if args.dry_run else 'freed'} {fc.human_bytes(result.reclaimed)}")
+        print(
+            f"{verb} {len(result.removed) + len(result.old_layout) + len(result.leftovers)} items; {'would free' if args.dry_run else 'freed'} {fc.human_bytes(result.reclaimed)}"
+        )
         return 0
     except FeatureCacheError as err:
         print(f"xfer cache {args.action}: {err}", file=sys.stderr)
@@ -130,28 +137,51 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"{PROG} {installed_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    validate = commands.add_parser("validate", help="check params.yaml, touch nothing", description="Validate a params file: print each invalid key (its path and what is allowed) and exit 2, or say it is valid.")
+    validate = commands.add_parser(
+        "validate",
+        help="check params.yaml, touch nothing",
+        description="Validate a params file: print each invalid key (its path and what is allowed) and exit 2, or say it is valid.",
+    )
     validate.add_argument("params", nargs="?", default="params.yaml", metavar="PARAMS", help="the params file (default: params.yaml)")
     validate.set_defaults(run=run_validate)
 
-    stage = commands.add_parser("stage", help="run one stage as a Prefect flow", description="Run one DVC stage as a Prefect flow, after validating params.yaml.")
+    stage = commands.add_parser(
+        "stage", help="run one stage as a Prefect flow", description="Run one DVC stage as a Prefect flow, after validating params.yaml."
+    )
     stage.add_argument("stage", choices=STAGE_NAMES, metavar="STAGE", help=f"one of {', '.join(STAGE_NAMES)}")
     add_root(stage)
     stage.set_defaults(run=run_stage)
 
-    pipeline = commands.add_parser("pipeline", help="run the whole chain as one Prefect flow", description="Run every stage, in order, as one Prefect flow in this process.")
+    pipeline = commands.add_parser(
+        "pipeline", help="run the whole chain as one Prefect flow", description="Run every stage, in order, as one Prefect flow in this process."
+    )
     add_root(pipeline)
     pipeline.set_defaults(run=run_pipeline)
 
-    summary = commands.add_parser("summary", help="the evaluation as a small table", description="Print the evaluation (accuracy, macro precision, recall, F1 per model and split) as a table.")
-    summary.add_argument("eval_json", nargs="?", default="metrics/eval.json", metavar="EVAL_JSON", help="the evaluate stage's metrics (default: metrics/eval.json)")
+    summary = commands.add_parser(
+        "summary",
+        help="the evaluation as a small table",
+        description="Print the evaluation (accuracy, macro precision, recall, F1 per model and split) as a table.",
+    )
+    summary.add_argument(
+        "eval_json", nargs="?", default="metrics/eval.json", metavar="EVAL_JSON", help="the evaluate stage's metrics (default: metrics/eval.json)"
+    )
     summary.set_defaults(run=run_summary)
 
-    predict_parser = commands.add_parser("predict", help="predictions of a registered model (default @champion)", description=predict.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    predict_parser = commands.add_parser(
+        "predict",
+        help="predictions of a registered model (default @champion)",
+        description=predict.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     predict.add_arguments(predict_parser)
     predict_parser.set_defaults(run=predict.run)
 
-    cache = commands.add_parser("cache", help="the feature cache: list its entries, or reclaim unused ones", description="The feature cache (data/feature-cache/): every backbone's features ever computed.")
+    cache = commands.add_parser(
+        "cache",
+        help="the feature cache: list its entries, or reclaim unused ones",
+        description="The feature cache (data/feature-cache/): every backbone's features ever computed.",
+    )
     actions = cache.add_subparsers(dest="action", required=True, metavar="{list,gc}", parser_class=Parser)
     listing = actions.add_parser("list", help="each entry: key, backbone, image size, rows, size, created, which output uses it")
     add_root(listing)

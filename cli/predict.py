@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="MLflow model URI (default: models:/<registry.name>@champion)")
     parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: predictions.csv)")
     parser.add_argument("--root", default=".", help="project root holding params.yaml and mlflow.db (default: .)")
-    parser.add_argument("--tracking-uri", help="MLflow store holding the model (default: $XFER_TRACKING_URI if set, else the project's, sqlite:///<root>/mlflow.db)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow store holding the model (default: $XFER_TRACKING_URI if set, else the project's, sqlite:///<root>/mlflow.db)"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
 
 

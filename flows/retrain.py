@@ -21,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-import tasks  # noqa: F401  (offline defaults before prefect is imported)
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+import tasks  # noqa: F401  (offline defaults before prefect is imported)
 from flows.pipeline import pipeline
 from flows.stages import check_params
 from tasks.tracking import TrackingURIError, team_tracking_uri

@@ -18,10 +18,15 @@ def evaluate(layout: Layout, params: Params) -> dict:
     with stage_run("evaluate", layout, params) as run:
         with run.work():
             scored = evaluate_models(
-                manifest_path=layout.manifest, images_root=layout.root, features_dir=layout.features_current,
+                manifest_path=layout.manifest,
+                images_root=layout.root,
+                features_dir=layout.features_current,
                 member_features_dir=layout.features_members,
-                head_dir=layout.head_dir, finetune_dir=layout.finetune_dir, metrics_path=layout.metrics("eval"),
-                plot_dir=layout.stage_plots("evaluate"), params=params,
+                head_dir=layout.head_dir,
+                finetune_dir=layout.finetune_dir,
+                metrics_path=layout.metrics("eval"),
+                plot_dir=layout.stage_plots("evaluate"),
+                params=params,
             )
         run.log_metrics(scored.results)
         run.log_artifact(layout.metrics("eval"))

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,11 +35,10 @@ from tasks.runners import shard_runner
 from tasks.tracking import stage_run
 from xfer import features as feats
 from xfer.backbones import create_backbone
-from xfer.data.images import Preprocessing
 from xfer.config import BackboneConfig, FeaturesConfig, Params, member_name
+from xfer.data.images import Preprocessing
 from xfer.data.split import read_manifest
 from xfer.layout import Layout
-
 
 _BUILD = threading.Lock()
 
@@ -139,7 +138,8 @@ def _mention_old_layout(layout: Layout) -> None:
     if old:
         get_run_logger().warning(
             "features: %s holds %d files or folders of the old cache layout that nothing reads now; `xfer cache gc` removes them",
-            layout.features, len(old),
+            layout.features,
+            len(old),
         )
 
 
@@ -157,7 +157,9 @@ def features(layout: Layout, params: Params) -> dict:
                 linked &= feats.publish_members({name: m["entry"] for name, m in members.items()}, layout.features_members)
             get_run_logger().info(
                 "features: published %s and %s (%s the cache)",
-                layout.features_current, layout.features_members, "hard links into" if linked else "copies from",
+                layout.features_current,
+                layout.features_members,
+                "hard links into" if linked else "copies from",
             )
             _mention_old_layout(layout)
         run.set_tags({"features_key": main["key"], "weights_digest": main["weights_digest"]})

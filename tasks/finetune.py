@@ -64,7 +64,9 @@ def finetune(layout: Layout, params: Params) -> dict:
                 model, spec = load_classifier(layout.finetune_dir)
                 summary = json.loads(layout.metrics("finetune").read_text())
             # Epoch 0 is the model before any step (the probe-started classifier, for lp_ft).
-            _, curves = save_learning_curves(layout.stage_plots("finetune"), history, first_epoch=0, title=f"finetune ({cfg.strategy}, {cfg.method}); epoch kept: {summary['best_epoch']}")
+            _, curves = save_learning_curves(
+                layout.stage_plots("finetune"), history, first_epoch=0, title=f"finetune ({cfg.strategy}, {cfg.method}); epoch kept: {summary['best_epoch']}"
+            )
         run.log_metrics(summary, prefix="best.")
         run.log_artifact(layout.metrics("finetune"))
         run.log_artifact(curves, "plots")
@@ -77,8 +79,15 @@ def finetune(layout: Layout, params: Params) -> dict:
 def launch_workers(layout: Layout, processes: int) -> None:
     """torchrun on this machine: `processes` workers of xfer.finetune_job; raises if any fails."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-        "-m", "xfer.finetune_job", "--root", str(layout.root),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "xfer.finetune_job",
+        "--root",
+        str(layout.root),
     ]
     # Workers are fresh interpreters: they must not start a Prefect server or an MLflow run.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_RUN"))}

@@ -18,8 +18,13 @@ def head(layout: Layout, params: Params) -> dict:
     with stage_run("head", layout, params) as run:
         with run.work():
             result = train_heads(
-                features_dir=layout.features_current, member_features_dir=layout.features_members, manifest_path=layout.manifest, head_dir=layout.head_dir,
-                plot_dir=layout.stage_plots("head"), metrics_path=layout.metrics("head"), params=params,
+                features_dir=layout.features_current,
+                member_features_dir=layout.features_members,
+                manifest_path=layout.manifest,
+                head_dir=layout.head_dir,
+                plot_dir=layout.stage_plots("head"),
+                metrics_path=layout.metrics("head"),
+                params=params,
                 on_epoch=run.epoch_logger("head"),
             )
         run.set_tags({"head.method": cfg.method, "head.selection": cfg.selection, "uses_target_labels": str(cfg.uses_target_labels).lower()})

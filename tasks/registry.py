@@ -156,7 +156,9 @@ def register_and_promote(layout: Layout, params: Params, results: dict, features
 
 
 def log_decision(decision: Promotion) -> None:
-    mlflow.set_tags({"promotion.decision": "promoted" if decision.promoted else "kept champion", "promotion.version": decision.version, "promotion.reason": decision.reason})
+    mlflow.set_tags(
+        {"promotion.decision": "promoted" if decision.promoted else "kept champion", "promotion.version": decision.version, "promotion.reason": decision.reason}
+    )
     figures = {"promotion.challenger": decision.challenger}
     if decision.champion is not None:
         figures["promotion.champion"] = decision.champion

@@ -59,7 +59,9 @@ def check_reachable(kind: str, address: str, timeout: float) -> None:
     except ValueError:
         port = None
     if not parts.hostname or port is None:
-        raise RunnerError(f"features.runner.address {address!r} needs a host and a port, e.g. {'tcp://scheduler:8786' if kind == 'dask' else 'ray://head:10001'}")
+        raise RunnerError(
+            f"features.runner.address {address!r} needs a host and a port, e.g. {'tcp://scheduler:8786' if kind == 'dask' else 'ray://head:10001'}"
+        )
     try:
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
     except OSError as err:

@@ -95,7 +95,9 @@ def check_database_driver(uri: str, where: str) -> None:
     try:
         dialect.import_dbapi()
     except ImportError as err:
-        raise TrackingURIError(f"{where}: its database driver {dialect.driver!r} is not installed ({err}); {driver_hint(dialect.name, dialect.driver)}") from None
+        raise TrackingURIError(
+            f"{where}: its database driver {dialect.driver!r} is not installed ({err}); {driver_hint(dialect.name, dialect.driver)}"
+        ) from None
 
 
 def driver_hint(database: str, driver: str) -> str:

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-
 from finetune_toys import loop_config, tiny_classifier, toy_data  # noqa: E402
+
 from xfer.finetune import finetune  # noqa: E402
 from xfer.io import save_torch  # noqa: E402
 
@@ -49,8 +49,17 @@ def main(out_dir: str) -> None:
 
     cfg = loop_config(epochs=2, batch_size=8, lr=3e-3, device="cpu", method="mcc", freeze_bn=False)
     trained, _ = finetune(
-        model, RecordingRows(toy_data(64, 0), out / f"rank{rank}_rows.txt"), toy_data(16, 1), cfg, torch.device("cpu"),
-        seed=0, on_epoch=log, progress=False, checkpoint_dir=out / "ckpt", run_key="ddp", target=toy_data(32, 5),
+        model,
+        RecordingRows(toy_data(64, 0), out / f"rank{rank}_rows.txt"),
+        toy_data(16, 1),
+        cfg,
+        torch.device("cpu"),
+        seed=0,
+        on_epoch=log,
+        progress=False,
+        checkpoint_dir=out / "ckpt",
+        run_key="ddp",
+        target=toy_data(32, 5),
     )
     save_torch(out / f"rank{rank}.pt", trained.state_dict())
     dist.destroy_process_group()

@@ -12,14 +12,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
-
 from finetune_toys import NoisyData, loop_config, tiny_classifier, toy_data  # noqa: E402
+
 from xfer.finetune import finetune  # noqa: E402
 from xfer.io import save_torch  # noqa: E402
 
 CFG = loop_config(
-    epochs=4, batch_size=16, lr=3e-3, device="cpu", deterministic=True,
-    schedule="cosine", warmup_epochs=0.5, ema_decay=0.9, label_smoothing=0.1,
+    epochs=4,
+    batch_size=16,
+    lr=3e-3,
+    device="cpu",
+    deterministic=True,
+    schedule="cosine",
+    warmup_epochs=0.5,
+    ema_decay=0.9,
+    label_smoothing=0.1,
     method="dann",  # a discriminator, its dropout and a second (target) batch stream to restore too
 )
 
@@ -35,8 +42,16 @@ def main(out_dir: str, checkpoint_dir: str, delay_s: str) -> None:
             f.write(f"{epoch}\n")
 
     trained, _ = finetune(
-        model, NoisyData(toy_data(96, 0), float(delay_s)), toy_data(32, 1), CFG, torch.device("cpu"), seed=0,
-        on_epoch=log, progress=False, checkpoint_dir=Path(checkpoint_dir), run_key="child",
+        model,
+        NoisyData(toy_data(96, 0), float(delay_s)),
+        toy_data(32, 1),
+        CFG,
+        torch.device("cpu"),
+        seed=0,
+        on_epoch=log,
+        progress=False,
+        checkpoint_dir=Path(checkpoint_dir),
+        run_key="child",
         target=NoisyData(toy_data(48, 5)),
     )
     save_torch(out / "weights.pt", trained.state_dict())

@@ -12,7 +12,6 @@ from xfer.config import BackboneConfig, FinetuneConfig, HeadConfig
 from xfer.finetune import Classifier
 from xfer.heads import build_head
 
-
 # The plain supervised loop these tests were written against: no adaptation, a constant
 # learning rate, the best source-val epoch kept. The pipeline's defaults are a recipe
 # (self-training, cosine, last epoch) that the loop's own tests must not depend on.

@@ -32,7 +32,6 @@ _TINY_OVERRIDES = {
 TINY_PARAMS = parse_params(_TINY_OVERRIDES).model_dump(mode="json")
 
 
-
 def write_params(root: Path, params: dict) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))

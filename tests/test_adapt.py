@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from shifts import rotated_clusters, spurious_offset
+
 from xfer.adapt import (
     ConditionalDomainAdversarialLoss,
     CoralLoss,

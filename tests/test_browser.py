@@ -22,9 +22,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TINY_PARAMS, free_port, local_and_ci_verdicts, write_params
 
 from servers import supervisor
-from helpers import REPO, TINY_PARAMS, free_port, local_and_ci_verdicts, write_params
 
 CHROMIUM = Path(os.environ.get("XFER_CHROMIUM", "/usr/bin/chromium"))
 # No GPU, no sandbox (root in a container), and nothing that phones home.
@@ -94,7 +94,18 @@ def ui(chromium, pipeline_project, tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-server-home")
     ports = {"prefect": free_port(), "mlflow": free_port()}
     env = {**os.environ, "PREFECT_HOME": str(home)}
-    cmd = [sys.executable, "-m", "servers.supervisor", "start", "--root", str(root), "--prefect-port", str(ports["prefect"]), "--mlflow-port", str(ports["mlflow"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "servers.supervisor",
+        "start",
+        "--root",
+        str(root),
+        "--prefect-port",
+        str(ports["prefect"]),
+        "--mlflow-port",
+        str(ports["mlflow"]),
+    ]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     print(f"servers answered in {time.perf_counter() - started:.1f} s")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers import REPO, TINY_PARAMS, write_params
 
 # Each command and words its own --help must show (its arguments, not another's).

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 import yaml
-
 from helpers import REPO
+
 from xfer.config import ConfigError, Params, flatten, load_params, parse_params
 
 

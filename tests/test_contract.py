@@ -10,8 +10,8 @@ import sys
 
 import pytest
 import yaml
-
 from helpers import REPO
+
 from xfer.contract import CODE_RESOURCES, PROJECT_PACKAGES, STAGES, dvc_stages, import_closure
 
 
@@ -51,7 +51,7 @@ def test_static_closure_covers_what_a_stage_process_really_loads(stage):
     loaded = set()
     for path in json.loads(out.strip().splitlines()[-1]):
         if path and path.startswith(str(REPO) + "/") and path.split("/")[len(REPO.parts)] in PROJECT_PACKAGES:
-            loaded.add(path[len(str(REPO)) + 1:])
+            loaded.add(path[len(str(REPO)) + 1 :])
     assert loaded, "the stage loaded no project file: the check is not looking"
     assert loaded <= set(import_closure(REPO, modules)), sorted(loaded - set(import_closure(REPO, modules)))
 
@@ -91,7 +91,7 @@ def test_table_names_real_functions_and_params(stage, tiny_params):
     core_files = import_closure(REPO, (core_module,))
     assert all(f.startswith("xfer/") for f in core_files), f"the core of {stage} imports outside xfer/: {core_files}"
     for check in entry.checks:
-        assert list(inspect.signature(getattr(importlib.import_module(check.partition(':')[0]), check.partition(':')[2])).parameters)[:2] == ["params", "root"]
+        assert list(inspect.signature(getattr(importlib.import_module(check.partition(":")[0]), check.partition(":")[2])).parameters)[:2] == ["params", "root"]
     from xfer.config import parse_params
     from xfer.contract import stage_params
 
@@ -103,6 +103,7 @@ def test_fast_tier_holds_only_core_unit_tests():
     """`make test-fast` runs the modules conftest marks core: none may reach a stage, a flow,
     Prefect or MLflow, nor use a fixture that runs the pipeline or starts a server."""
     from conftest import CORE_TEST_MODULES
+
     from xfer.contract import imported_modules
 
     for name in sorted(CORE_TEST_MODULES):

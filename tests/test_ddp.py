@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from helpers import write_params
 
 TESTS = Path(__file__).parent
@@ -17,7 +16,10 @@ TESTS = Path(__file__).parent
 def torchrun(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
 
 
@@ -32,7 +34,7 @@ def test_two_gloo_processes_train_disjoint_shards_into_identical_weights(tmp_pat
     # Each epoch: 64 rows -> 32 per rank -> 4 batches of 8; the two shards never overlap.
     rows = {r: [int(v) for v in (tmp_path / f"rank{r}_rows.txt").read_text().split()] for r in (0, 1)}
     for epoch in range(2):
-        shard0, shard1 = set(rows[0][epoch * 32:(epoch + 1) * 32]), set(rows[1][epoch * 32:(epoch + 1) * 32])
+        shard0, shard1 = set(rows[0][epoch * 32 : (epoch + 1) * 32]), set(rows[1][epoch * 32 : (epoch + 1) * 32])
         assert len(shard0) == len(shard1) == 32 and not shard0 & shard1
     # Only rank 0 reports and checkpoints; a finished run leaves no checkpoint.
     assert (tmp_path / "epochs.txt").read_text().split("\n")[:-1] == ["0 0", "1 0", "2 0"]

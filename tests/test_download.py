@@ -6,8 +6,8 @@ import hashlib
 import os
 
 import pytest
-
 from http_server import serve_directory
+
 from xfer.data import download as download_module
 from xfer.data.download import ChecksumError, DownloadError, download, part_path
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from helpers import REPO, TINY_PARAMS, write_params
 
 CODE = ["xfer", "tasks", "flows", "dvc.yaml"]

@@ -113,7 +113,7 @@ def test_gc_removes_what_no_output_holds_and_keeps_current_and_members(project, 
 
 def _hold(lock, ready, release, cache_root, key):
     try:
-        with (feats.key_lock(cache_root, key) if lock == "key" else feats.cache_in_use(cache_root)):
+        with feats.key_lock(cache_root, key) if lock == "key" else feats.cache_in_use(cache_root):
             ready.set()
             release.wait(60)
     finally:

@@ -108,14 +108,19 @@ def test_key_changes_with_every_input(manifest):
     assert base == feats.cache_key("m", "w1", PREP, manifest, dtype="float32")
     changed = manifest.copy()
     changed.loc[3, "sha256"] = "f" * 64
-    assert len({
-        base,
-        feats.cache_key("m2", "w1", PREP, manifest),
-        feats.cache_key("m", "w2", PREP, manifest),
-        feats.cache_key("m", "w1", Preprocessing(64, PREP.mean, PREP.std), manifest),
-        feats.cache_key("m", "w1", PREP, changed),
-        feats.cache_key("m", "w1", PREP, manifest, dtype="float16"),
-    }) == 6
+    assert (
+        len(
+            {
+                base,
+                feats.cache_key("m2", "w1", PREP, manifest),
+                feats.cache_key("m", "w2", PREP, manifest),
+                feats.cache_key("m", "w1", Preprocessing(64, PREP.mean, PREP.std), manifest),
+                feats.cache_key("m", "w1", PREP, changed),
+                feats.cache_key("m", "w1", PREP, manifest, dtype="float16"),
+            }
+        )
+        == 6
+    )
 
 
 def test_unknown_dtype_is_refused_with_the_choices(manifest, tmp_path):

@@ -5,8 +5,8 @@ import shutil
 
 import pandas as pd
 import pytest
-
 from datasets import CLASSES, image_folder, tar_folder, zip_folder
+
 from xfer.config import ConfigError, parse_params
 from xfer.data.fetch import REPORT, fetch_dataset
 from xfer.data.normalise import LayoutError

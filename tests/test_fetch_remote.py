@@ -8,9 +8,9 @@ import json
 import zipfile
 
 import pytest
-
 from datasets import add_tar_member, image_folder, tar_folder, zip_folder
 from http_server import serve_directory
+
 from xfer.config import parse_params
 from xfer.data.archives import UnsafeArchiveError
 from xfer.data.download import ChecksumError
@@ -45,7 +45,9 @@ def dataset_files(root):
 
 
 def temporaries(root):
-    return [p.name for d in ("data/raw", "data/downloads") if (root / d).exists() for p in (root / d).iterdir() if p.name.startswith(".") or p.suffix == ".part"]
+    return [
+        p.name for d in ("data/raw", "data/downloads") if (root / d).exists() for p in (root / d).iterdir() if p.name.startswith(".") or p.suffix == ".part"
+    ]
 
 
 @pytest.mark.parametrize("archive", ["shop.zip", "shop.tar.gz"])
@@ -138,9 +140,9 @@ def test_corrupt_jpeg_in_an_archive_is_counted_and_left_out(served):
 
 def test_the_fetch_task_retries_a_failed_download_but_never_a_bad_checksum(served, prefect_api):
     """Prefect's retry resumes the download; a checksum mismatch fails at once."""
+    from helpers import TINY_PARAMS, write_params
     from prefect import flow
 
-    from helpers import TINY_PARAMS, write_params
     from tasks.fetch import fetch as fetch_task
     from xfer.config import load_params
     from xfer.layout import Layout

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from finetune_toys import loop_config, tiny_classifier, toy_data
+
 from xfer.checkpoints import CHECKPOINT_FILE
 from xfer.config import ConfigError, HeadConfig, parse_params
 from xfer.finetune import ClassifierSpec, finetune, load_classifier, lr_factor, predict_logits, save_classifier, select_device
@@ -20,7 +20,17 @@ def test_finetune_starts_from_the_probe_and_learns():
     probe_weight = model.head.classifier.weight.detach().clone()
     cfg = loop_config(epochs=3, batch_size=16, lr=3e-3, device="cpu")
     epochs = []
-    trained, history = finetune(model, toy_data(128, 0), toy_data(64, 1), cfg, torch.device("cpu"), seed=0, monitor={"target_val": toy_data(32, 2)}, on_epoch=lambda e, r: epochs.append(e), progress=False)
+    trained, history = finetune(
+        model,
+        toy_data(128, 0),
+        toy_data(64, 1),
+        cfg,
+        torch.device("cpu"),
+        seed=0,
+        monitor={"target_val": toy_data(32, 2)},
+        on_epoch=lambda e, r: epochs.append(e),
+        progress=False,
+    )
     assert epochs == [0, 1, 2, 3] and "train_loss" not in history[0]
     assert history[0]["val_accuracy"] < 0.75 < max(r["val_accuracy"] for r in history)
     assert not torch.equal(trained.head.classifier.weight, probe_weight)
@@ -140,7 +150,16 @@ def test_head_only_and_gradual_unfreeze_top_down():
     model, _ = tiny_classifier()
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
     seen, record = snapshots(model)
-    finetune(model, toy_data(64, 0), toy_data(16, 1), cfg.model_copy(update={"strategy": "head_only", "epochs": 1}), torch.device("cpu"), seed=0, on_epoch=record, progress=False)
+    finetune(
+        model,
+        toy_data(64, 0),
+        toy_data(16, 1),
+        cfg.model_copy(update={"strategy": "head_only", "epochs": 1}),
+        torch.device("cpu"),
+        seed=0,
+        on_epoch=record,
+        progress=False,
+    )
     assert changed(start, seen[1], backbone) == set()
 
 
@@ -173,8 +192,16 @@ def test_ema_weights_are_what_is_evaluated_and_kept():
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = loop_config(epochs=1, batch_size=16, max_steps_per_epoch=1, lr=5e-2, ema_decay=0.75, device="cpu")
     raw = {}
-    trained, history = finetune(model, toy_data(64, 0), toy_data(64, 1), cfg, torch.device("cpu"), seed=0, progress=False,
-                                on_epoch=lambda e, r: raw.update({k: v.detach().clone() for k, v in model.state_dict().items()}))
+    trained, history = finetune(
+        model,
+        toy_data(64, 0),
+        toy_data(64, 1),
+        cfg,
+        torch.device("cpu"),
+        seed=0,
+        progress=False,
+        on_epoch=lambda e, r: raw.update({k: v.detach().clone() for k, v in model.state_dict().items()}),
+    )
     # on_epoch sees the raw weights; one step later the average is 0.75 * start + 0.25 * raw.
     ema = {k: 0.75 * start[k] + 0.25 * v if v.dtype.is_floating_point else v for k, v in raw.items()}
     kept = ema if history[1]["val_accuracy"] > history[0]["val_accuracy"] else start
@@ -240,7 +267,9 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     from xfer.checkpoints import save_checkpoint
 
     save_checkpoint(tmp_path, {"key": "other run", "epoch": 1})
-    _, history = finetune(model, toy_data(32, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, checkpoint_dir=tmp_path, run_key="this run")
+    _, history = finetune(
+        model, toy_data(32, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, checkpoint_dir=tmp_path, run_key="this run"
+    )
     assert len(history) == 2 and not (tmp_path / CHECKPOINT_FILE).exists()
 
 
@@ -255,8 +284,7 @@ def test_adaptation_while_fine_tuning_trains_on_unlabelled_target_batches(method
     def record(epoch, _):
         seen[epoch] = model.head.classifier.weight.detach().clone()
 
-    finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False,
-             target=target, target_plain=plain, on_epoch=record)
+    finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, target=target, target_plain=plain, on_epoch=record)
     # 4 source batches per epoch -> 4 target batches of 16 per epoch, drawn from the augmented set.
     assert target.reads == 2 * 4 * 16
     # Only self-training reads the plain target set: once per epoch, to label it.
@@ -279,8 +307,16 @@ def test_loader_workers_compile_and_channels_last_train_the_same_weights():
     for name, update in {"eager": {}, "workers": {"num_workers": 2}, "compiled": {"compile": True}, "channels_last": {"channels_last": True}}.items():
         model, _ = tiny_classifier()
         seen = {}
-        trained, _ = finetune(model, toy_data(64, 0), toy_data(16, 1), cfg.model_copy(update=update), torch.device("cpu"), seed=0, progress=False,
-                              on_epoch=lambda e, r: seen.update({k: v.detach().clone() for k, v in model.state_dict().items()}))
+        trained, _ = finetune(
+            model,
+            toy_data(64, 0),
+            toy_data(16, 1),
+            cfg.model_copy(update=update),
+            torch.device("cpu"),
+            seed=0,
+            progress=False,
+            on_epoch=lambda e, r: seen.update({k: v.detach().clone() for k, v in model.state_dict().items()}),
+        )
         results[name] = seen
     eager = results["eager"]
     assert all(torch.equal(eager[k], results["workers"][k]) for k in eager)

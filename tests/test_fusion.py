@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from helpers import TINY_PARAMS, write_params
 from test_registry import client_for, merged
 
@@ -28,7 +27,10 @@ def independent_fusion(root, params) -> tuple[np.ndarray, np.ndarray, list[str]]
 
     layout = Layout(root)
     probs = []
-    for head_dir, fs in ((layout.head_dir, feats.load_current(layout.features_current)), (layout.head_dir / "members" / MEMBER_NAME, feats.load_member(layout.features_members, MEMBER_NAME))):
+    for head_dir, fs in (
+        (layout.head_dir, feats.load_current(layout.features_current)),
+        (layout.head_dir / "members" / MEMBER_NAME, feats.load_member(layout.features_members, MEMBER_NAME)),
+    ):
         head, _ = load_head(head_dir)
         x, y = fs.select("target", "test")
         with torch.no_grad():

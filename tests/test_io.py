@@ -1,5 +1,4 @@
 import pytest
-
 import torch
 
 from xfer.io import atomic_dir, save_torch, save_with, write_json

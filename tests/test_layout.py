@@ -8,7 +8,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 # The folders whose every Python file the README's layout names.
@@ -87,9 +86,6 @@ def imported_packages(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN_IMPORTS))
 def test_imports_point_one_way(layer):
-    wrong = {
-        path: sorted(imported_packages(REPO / path) & FORBIDDEN_IMPORTS[layer])
-        for path in tracked_python_files((layer,))
-    }
+    wrong = {path: sorted(imported_packages(REPO / path) & FORBIDDEN_IMPORTS[layer]) for path in tracked_python_files((layer,))}
     wrong = {path: names for path, names in wrong.items() if names}
     assert wrong == {}, f"{layer}/ imports a layer above it (or prefect/mlflow in the core)"

@@ -1,5 +1,5 @@
-import pytest
 import numpy as np
+import pytest
 from sklearn import metrics as skm
 
 from xfer.metrics import classification_metrics, confusion_matrix, format_results
@@ -74,12 +74,14 @@ def test_reliability_bins_are_right_closed():
 def test_ece_from_probability_rows_by_hand():
     from xfer.metrics import expected_calibration_error
 
-    probabilities = np.array([
-        [0.70, 0.20, 0.10],  # predicts 0, right; confidence .70
-        [0.15, 0.62, 0.23],  # predicts 1, wrong; .62
-        [0.20, 0.18, 0.62],  # predicts 2, right; .62
-        [0.44, 0.56, 0.00],  # predicts 1, wrong; .56
-    ])
+    probabilities = np.array(
+        [
+            [0.70, 0.20, 0.10],  # predicts 0, right; confidence .70
+            [0.15, 0.62, 0.23],  # predicts 1, wrong; .62
+            [0.20, 0.18, 0.62],  # predicts 2, right; .62
+            [0.44, 0.56, 0.00],  # predicts 1, wrong; .56
+        ]
+    )
     labels = np.array([0, 2, 2, 0])
     # 10 bins: (.6, .7] holds .70, .62, .62 (mean .6467, accuracy 2/3); (.5, .6] holds .56 (accuracy 0).
     expected = (3 * abs(2 / 3 - (0.70 + 0.62 + 0.62) / 3) + 1 * 0.56) / 4

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from helpers import TINY_PARAMS, free_port, listening_addresses
 
 MODEL_URI = f"models:/{TINY_PARAMS['registry']['name']}@champion"

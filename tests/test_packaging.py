@@ -9,7 +9,6 @@ import textwrap
 import tomllib
 
 import pytest
-
 from helpers import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -62,26 +61,32 @@ def without(module: str, code: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("kind, module, package", [("dask", "prefect_dask", "prefect-dask"), ("ray", "prefect_ray", "prefect-ray")])
 def test_a_runner_without_its_extra_names_the_package_and_the_extra(kind, module, package):
-    proc = without(module, f"""
+    proc = without(
+        module,
+        f"""
         from tasks.runners import RunnerError, check_runner
         from xfer.config import RunnerConfig
         try:
             check_runner(RunnerConfig(kind={kind!r}))
         except RunnerError as err:
             print(err)
-        """)
+        """,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"needs the {package} package" in proc.stdout and f"pip install 'xfer[{kind}]'" in proc.stdout, proc.stdout
 
 
 def test_a_postgresql_store_without_psycopg2_names_the_team_extra():
-    proc = without("psycopg2", """
+    proc = without(
+        "psycopg2",
+        """
         from tasks.tracking import TrackingURIError, check_tracking_uri
         try:
             check_tracking_uri("postgresql+psycopg2://mlflow:s3cret@db.team:5432/mlflow")
         except TrackingURIError as err:
             print(err)
-        """)
+        """,
+    )
     assert proc.returncode == 0, proc.stderr
     message = proc.stdout.strip()
     assert "database driver 'psycopg2' is not installed" in message, message

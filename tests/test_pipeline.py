@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 from tasks import tracking
 from tasks.tracking import loggable_params
 from xfer.config import load_params
-from xfer.contract import STAGE_NAMES as STAGES, stage_params
+from xfer.contract import STAGE_NAMES as STAGES
+from xfer.contract import stage_params
 from xfer.finetune import load_classifier
 from xfer.layout import Layout
 
@@ -18,7 +19,14 @@ from xfer.layout import Layout
 def test_every_stage_writes_its_files(pipeline_project):
     root, result = pipeline_project
     layout = Layout(root)
-    for path in [layout.manifest, layout.features_current / "meta.json", layout.head_dir / "head.pt", layout.finetune_dir / "model.pt", layout.metrics("head"), layout.metrics("finetune")]:
+    for path in [
+        layout.manifest,
+        layout.features_current / "meta.json",
+        layout.head_dir / "head.pt",
+        layout.finetune_dir / "model.pt",
+        layout.metrics("head"),
+        layout.metrics("finetune"),
+    ]:
         assert path.is_file(), path
     assert sorted(p.name for p in (layout.raw / "digits").iterdir()) == ["dataset.json", "handwritten", "images.csv", "printed", "validation.json"]
     assert layout.split_report.is_file()

@@ -7,7 +7,6 @@ import shutil
 import sys
 
 import pytest
-
 from helpers import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -49,4 +48,3 @@ def test_readme_benchmark_tables_are_the_ones_the_scripts_wrote(name):
     assert block.group(1) == (REPO / "benchmarks" / "results" / f"{name}.md").read_text()
     written = json.loads((REPO / "benchmarks" / "results" / f"{name}.json").read_text())
     assert written, f"results/{name}.json is empty"
-

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import TINY_PARAMS, write_params
 from PIL import Image
 
-from helpers import TINY_PARAMS, write_params
 from tasks.registry import CHALLENGER, CHAMPION, decide
 
 

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import TINY_PARAMS
 from mlflow.tracking import MlflowClient
 
-from helpers import TINY_PARAMS
 from xfer.layout import Layout
 from xfer.metrics import reliability_bins
 from xfer.plots import learning_curve_rows, prediction_rows, reliability_figure, save_figure, write_rows_csv

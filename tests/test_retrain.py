@@ -7,7 +7,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import TINY_PARAMS
 from test_dvc import make_repo
 
@@ -33,8 +32,8 @@ def wait_for_deployment(name: str, server: subprocess.Popen, timeout: float = 12
 
 @pytest.mark.slow
 def test_served_retrain_has_its_cron_and_a_triggered_run_promotes(tmp_path, prefect_api):
-    from mlflow.tracking import MlflowClient
     import mlflow
+    from mlflow.tracking import MlflowClient
     from prefect.deployments import run_deployment
 
     root = tmp_path / "project"
@@ -42,7 +41,11 @@ def test_served_retrain_has_its_cron_and_a_triggered_run_promotes(tmp_path, pref
     env, _ = make_repo(root, TINY_PARAMS, prefect_api)
     server = subprocess.Popen(
         [sys.executable, "-m", "flows.retrain", "--serve", "--cron", CRON, "--name", "nightly-test", "--root", str(root)],
-        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deployment = wait_for_deployment(DEPLOYMENT, server)
@@ -73,11 +76,10 @@ def test_prefect_yaml_deploys_the_retrain_flow_to_a_work_pool(tmp_path, prefect_
     import os
     import shutil
 
+    from helpers import REPO, write_params
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
-
-    from helpers import REPO, write_params
 
     for name in ("flows", "tasks", "xfer"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -89,7 +91,9 @@ def test_prefect_yaml_deploys_the_retrain_flow_to_a_work_pool(tmp_path, prefect_
         except ObjectAlreadyExists:
             pass
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "XFER_PROJECT_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "weekly"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "weekly"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("xfer-retrain/weekly")

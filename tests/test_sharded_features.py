@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import REPO, TINY_PARAMS, write_params
+
 from xfer import features as feats
 from xfer.backbones import create_backbone
 from xfer.config import BackboneConfig, ConfigError, parse_params
@@ -253,13 +253,16 @@ def test_dask_workers_report_to_the_stage_processes_own_temporary_server(tmp_pat
     import subprocess
     import sys
 
-
     root = _project_with(split_project, tmp_path / "p", _params(shard_rows=64, runner={"kind": "dask", "workers": 2}))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "MLFLOW_TRACKING_URI"))}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     proc = subprocess.run(
         [sys.executable, "-m", "flows.stages", "features", "--root", str(root)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
@@ -271,8 +274,9 @@ def test_dask_workers_report_to_the_stage_processes_own_temporary_server(tmp_pat
 
 
 def test_a_cluster_address_nothing_answers_stops_the_stage_before_any_work(tmp_path, capsys):
-    from flows.stages import check_params
     from helpers import free_port
+
+    from flows.stages import check_params
 
     address = f"tcp://127.0.0.1:{free_port()}"
     write_params(tmp_path, _params(runner={"kind": "dask", "address": address}))

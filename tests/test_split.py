@@ -4,8 +4,8 @@ import json
 import shutil
 
 import pytest
-
 from datasets import image_folder
+
 from xfer.config import ConfigError, parse_params
 from xfer.data.fetch import fetch_dataset
 from xfer.data.split import SOURCE_SPLITS, SplitError, build_manifest

@@ -1,9 +1,9 @@
 """Stage entry points refuse bad params before any work or any output."""
 
 import pytest
+from helpers import write_params
 
 from flows.stages import main
-from helpers import write_params
 
 
 @pytest.mark.parametrize(

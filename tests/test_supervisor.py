@@ -15,9 +15,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import REPO, TINY_PARAMS, free_port, listening_addresses, write_params
 
 from servers import supervisor
-from helpers import REPO, TINY_PARAMS, free_port, listening_addresses, write_params
 
 
 def make(target: str, root: Path, env: dict, **variables) -> subprocess.CompletedProcess:
@@ -96,9 +96,7 @@ def test_a_stage_with_prefect_api_url_runs_in_that_server(started, tmp_path):
     api_url = f"http://127.0.0.1:{ports['prefect']}/api"
     write_params(tmp_path, TINY_PARAMS)
     stage_env = {**env, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / ".prefect"), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.stages", "fetch"], cwd=tmp_path, env=stage_env, capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run([sys.executable, "-m", "flows.stages", "fetch"], cwd=tmp_path, env=stage_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     runs = api(api_url + "/flow_runs/filter", {})
     assert len(runs) == 1, runs

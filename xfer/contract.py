@@ -71,8 +71,16 @@ STAGES: dict[str, Stage] = {
         Stage(
             "fetch",
             # Not the global seed nor the split: changing those never refetches.
-            params=("data.dataset", "data.sha256", "data.name", "data.domains", "data.classes",
-                    "data.max_unpacked_gb", "data.max_corrupt_fraction", "data.digits"),
+            params=(
+                "data.dataset",
+                "data.sha256",
+                "data.name",
+                "data.domains",
+                "data.classes",
+                "data.max_unpacked_gb",
+                "data.max_corrupt_fraction",
+                "data.digits",
+            ),
             deps=(),
             outs=("data/raw",),
             metrics=(),
@@ -158,6 +166,7 @@ def stage_params(params, stage: str) -> dict:
 
 # ---- import closure ----------------------------------------------------------
 
+
 def module_file(root: Path, module: str) -> Path | None:
     """The project file that defines `module`, or None for a library module."""
     parts = module.split(".")
@@ -218,6 +227,7 @@ def code_deps(root: Path, stage: Stage) -> list[str]:
 
 
 # ---- dvc.yaml ------------------------------------------------------------------
+
 
 def dvc_stage(root: Path, stage: Stage) -> dict:
     """The dvc.yaml entry the table gives for `stage`."""

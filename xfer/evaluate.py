@@ -57,8 +57,16 @@ def head_probabilities(head: HeadNet, x: np.ndarray, role: str) -> np.ndarray:
 
 
 def evaluate_models(
-    *, manifest_path: Path, images_root: Path, features_dir: Path, member_features_dir: Path, head_dir: Path,
-    finetune_dir: Path, metrics_path: Path, plot_dir: Path, params: Params,
+    *,
+    manifest_path: Path,
+    images_root: Path,
+    features_dir: Path,
+    member_features_dir: Path,
+    head_dir: Path,
+    finetune_dir: Path,
+    metrics_path: Path,
+    plot_dir: Path,
+    params: Params,
 ) -> Evaluation:
     """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'."""
     manifest = read_manifest(manifest_path)

@@ -103,7 +103,12 @@ def list_entries(cache_root: Path, outputs_current: Path, outputs_members: Path,
             meta = {}
         created = dt.datetime.fromtimestamp((meta_path if meta_path.is_file() else path).stat().st_mtime)
         entry = Entry(
-            path.name, path, "entry", size, own, created,
+            path.name,
+            path,
+            "entry",
+            size,
+            own,
+            created,
             backbone=str(meta.get("backbone", "?")),
             image_size=(meta.get("preprocessing") or {}).get("image_size"),
             rows=meta.get("rows"),

@@ -37,8 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from xfer.data.images import Preprocessing
-from xfer.data.images import ImageRows
+from xfer.data.images import ImageRows, Preprocessing
 from xfer.io import atomic_dir, save_with, sha256_file, sha256_json, write_json
 
 FEATURES_FILE = "features.npy"
@@ -220,9 +219,7 @@ def _as_stored(features: np.ndarray, dtype: str) -> np.ndarray:
     if not np.isfinite(stored).all():
         if not np.isfinite(np.asarray(features)).all():
             raise FeatureCacheError("the backbone produced non-finite features (NaN or inf); refusing to cache them")
-        raise FeatureCacheError(
-            f"features reach {float(np.abs(features).max()):.4g}, beyond the {dtype} range; store them as float32 (features.dtype)"
-        )
+        raise FeatureCacheError(f"features reach {float(np.abs(features).max()):.4g}, beyond the {dtype} range; store them as float32 (features.dtype)")
     return stored
 
 
@@ -501,7 +498,9 @@ def load_member(members: Path, name: str) -> FeatureSet:
         raise FeatureCacheError(f"no features for fusion member {name} in {members} (it has: {have}); run the features stage")
     fs = load_entry(Path(members) / name)
     if fs.meta.get("key") != keys[name]:
-        raise FeatureCacheError(f"{Path(members) / name} holds the features of key {fs.meta.get('key')}, but {pointer} names {keys[name]}; run the features stage")
+        raise FeatureCacheError(
+            f"{Path(members) / name} holds the features of key {fs.meta.get('key')}, but {pointer} names {keys[name]}; run the features stage"
+        )
     return fs
 
 

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from xfer.adapt import build_adaptation_loss
 from xfer.adapt.base import AdaptationLoss
-from xfer.data.images import Preprocessing
 from xfer.checkpoints import load_checkpoint, remove_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xfer.config import FinetuneConfig, HeadConfig
+from xfer.data.images import Preprocessing
 from xfer.features import worker_context
 from xfer.heads import build_head
 from xfer.io import save_torch, write_json
@@ -97,7 +97,9 @@ def _autocast(device: torch.device, amp: bool = True):
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, data: Dataset, batch_size: int, device: torch.device, progress: bool = False, desc: str = "predict", amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def predict_logits(
+    model: nn.Module, data: Dataset, batch_size: int, device: torch.device, progress: bool = False, desc: str = "predict", amp: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     model.eval().to(device)
     logits, labels = [], []
     for x, y in tqdm(DataLoader(data, batch_size=batch_size), desc=desc, unit="batch", disable=not progress):
@@ -246,14 +248,24 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
         else:
             since_best += 1
         if checkpoint_dir is not None and is_main_process():
-            save_checkpoint(checkpoint_dir, {
-                "key": run_key, "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": scheduler.state_dict(), "ema": ema.state if ema is not None else None,
-                "history": history, "best_state": best_state, "best_acc": best_acc, "since_best": since_best,
-                "rng": rng_state(shuffle),
-                "adaptation": adaptation.state_dict() if adaptation is not None else None,
-                "scaler": scaler.state_dict(),
-            })
+            save_checkpoint(
+                checkpoint_dir,
+                {
+                    "key": run_key,
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "ema": ema.state if ema is not None else None,
+                    "history": history,
+                    "best_state": best_state,
+                    "best_acc": best_acc,
+                    "since_best": since_best,
+                    "rng": rng_state(shuffle),
+                    "adaptation": adaptation.state_dict() if adaptation is not None else None,
+                    "scaler": scaler.state_dict(),
+                },
+            )
     for param in model.parameters():
         param.requires_grad_(True)
     model.load_state_dict(best_state)
@@ -335,8 +347,12 @@ class TargetAdaptation:
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.sampler = DistributedSampler(target, shuffle=True, seed=seed + 1, drop_last=True) if world_size() > 1 else None
         self.loader = DataLoader(
-            WithIndex(target), batch_size=batch_size, shuffle=self.sampler is None, sampler=self.sampler,
-            drop_last=len(target) // world_size() > batch_size, generator=self.generator,
+            WithIndex(target),
+            batch_size=batch_size,
+            shuffle=self.sampler is None,
+            sampler=self.sampler,
+            drop_last=len(target) // world_size() > batch_size,
+            generator=self.generator,
         )
         self.batches = iter(())
         self.passes = 0
@@ -348,8 +364,12 @@ class TargetAdaptation:
         if target is None or len(target) == 0:
             raise ValueError(f"finetune.method {cfg.method!r} needs unlabelled target images (the target 'unlabeled' split is empty)")
         loss = build_adaptation_loss(
-            cfg.method, model.head.embed_dim, model.head.classifier.out_features,
-            pseudo_threshold=cfg.pseudo_threshold, pseudo_labels=cfg.pseudo_labels, mcc_temperature=cfg.mcc_temperature,
+            cfg.method,
+            model.head.embed_dim,
+            model.head.classifier.out_features,
+            pseudo_threshold=cfg.pseudo_threshold,
+            pseudo_labels=cfg.pseudo_labels,
+            mcc_temperature=cfg.mcc_temperature,
         )
         return cls(loss, target, target_plain, cfg.batch_size, seed, device)
 
@@ -374,7 +394,9 @@ class TargetAdaptation:
             self.sampler.set_epoch(self.passes)
         return iter(self.loader)
 
-    def loss_on_batch(self, model: Classifier, backbone_forward, features_s: torch.Tensor, logits_s: torch.Tensor, progress: float, memory_format=torch.contiguous_format) -> torch.Tensor:
+    def loss_on_batch(
+        self, model: Classifier, backbone_forward, features_s: torch.Tensor, logits_s: torch.Tensor, progress: float, memory_format=torch.contiguous_format
+    ) -> torch.Tensor:
         x_t, index_t = self.next_batch()
         features_t = model.head.embed(backbone_forward(x_t.to(self.device, non_blocking=True, memory_format=memory_format)), "target")
         self.loss.set_progress(progress)

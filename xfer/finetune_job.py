@@ -71,7 +71,9 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         probe = build_head(probe_cfg, fs.features.shape[1], len(names))
     backbone, prep, weights = create_backbone(params.backbone, num_classes=0)
     model = Classifier(backbone, probe)
-    run_key = sha256_json({"params": stage_params(params, "finetune"), "weights": weights.digest, "manifest": sha256_file(layout.manifest), "features": fs.meta["key"]})
+    run_key = sha256_json(
+        {"params": stage_params(params, "finetune"), "weights": weights.digest, "manifest": sha256_file(layout.manifest), "features": fs.meta["key"]}
+    )
     augment = build_augmentation(cfg.augment)
 
     def data(role: str, split: str, train: bool = False) -> ImageRows:

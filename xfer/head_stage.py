@@ -37,7 +37,10 @@ def head_data(fs: feats.FeatureSet) -> HeadData:
     labeled = fs.select("target", "train")
     target_train = np.concatenate([unlabeled, labeled[0]]) if len(labeled[1]) else unlabeled
     return HeadData(
-        fs.select("source", "train"), fs.select("source", "val"), target_train, fs.select("target", "val"),
+        fs.select("source", "train"),
+        fs.select("source", "val"),
+        target_train,
+        fs.select("target", "val"),
         target_labeled=labeled if len(labeled[1]) else None,
     )
 
@@ -71,7 +74,7 @@ def train_member_heads(member_features_dir: Path, head_dir: Path, params: Params
     members_dir = head_dir / MEMBERS_DIR
     wanted = [member_name(b) for b in params.fusion.backbones]
     # A member dropped from params must not linger beside the ones evaluate will read.
-    for stale in (members_dir.iterdir() if members_dir.is_dir() else []):
+    for stale in members_dir.iterdir() if members_dir.is_dir() else []:
         if stale.name not in wanted:
             shutil.rmtree(stale)
     summaries = {}
@@ -85,8 +88,15 @@ def train_member_heads(member_features_dir: Path, head_dir: Path, params: Params
 
 
 def train_heads(
-    *, features_dir: Path, member_features_dir: Path, manifest_path: Path, head_dir: Path, plot_dir: Path,
-    metrics_path: Path, params: Params, on_epoch: EpochCallback | None = None,
+    *,
+    features_dir: Path,
+    member_features_dir: Path,
+    manifest_path: Path,
+    head_dir: Path,
+    plot_dir: Path,
+    metrics_path: Path,
+    params: Params,
+    on_epoch: EpochCallback | None = None,
 ) -> HeadResult:
     """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'."""
     cfg = params.head

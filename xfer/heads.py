@@ -137,7 +137,9 @@ def train_head(
     head = build_head(cfg, x.shape[1], num_classes)
     if cfg.domain_norm:
         head.fit_domain_norm(data.source_train[0], data.target_train)
-    adapt = build_adaptation_loss(cfg.method, head.embed_dim, num_classes, pseudo_threshold=cfg.pseudo_threshold, pseudo_labels=cfg.pseudo_labels, mcc_temperature=cfg.mcc_temperature)
+    adapt = build_adaptation_loss(
+        cfg.method, head.embed_dim, num_classes, pseudo_threshold=cfg.pseudo_threshold, pseudo_labels=cfg.pseudo_labels, mcc_temperature=cfg.mcc_temperature
+    )
     params = list(head.parameters()) + (list(adapt.parameters()) if adapt is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     weight = class_weights(data.source_train[1], num_classes) if cfg.class_balanced else None

@@ -12,8 +12,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from xfer.io import save_with, write_text  # noqa: E402
 
@@ -63,7 +63,15 @@ def tsne_figure(panels: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], cl
     for ax, (name, (coords, domain, labels)) in zip(axes[0], panels.items()):
         for d, marker, label in ((0, "o", "source"), (1, "x", "target")):
             rows = domain == d
-            ax.scatter(coords[rows, 0], coords[rows, 1], c=[cmap(int(v) % cmap.N) for v in labels[rows]], marker=marker, s=10 if d == 0 else 14, linewidths=0.8, alpha=0.7)
+            ax.scatter(
+                coords[rows, 0],
+                coords[rows, 1],
+                c=[cmap(int(v) % cmap.N) for v in labels[rows]],
+                marker=marker,
+                s=10 if d == 0 else 14,
+                linewidths=0.8,
+                alpha=0.7,
+            )
             # Colour is the class; the legend names only the marker.
             ax.scatter([], [], c="grey", marker=marker, label=label)
         ax.set_title(name)
@@ -111,7 +119,18 @@ def reliability_figure(bins: ReliabilityBins, title: str):
     filled = bins.count > 0
     ax.bar(bins.edges[:-1][filled], bins.accuracy[filled], width[filled], align="edge", color="tab:blue", edgecolor="black", linewidth=0.5, label="accuracy")
     # The gap to each bin's mean confidence, what the ECE adds up.
-    ax.bar(bins.edges[:-1][filled], bins.confidence[filled] - bins.accuracy[filled], width[filled], bottom=bins.accuracy[filled], align="edge", fill=False, hatch="///", edgecolor="tab:red", linewidth=0.5, label="gap to mean confidence")
+    ax.bar(
+        bins.edges[:-1][filled],
+        bins.confidence[filled] - bins.accuracy[filled],
+        width[filled],
+        bottom=bins.accuracy[filled],
+        align="edge",
+        fill=False,
+        hatch="///",
+        edgecolor="tab:red",
+        linewidth=0.5,
+        label="gap to mean confidence",
+    )
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     for left, w, acc, n in zip(bins.edges[:-1][filled], width[filled], bins.accuracy[filled], bins.count[filled]):
         ax.text(left + w / 2, min(acc, 0.97) + 0.01, str(int(n)), ha="center", va="bottom", fontsize=7)
@@ -177,7 +196,4 @@ def prediction_rows(labels: np.ndarray, probabilities: np.ndarray, class_names: 
     """
     predicted = probabilities.argmax(1)
     confidence = probabilities.max(1)
-    return [
-        {"actual": class_names[int(t)], "predicted": class_names[int(p)], "confidence": float(c)}
-        for t, p, c in zip(labels, predicted, confidence)
-    ]
+    return [{"actual": class_names[int(t)], "predicted": class_names[int(p)], "confidence": float(c)} for t, p, c in zip(labels, predicted, confidence)]

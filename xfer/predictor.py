@@ -28,9 +28,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from xfer.data.images import Preprocessing
 from xfer.data.formats import IMAGE_SUFFIXES
-from xfer.data.images import ImageReadError, to_tensor
+from xfer.data.images import ImageReadError, Preprocessing, to_tensor
 from xfer.finetune import load_classifier
 from xfer.heads import load_head
 from xfer.io import save_torch, write_json

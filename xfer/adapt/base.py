@@ -28,7 +28,9 @@ class AdaptationLoss(nn.Module):
     def refresh(self, features_t: torch.Tensor, logits_t: torch.Tensor) -> None:
         """Once per epoch, the whole unlabelled target set (no gradient), for losses that label it."""
 
-    def forward(self, features_s: torch.Tensor, features_t: torch.Tensor, logits_s: torch.Tensor, logits_t: torch.Tensor, index_t: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, features_s: torch.Tensor, features_t: torch.Tensor, logits_s: torch.Tensor, logits_t: torch.Tensor, index_t: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`index_t`: the batch's row numbers in the target set given to `refresh`."""
         raise NotImplementedError
 

@@ -66,7 +66,7 @@ class _Entry:
 
 
 def archive_kind(path: Path) -> str:
-    """"zip" or "tar" (compressed or not), recognised by content, not by name."""
+    """ "zip" or "tar" (compressed or not), recognised by content, not by name."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"archive {path} does not exist or is not a file")
@@ -125,7 +125,9 @@ def _zip_entry(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> _En
             raise UnsafeArchiveError(f"{archive}: symlink {info.filename!r} has a {info.file_size}-byte target; at most {MAX_SYMLINK_TARGET} are accepted")
         return _Entry(info.filename, "symlink", link=zf.read(info).decode("utf-8", errors="replace"))
     if fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
-        _refuse_special(archive, info.filename, {stat.S_IFCHR: "character device", stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}[fmt])
+        _refuse_special(
+            archive, info.filename, {stat.S_IFCHR: "character device", stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}[fmt]
+        )
     if info.is_dir() or fmt == stat.S_IFDIR:
         return _Entry(info.filename, "dir")
     return _Entry(info.filename, "file", size=info.file_size, open=functools.partial(zf.open, info))
@@ -172,7 +174,9 @@ def _plan(archive: Path, entries: list[_Entry]) -> list[_Entry]:
     for entry in plan:
         for i in range(1, len(entry.parts)):
             if entry.parts[:i] in symlinks:
-                raise UnsafeArchiveError(f"{archive}: entry {entry.name!r} lies under the symlink {'/'.join(entry.parts[:i])!r}; writing through a link is refused")
+                raise UnsafeArchiveError(
+                    f"{archive}: entry {entry.name!r} lies under the symlink {'/'.join(entry.parts[:i])!r}; writing through a link is refused"
+                )
     return plan
 
 

@@ -158,7 +158,7 @@ def to_optdigits(glyph32: np.ndarray) -> np.ndarray:
 # Which fonts really draw digits
 
 
-NOT_A_CHARACTER = "\U0010FFFD"  # private use: no font draws it, so it renders .notdef
+NOT_A_CHARACTER = "\U0010fffd"  # private use: no font draws it, so it renders .notdef
 MIN_RECOGNISED = 6  # of 10; real fonts (even italics) score >= 7, symbol fonts <= 2
 
 
@@ -287,9 +287,7 @@ def write_domain(root: Path, images: np.ndarray, labels: np.ndarray) -> dict:
     return {"images": int(len(labels)), "per_class": counts}
 
 
-def write_digits(
-    root: Path, source_per_class: int, target_per_class: int | None, seed: int, progress: bool = True
-) -> dict:
+def write_digits(root: Path, source_per_class: int, target_per_class: int | None, seed: int, progress: bool = True) -> dict:
     """Write root/printed and root/handwritten as ImageFolders of 8x8 PNGs; returns a summary."""
     root = Path(root)
     fonts = font_paths()

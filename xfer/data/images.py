@@ -13,7 +13,6 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 
-
 @dataclass(frozen=True)
 class Preprocessing:
     """How images become the tensors the backbone expects."""
@@ -25,8 +24,6 @@ class Preprocessing:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
 
 
 class ImageReadError(ValueError):
@@ -61,7 +58,14 @@ def to_tensor(img: Image.Image, prep: Preprocessing) -> torch.Tensor:
 class ImageRows(Dataset):
     """(tensor, label) for a list of image paths, resolved against `root`."""
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], prep: Preprocessing, root: str | Path = ".", augment: Callable[[Image.Image], Image.Image] | None = None):
+    def __init__(
+        self,
+        paths: Sequence[str],
+        labels: Sequence[int],
+        prep: Preprocessing,
+        root: str | Path = ".",
+        augment: Callable[[Image.Image], Image.Image] | None = None,
+    ):
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)

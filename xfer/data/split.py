@@ -30,7 +30,15 @@ class SplitError(ValueError):
 
 # Where a content duplicate may stay: the first group listed keeps it, later ones drop it.
 # Target test comes last, so no test image is ever also seen in training or selection.
-SPLIT_PRECEDENCE = [("source", "train"), ("target", "train"), ("target", "unlabeled"), ("source", "val"), ("target", "val"), ("source", "test"), ("target", "test")]
+SPLIT_PRECEDENCE = [
+    ("source", "train"),
+    ("target", "train"),
+    ("target", "unlabeled"),
+    ("source", "val"),
+    ("target", "val"),
+    ("source", "test"),
+    ("target", "test"),
+]
 
 
 def _domain_rng(seed: int, role: str, position: int) -> np.random.Generator:

@@ -99,8 +99,7 @@ def archives_by_dataset(source: DatasetSource) -> dict[str, list[Archive]]:
     for archive in source.archives:
         if archive.domain not in TORCHVISION:
             raise ValueError(
-                f"{source.name}: archive {archive.location} has domain {archive.domain!r}; "
-                f"a torchvision archive must name one of {sorted(TORCHVISION)}"
+                f"{source.name}: archive {archive.location} has domain {archive.domain!r}; a torchvision archive must name one of {sorted(TORCHVISION)}"
             )
         groups.setdefault(archive.domain, []).append(archive)
     if source.domains is None:
@@ -109,10 +108,7 @@ def archives_by_dataset(source: DatasetSource) -> dict[str, list[Archive]]:
         wanted = {PurePosixPath(folder).parts[0] for folder in source.domains.values() if PurePosixPath(folder).parts}
     missing = wanted - set(groups)
     if missing:
-        raise ValueError(
-            f"{source.name}: data.domains {source.domains} names folder(s) {sorted(missing)}, "
-            f"but the archives provide only {sorted(groups)}"
-        )
+        raise ValueError(f"{source.name}: data.domains {source.domains} names folder(s) {sorted(missing)}, but the archives provide only {sorted(groups)}")
     for name in sorted(wanted):
         have = {a.filename for a in groups[name]}
         lacking = [f for f in TORCHVISION[name].files if f not in have]
@@ -194,10 +190,7 @@ def read_error(name: str, root: Path, split: str, error: Exception) -> ExportErr
 
 def write_dataset(name: str, root: Path, out: Path, progress: bool) -> int:
     """Both splits of one dataset, pooled under out/<label>/ (the split stays in the file name)."""
-    return sum(
-        write_images(open_split(name, root, split), out, split, TORCHVISION[name].mode, progress=progress, desc=f"{name} {split}")
-        for split in SPLITS
-    )
+    return sum(write_images(open_split(name, root, split), out, split, TORCHVISION[name].mode, progress=progress, desc=f"{name} {split}") for split in SPLITS)
 
 
 def write_images(samples: Sequence, out: Path, prefix: str, mode: str, *, progress: bool = True, desc: str = "") -> int:

@@ -67,7 +67,9 @@ def duplicate_groups(catalog: pd.DataFrame) -> dict:
     }
 
 
-def validation_report(catalog: pd.DataFrame, corrupt: dict[str, list[tuple[str, str]]], other_files: dict[str, list[str]], empty_folders: dict[str, list[str]]) -> dict:
+def validation_report(
+    catalog: pd.DataFrame, corrupt: dict[str, list[tuple[str, str]]], other_files: dict[str, list[str]], empty_folders: dict[str, list[str]]
+) -> dict:
     """The report fetch writes beside the images (and logs to MLflow)."""
     domains = {}
     for domain in sorted(set(catalog.domain) | set(corrupt)):
