@@ -85,7 +85,8 @@ def run_cache(args: argparse.Namespace) -> int:
             if not entries:
                 print(f"{where}: no entries (the features stage fills it)")
             else:
-                print(f"{where}: {sum(e.kind == 'entry' for e in entries)} entries, {fc.human_bytes(sum(e.bytes for e in entries))}")
+                count = sum(e.kind == "entry" for e in entries)
+                print(f"{where}: {count} {'entry' if count == 1 else 'entries'}, {fc.human_bytes(sum(e.bytes for e in entries))}")
                 print(f"{'key':<16}  {'backbone':<24} {'px':>4} {'rows':>8}  {'dtype':<7}  {'size':>9}  {'created':<16}  used by")
                 for e in entries:
                     px = "" if e.image_size is None else e.image_size
