@@ -12,6 +12,9 @@ import pytest
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="xfer-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("XFER_PIPELINE_RUN_ID", None)
+# A temporary Prefect server that a stage process starts for itself may take longer than
+# Prefect's 20 s to answer on a 2-core machine busy with a Dask cluster (seen in CI).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # No telemetry: the tests run offline.
 os.environ.update(DO_NOT_TRACK="true", PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true")
 

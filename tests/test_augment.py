@@ -21,8 +21,12 @@ def arrow(path):
     return path
 
 
+# Every knob off (the defaults are params.yaml's recipe: crops and rotations on).
+OFF = {"crop_scale": None, "flip": False, "rotation_deg": 0.0, "color_jitter": 0.0}
+
+
 def test_no_knob_means_no_augmentation_and_rows_load_as_always(tmp_path):
-    assert build_augmentation(AugmentConfig()) is None
+    assert build_augmentation(AugmentConfig(**OFF)) is None
     rows = ImageRows([arrow(tmp_path / "a.png").name], [0], PREP, tmp_path)
     assert torch.equal(rows[0][0], rows[0][0])
 
@@ -30,7 +34,7 @@ def test_no_knob_means_no_augmentation_and_rows_load_as_always(tmp_path):
 def test_flip_mirrors_about_half_the_reads_and_leaves_the_rest(tmp_path):
     path = arrow(tmp_path / "a.png")
     plain = ImageRows([path.name], [0], PREP, tmp_path)[0][0]
-    flipping = ImageRows([path.name], [0], PREP, tmp_path, augment=build_augmentation(AugmentConfig(flip=True)))
+    flipping = ImageRows([path.name], [0], PREP, tmp_path, augment=build_augmentation(AugmentConfig(**{**OFF, "flip": True})))
     torch.manual_seed(0)
     reads = [flipping[0][0] for _ in range(200)]
     mirrored = sum(torch.equal(x, plain.flip(-1)) for x in reads)
@@ -42,7 +46,7 @@ def test_crop_rotation_and_jitter_change_reads_randomly_but_reproducibly(tmp_pat
     path = arrow(tmp_path / "a.png")
     plain = ImageRows([path.name], [0], PREP, tmp_path)[0][0]
     for knob in ({"crop_scale": 0.5}, {"rotation_deg": 30.0}, {"color_jitter": 0.5}):
-        rows = ImageRows([path.name], [0], PREP, tmp_path, augment=build_augmentation(AugmentConfig(**knob)))
+        rows = ImageRows([path.name], [0], PREP, tmp_path, augment=build_augmentation(AugmentConfig(**{**OFF, **knob})))
         torch.manual_seed(1)
         first = [rows[0][0] for _ in range(5)]
         torch.manual_seed(1)
