@@ -6,7 +6,7 @@ task, its core function, and the checks its params get before any work.
 Everything else is derived from this table or checked against it:
 
 - dvc.yaml's `deps`, `params`, `outs` and `metrics` (tests/test_contract.py
-  compares them; `python -m xfer.contract` prints the stages block to paste);
+  compares them; `python -m xfer.contract --write` rewrites dvc.yaml from it);
   the code deps are the stage's import closure, computed from the source by
   `import_closure`, so a stage reruns when any file its process loads changes;
 - the params each stage logs to MLflow (tasks/tracking.py `stage_run`) and the
@@ -239,8 +239,6 @@ def dvc_stage(root: Path, stage: Stage) -> dict:
     }
     if stage.metrics:
         entry["metrics"] = [{m: {"persist": True}} for m in stage.metrics]
-    if not stage.deps and not entry["deps"]:
-        del entry["deps"]
     return entry
 
 
