@@ -204,14 +204,20 @@ ADAPTATION_METHODS = ("source_only", "coral", "mmd", "dann", "cdan", "mcc", "sel
 # Methods that move the features themselves: they need a trainable layer below the classifier.
 FEATURE_ALIGNING_METHODS = ("coral", "mmd", "dann", "cdan")
 AdaptationMethod = Literal["source_only", "coral", "mmd", "dann", "cdan", "mcc", "self_training"]
+# Label-free validators (xfer/validators/, one file each; a test checks the two lists agree).
+VALIDATOR_NAMES = ("source_val", "entropy", "info_max", "bnm", "snd", "dev", "class_ami", "ensv")
+# Which epoch (or search candidate) is kept: a validator, the `last` epoch, or the oracle
+# `target_val` (reads target labels, reported as such).
+Selection = Literal["source_val", "entropy", "info_max", "bnm", "snd", "dev", "class_ami", "ensv", "last", "target_val"]
 
 
 class HeadConfig(_Strict):
     kind: Literal["linear", "mlp"] = "linear"
     hidden_dim: int = Field(256, ge=1, le=8192)
     dropout: float = Field(0.0, ge=0, lt=1)
-    # Domain adaptation on cached features; target labels are never seen.
-    method: AdaptationMethod = "self_training"
+    # Domain adaptation on cached features; target labels are never seen. auto: a small
+    # grid of methods (xfer/head_search.py), the one head.selection ranks first kept.
+    method: AdaptationMethod | Literal["auto"] = "self_training"
     # Weight of the adaptation loss against the source classification loss.
     adapt_weight: float = Field(3.0, ge=0, le=100)
     # self_training: where pseudo-labels come from: the nearest target class centroid
@@ -230,8 +236,8 @@ class HeadConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Weight the loss by inverse class frequency, for imbalanced source data.
     class_balanced: bool = False
-    # Model selection: source_val, or target_val (uses target labels: an oracle, reported as such).
-    selection: Literal["source_val", "target_val"] = "source_val"
+    # Model selection: a validator (label-free), last, or target_val (uses target labels: an oracle, reported as such).
+    selection: Selection = "source_val"
     # Stop after this many epochs without a better selection score; null = run every epoch.
     patience: int | None = Field(None, ge=1)
 
@@ -242,6 +248,8 @@ class HeadConfig(_Strict):
                 f"method {self.method!r} aligns the head's hidden features, which a linear head lacks; "
                 f"set head.kind: mlp, or choose a method that works on a linear head: source_only, mcc, self_training"
             )
+        if self.selection == "ensv" and self.patience is not None:
+            raise ValueError("head.selection 'ensv' scores an epoch against every epoch, so it cannot stop early; set head.patience: null")
         return self
 
     @property

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from xfer.adapt import build_adaptation_loss
-from xfer.config import HeadConfig
+from xfer.config import VALIDATOR_NAMES, HeadConfig
 from xfer.io import save_torch, write_json
+from xfer.validators import Evidence, Outputs, score
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 DOMAINS = ("source", "target")
@@ -101,9 +102,47 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
-def selection_set(cfg: HeadConfig) -> str:
-    """The history key the selection rule maximises."""
-    return f"{cfg.selection}_accuracy"
+def selection_key(selection: str) -> str:
+    """The history key a selection rule maximises (`last` keeps the last epoch, whatever it scores)."""
+    if selection in ("source_val", "target_val"):
+        return f"{selection}_accuracy"
+    return f"{VALIDATOR_PREFIX}{selection}"
+
+
+VALIDATOR_PREFIX = "validator_"
+# Scored each epoch as it ends (the panel beside source val accuracy); `ensv` needs
+# every epoch, so it is scored after the last one.
+EPOCH_VALIDATORS = tuple(n for n in VALIDATOR_NAMES if n not in ("source_val", "ensv"))
+
+
+def selection_evidence(data: HeadData, num_classes: int, seed: int) -> Evidence:
+    """What the validators judge a head's epochs against: backbone features, source val labels."""
+    return Evidence(
+        source_val_labels=np.asarray(data.source_val[1]),
+        source_val_features=np.asarray(data.source_val[0], dtype=np.float32),
+        target_features=np.asarray(data.target_train, dtype=np.float32),
+        source_train_features=np.asarray(data.source_train[0], dtype=np.float32),
+        num_classes=num_classes,
+        seed=seed,
+    )
+
+
+@torch.no_grad()
+def outputs_of(head: HeadNet, x_source_val: torch.Tensor, x_target: torch.Tensor) -> Outputs:
+    head.eval()
+    return Outputs(target=F.softmax(head(x_target, "target"), 1).numpy(), source_val=F.softmax(head(x_source_val, "source"), 1).numpy())
+
+
+def pick_epoch(selection: str, history: list[dict[str, float]]) -> int:
+    """1-based epoch kept: the last epoch for `last`, else the last with the best score.
+
+    Ties go to the later epoch: source val saturates early, and the adaptation loss
+    only has its say after that, so "first best" would keep a barely adapted head.
+    """
+    if selection == "last":
+        return len(history)
+    scores = [r[selection_key(selection)] for r in history]
+    return len(scores) - scores[::-1].index(max(scores))
 
 
 def train_head(
@@ -112,16 +151,20 @@ def train_head(
     num_classes: int,
     seed: int,
     on_epoch: EpochCallback | None = None,
+    evidence: Evidence | None = None,
 ) -> tuple[HeadNet, list[dict[str, float]]]:
     """Train a head; return it at the epoch best by `cfg.selection`, and every epoch's record.
 
-    Each record has train_loss, source_val_accuracy and (with target val)
-    target_val_accuracy; adaptation methods add adapt_loss. Target val is
-    only used to choose the epoch under the oracle rule `selection: target_val`.
+    Each record has train_loss, source_val_accuracy, every label-free
+    validator's score (`validator_<name>`, on the unlabelled target train rows)
+    and, with target val, target_val_accuracy; adaptation methods add
+    adapt_loss. Target val is only used to choose the epoch under the oracle
+    rule `selection: target_val`. `evidence`: what the validators judge
+    against (selection_evidence), when the caller shares it between heads.
     """
-    needs_target = cfg.method != "source_only" or cfg.domain_norm
+    needs_target = cfg.method != "source_only" or cfg.domain_norm or cfg.selection not in ("source_val", "target_val", "last")
     if needs_target and data.target_train is None:
-        raise ValueError(f"head.method {cfg.method!r} (or domain_norm) needs unlabelled target train features")
+        raise ValueError(f"head.method {cfg.method!r}, selection {cfg.selection!r} (or domain_norm) needs unlabelled target train features")
     if cfg.selection == "target_val" and data.target_val is None:
         raise ValueError("head.selection 'target_val' needs labelled target val features")
     torch.manual_seed(seed)
@@ -147,8 +190,15 @@ def train_head(
     steps_per_epoch = -(-len(x) // cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
 
-    key = selection_set(cfg)
-    best_score, best_state, history, since_best = -1.0, None, [], 0
+    # Without target rows (a source-only head from the Python API) there is nothing to validate on.
+    if evidence is None and xt is not None:
+        evidence = selection_evidence(data, num_classes, seed)
+    x_source_val = evals["source_val"][0]
+    key = selection_key(cfg.selection)
+    # ensv ranks an epoch against all of them, so every epoch is kept until the end.
+    keep_all = cfg.selection == "ensv"
+    best_score, best_state, history, since_best = -np.inf, None, [], 0
+    states, epoch_outputs = [], []
     step = 0
     for epoch in range(1, cfg.epochs + 1):
         if adapt is not None and adapt.wants_refresh:
@@ -185,26 +235,36 @@ def train_head(
             record["adapt_loss"] = sums["adapt_loss"] / len(x)
         for name, (vx, vy, domain) in evals.items():
             record[f"{name}_accuracy"] = accuracy_of(head, vx, vy, domain)
+        if evidence is not None:
+            outputs = outputs_of(head, x_source_val, xt)
+            epoch_outputs.append(outputs)
+            for name in EPOCH_VALIDATORS:
+                record[f"{VALIDATOR_PREFIX}{name}"] = float(score(name, [outputs], evidence)[0])
         history.append(record)
         if on_epoch:
             on_epoch(epoch, record)
-        # Ties go to the later epoch: source val saturates early, and the adaptation loss
-        # only has its say after that, so "first best" would keep a barely adapted head.
-        if record[key] >= best_score:
-            best_score, best_state, since_best = record[key], copy.deepcopy(head.state_dict()), 0
+        if keep_all:
+            states.append(copy.deepcopy(head.state_dict()))
+            continue
+        # `>=`: ties go to the later epoch (see pick_epoch); `last` takes every epoch.
+        if cfg.selection == "last" or record[key] >= best_score:
+            best_score, best_state, since_best = record.get(key, best_score), copy.deepcopy(head.state_dict()), 0
         else:
             since_best += 1
             if cfg.patience is not None and since_best >= cfg.patience:
                 break
+    if evidence is not None:
+        for record, value in zip(history, score("ensv", epoch_outputs, evidence)):
+            record[f"{VALIDATOR_PREFIX}ensv"] = float(value)
+    if keep_all:
+        best_state = states[pick_epoch(cfg.selection, history) - 1]
     head.load_state_dict(best_state)
     return head.eval(), history
 
 
 def best_epoch(cfg: HeadConfig, history: list[dict[str, float]]) -> int:
-    """1-based epoch train_head kept: the last with the best selection score."""
-    key = selection_set(cfg)
-    scores = [r[key] for r in history]
-    return len(scores) - scores[::-1].index(max(scores))
+    """1-based epoch train_head kept."""
+    return pick_epoch(cfg.selection, history)
 
 
 @torch.no_grad()

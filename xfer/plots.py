@@ -161,19 +161,37 @@ def write_rows_csv(path: Path, rows: Sequence[dict]) -> Path:
     return write_text(path, buffer.getvalue())
 
 
+VALIDATOR_COLUMN = "validator_"
+
+
 def learning_curves_figure(rows: Sequence[dict[str, float]], title: str):
-    """Losses (left) and accuracies (right) per epoch, from learning_curve_rows."""
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    """Losses (left), accuracies (middle) and the label-free validators (right) per epoch, from learning_curve_rows.
+
+    Validators live on different scales (entropies, accuracies, nuclear norms), so
+    each is drawn rescaled to [0, 1] over the epochs: what matters is where it peaks.
+    """
     columns = list(dict.fromkeys(key for row in rows for key in row if key != "epoch"))
+    validators = [c for c in columns if c.startswith(VALIDATOR_COLUMN)]
+    fig, axes = plt.subplots(1, 3 if validators else 2, figsize=(15 if validators else 10, 3.8), sharex=True)
+    loss_ax, acc_ax = axes[:2]
     for ax, suffix in ((loss_ax, "_loss"), (acc_ax, "_accuracy")):
         for column in (c for c in columns if c.endswith(suffix)):
             points = [(row["epoch"], row[column]) for row in rows if column in row]
             ax.plot(*zip(*points), marker="o", markersize=3, label=column)
+    if validators:
+        for column in validators:
+            epochs, values = zip(*[(row["epoch"], row[column]) for row in rows if column in row])
+            values = np.asarray(values, dtype=float)
+            span = values.max() - values.min()
+            axes[2].plot(epochs, (values - values.min()) / span if span > 0 else np.zeros_like(values), label=column[len(VALIDATOR_COLUMN) :])
+        axes[2].set_ylabel("validator, rescaled to [0, 1]")
+    for ax in axes:
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(suffix.strip("_"))
         if ax.lines:
             ax.legend(fontsize=8)
+    loss_ax.set_ylabel("loss")
+    acc_ax.set_ylabel("accuracy")
     acc_ax.set_ylim(0, 1.02)
     fig.suptitle(title)
     fig.tight_layout()

@@ -1,6 +1,7 @@
 """ClassAMI (Musgrave et al., 2022): do the predictions follow the target's own cluster structure?
 
-k-means (k = the number of classes) on the target rows' backbone features,
+k-means (k = the number of classes) on the target rows' backbone features
+(their leading principal components),
 then the adjusted mutual information between cluster and predicted class.
 """
 
@@ -14,7 +15,7 @@ from xfer.validators.base import Evidence, Outputs, per_candidate
 def cluster_target(e: Evidence) -> np.ndarray:
     from sklearn.cluster import KMeans
 
-    x = np.asarray(e.target_features, dtype=np.float64)
+    x = e.projection(e.target_features)
     return KMeans(n_clusters=min(e.classes, len(x)), n_init=4, random_state=e.seed).fit_predict(x)
 
 

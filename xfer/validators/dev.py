@@ -1,7 +1,7 @@
 """Deep embedded validation (You et al., 2019): the source val loss, importance-weighted towards the target.
 
-A domain classifier on the backbone features (logistic regression, source
-train vs unlabelled target) gives each source val row the density ratio
+A domain classifier on the backbone features (logistic regression on their
+leading principal components, source train vs unlabelled target) gives each source val row the density ratio
 w = p(target | x) / p(source | x) * n_source / n_target. The weighted loss
 w * loss estimates the target risk; the control variate eta * (w - 1) with
 eta = -Cov(w * loss, w) / Var(w) cuts its variance. The score is minus that risk.
@@ -21,11 +21,11 @@ def density_ratio(e: Evidence) -> np.ndarray:
     from sklearn.preprocessing import StandardScaler
 
     source = e.source_train_features if e.source_train_features is not None else e.source_val_features
-    x = np.concatenate([source, e.target_features]).astype(np.float64)
+    x = np.concatenate([e.projection(source), e.projection(e.target_features)])
     d = np.r_[np.zeros(len(source)), np.ones(len(e.target_features))]
     scaler = StandardScaler().fit(x)
     clf = LogisticRegression(C=0.1, max_iter=1000, random_state=e.seed).fit(scaler.transform(x), d)
-    p = np.clip(clf.predict_proba(scaler.transform(np.asarray(e.source_val_features, dtype=np.float64)))[:, 1], WEIGHT_CLIP, 1 - WEIGHT_CLIP)
+    p = np.clip(clf.predict_proba(scaler.transform(e.projection(e.source_val_features)))[:, 1], WEIGHT_CLIP, 1 - WEIGHT_CLIP)
     return p / (1 - p) * len(source) / len(e.target_features)
 
 

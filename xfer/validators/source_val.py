@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from xfer.validators.base import Evidence, Outputs, per_candidate
 
 

@@ -1,0 +1,129 @@
+"""`head.method: auto`: train a small grid of candidate heads on cached features, keep the one a validator ranks first.
+
+No target label takes part: each candidate is trained (its epoch kept by
+`head.selection`), every label-free validator scores every candidate
+(the panel), the configured validator picks, and a guard falls back to
+source-only unless the validators agree that the adapted pick is better.
+The oracle `selection: target_val` is allowed and said to be one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from xfer.config import FEATURE_ALIGNING_METHODS, VALIDATOR_NAMES, HeadConfig
+from xfer.heads import EpochCallback, HeadData, HeadNet, _tensor, best_epoch, outputs_of, selection_evidence, train_head
+from xfer.validators import panel
+
+# Each adaptation method with a small grid of its key knob. Methods that align
+# features need a hidden layer, so they join only when head.kind is mlp.
+GRID: dict[str, tuple[str, tuple[float, ...]]] = {
+    "self_training": ("pseudo_threshold", (0.5, 0.7, 0.9)),
+    "mcc": ("mcc_temperature", (1.5, 2.5, 4.0)),
+    "coral": ("adapt_weight", (0.3, 1.0, 3.0)),
+    "mmd": ("adapt_weight", (0.3, 1.0, 3.0)),
+    "dann": ("adapt_weight", (0.3, 1.0, 3.0)),
+    "cdan": ("adapt_weight", (0.3, 1.0, 3.0)),
+}
+BASELINE = "source_only"
+# The validators that vote in the guard: label-free ones that look at the target.
+# source_val is left out: it cannot see the shift, so it always sides with source-only.
+GUARD_VALIDATORS = tuple(n for n in VALIDATOR_NAMES if n != "source_val")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # e.g. "self_training(pseudo_threshold=0.7)"
+    config: HeadConfig
+
+
+def candidate_grid(cfg: HeadConfig) -> list[Candidate]:
+    """source_only first, then every method the head kind allows, each with its knob's grid."""
+    out = [Candidate(BASELINE, cfg.model_copy(update={"method": BASELINE}))]
+    for method, (knob, values) in GRID.items():
+        if method in FEATURE_ALIGNING_METHODS and cfg.kind == "linear":
+            continue
+        out += [Candidate(f"{method}({knob}={v:g})", cfg.model_copy(update={"method": method, knob: v})) for v in values]
+    return out
+
+
+def guard_verdict(scores: dict[str, np.ndarray], pick: int, baseline: int) -> dict:
+    """Does a majority of the guard validators score the pick strictly above source-only?
+
+    A tie is not a vote for adapting: adapting must earn its place.
+    """
+    votes = {name: bool(scores[name][pick] > scores[name][baseline]) for name in GUARD_VALIDATORS if name in scores}
+    agree = sum(votes.values())
+    return {"votes": votes, "for_adapted": agree, "needed": len(votes) // 2 + 1, "adapted_trusted": agree > len(votes) // 2}
+
+
+@dataclass
+class SearchResult:
+    model: HeadNet
+    history: list[dict[str, float]]
+    candidate: Candidate  # the one kept
+    summary: dict  # metrics/head.json's "search"
+
+
+def search_heads(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, on_candidate: EpochCallback | None = None) -> SearchResult:
+    """Train every candidate, score them with every validator, keep the pick (or source-only when the guard says so).
+
+    `on_candidate(i, record)` gets each candidate's kept-epoch record, for MLflow child runs.
+    """
+    if cfg.selection == "last":
+        raise ValueError("head.method auto ranks candidates with head.selection; 'last' ranks nothing: choose a validator (e.g. info_max)")
+    if data.target_train is None:
+        raise ValueError("head.method auto needs the unlabelled target train features")
+    evidence = selection_evidence(data, num_classes, seed)
+    x_source_val, x_target = _tensor(data.source_val[0]), _tensor(data.target_train)
+    candidates = candidate_grid(cfg)
+    trained, outputs, records = [], [], []
+    for i, cand in enumerate(candidates):
+        model, history = train_head(cand.config, data, num_classes, seed, evidence=evidence)
+        kept = best_epoch(cand.config, history)
+        trained.append((model, history))
+        outputs.append(outputs_of(model, x_source_val, x_target))
+        records.append({"best_epoch": kept, **{k: v for k, v in history[kept - 1].items() if k.endswith("_accuracy")}})
+    scores = panel(outputs, evidence)
+    if cfg.selection == "target_val":
+        # The oracle: reads target val labels; said so in the summary (uses_target_labels).
+        ranking = np.array([r["target_val_accuracy"] for r in records])
+    else:
+        ranking = scores[cfg.selection]
+    # Ties go to the earlier candidate: source_only first, then the smaller knob.
+    pick = int(np.argmax(ranking))
+    baseline = 0
+    verdict = guard_verdict(scores, pick, baseline) if pick != baseline else {"votes": {}, "for_adapted": 0, "needed": 0, "adapted_trusted": True}
+    kept = pick if verdict["adapted_trusted"] else baseline
+    table = [
+        {"name": c.name, "method": c.config.method, **rec, "validators": {n: float(scores[n][i]) for n in scores}}
+        for i, (c, rec) in enumerate(zip(candidates, records))
+    ]
+    for i, row in enumerate(table):
+        if on_candidate:
+            on_candidate(i, row)
+    summary = {
+        "selection": cfg.selection,
+        "uses_target_labels": cfg.selection == "target_val",
+        "candidates": table,
+        "pick": candidates[pick].name,
+        "kept": candidates[kept].name,
+        "guard": verdict | {"fell_back": kept != pick},
+        "why": why(candidates, pick, kept, cfg.selection, verdict),
+    }
+    model, history = trained[kept]
+    return SearchResult(model, history, candidates[kept], summary)
+
+
+def why(candidates: list[Candidate], pick: int, kept: int, selection: str, verdict: dict) -> str:
+    picked = f"{selection} ranks {candidates[pick].name} first of {len(candidates)} candidates"
+    if pick == kept == 0:
+        return f"{picked}: no adaptation"
+    if kept == pick:
+        return f"{picked}; {verdict['for_adapted']} of {len(verdict['votes'])} validators score it above source_only: kept"
+    return (
+        f"{picked}, but only {verdict['for_adapted']} of {len(verdict['votes'])} validators score it above source_only "
+        f"(needed {verdict['needed']}): fell back to source_only"
+    )
