@@ -14,22 +14,37 @@ from xfer.layout import Layout
 @task(name="head", cache_policy=NO_CACHE)
 def head(layout: Layout, params: Params) -> dict:
     cfg = params.head
-    get_run_logger().info("head: %s, method %s, selection %s", cfg.kind, cfg.method, cfg.selection)
+    logger = get_run_logger()
+    logger.info("head: %s, method %s, selection %s", cfg.kind, cfg.method, cfg.selection)
     with stage_run("head", layout, params) as run:
+        log_epoch = run.epoch_logger("head")
         with run.work():
             result = train_heads(
                 features_dir=layout.features_current,
                 member_features_dir=layout.features_members,
                 manifest_path=layout.manifest,
                 head_dir=layout.head_dir,
+                pick_path=layout.head_pick,
                 plot_dir=layout.stage_plots("head"),
                 metrics_path=layout.metrics("head"),
                 params=params,
-                on_epoch=run.epoch_logger("head"),
+                on_epoch=log_epoch,
             )
-        run.set_tags({"head.method": cfg.method, "head.selection": cfg.selection, "uses_target_labels": str(cfg.uses_target_labels).lower()})
-        run.log_metrics(result.summary, prefix="best.")
+        summary = result.summary
+        search = summary.get("search")
+        for epoch, record in enumerate(result.history, start=1):
+            # A search streams nothing while it runs; ensv is scored after the last epoch.
+            log_epoch(epoch, record if search else {k: v for k, v in record.items() if k == "validator_ensv"})
+        tags = {"head.method": summary["method"], "head.selection": cfg.selection, "uses_target_labels": str(cfg.uses_target_labels).lower()}
+        if search:
+            for candidate in search["candidates"]:
+                run.child_run(candidate["name"], {"method": candidate["method"]}, candidate)
+            verdict = "adapted" if not search["guard"]["fell_back"] else "fell back to source_only"
+            tags |= {"search.pick": search["pick"], "search.kept": search["kept"], "search.guard": verdict}
+            logger.info("head.method auto: %s", search["why"])
+        run.set_tags(tags)
+        run.log_metrics({k: v for k, v in summary.items() if k != "search"}, prefix="best.")
         run.log_artifact(layout.metrics("head"))
         run.log_artifact(result.tsne, "plots")
         run.log_artifact(result.curves, "plots")
-    return {k: v for k, v in result.summary.items() if k != "proxy_a_distance"}
+    return {k: v for k, v in summary.items() if k not in ("proxy_a_distance", "validators", "search")}

@@ -226,6 +226,12 @@ class StageRun:
         self.tags.update(tags)
         mlflow.set_tags(tags)
 
+    def child_run(self, name: str, params: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """A finished child run under this stage's run (one candidate of a search): its params and numbers."""
+        with mlflow.start_run(run_name=name, nested=True, tags={TAG_KIND: "candidate"}):
+            mlflow.log_params(params)
+            self.log_metrics(metrics)
+
 
 # Mappings whose keys are the user's folder and class names: logged whole, as JSON,
 # since MLflow param keys allow only a few characters.

@@ -123,3 +123,41 @@ def test_labelled_target_rows_train_the_head_with_the_source():
     plain, _ = train_head(cfg, HeadData(source, rotated_clusters(30, seed=3)), 4, seed=0)
     semi, _ = train_head(cfg, HeadData(source, rotated_clusters(30, seed=3), target_labeled=shots), 4, seed=0)
     assert accuracy(semi, target_test) > accuracy(plain, target_test) + 0.15
+
+
+def test_every_epoch_carries_every_validator_and_the_validator_rule_keeps_its_best_epoch():
+    """selection: <validator> keeps the epoch whose recorded score is highest (ties: the later one)."""
+    from xfer.config import VALIDATOR_NAMES
+    from xfer.heads import VALIDATOR_PREFIX, outputs_of, selection_evidence
+    from xfer.validators import score
+
+    data = HeadData(blobs(200, 0), blobs(60, 1), target_train=blobs(150, 4, shift=1.0)[0], target_val=blobs(60, 2, shift=1.0))
+    for selection in ("info_max", "ensv"):
+        cfg = head_config(method="mcc", epochs=8, lr=0.05, selection=selection)
+        head, history = train_head(cfg, data, 3, seed=0)
+        assert all(f"{VALIDATOR_PREFIX}{n}" in r for r in history for n in VALIDATOR_NAMES if n != "source_val")
+        scores = [r[f"{VALIDATOR_PREFIX}{selection}"] for r in history]
+        kept = best_epoch(cfg, history)
+        assert scores[kept - 1] == max(scores) and all(s < max(scores) for s in scores[kept:])
+        if selection == "info_max":  # the returned head is that epoch's: its own score matches the record
+            evidence = selection_evidence(data, 3, 0)
+            out = outputs_of(head, torch.as_tensor(data.source_val[0]), torch.as_tensor(data.target_train))
+            assert score("info_max", [out], evidence)[0] == pytest.approx(scores[kept - 1], abs=1e-5)
+    cfg = head_config(epochs=5, lr=0.05, selection="last")
+    _, history = train_head(cfg, data, 3, seed=0)
+    assert best_epoch(cfg, history) == 5
+
+
+def test_ensv_selection_cannot_stop_early():
+    with pytest.raises(ValueError, match="ensv.*patience"):
+        HeadConfig(selection="ensv", patience=3)
+
+
+def test_config_names_exactly_the_validators_there_are():
+    from typing import get_args
+
+    from xfer.config import VALIDATOR_NAMES, Selection
+    from xfer.validators import VALIDATORS
+
+    assert VALIDATOR_NAMES == tuple(VALIDATORS)
+    assert set(get_args(Selection)) == set(VALIDATOR_NAMES) | {"last", "target_val"}

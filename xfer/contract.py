@@ -64,6 +64,8 @@ MANIFEST = "data/splits/manifest.csv"
 # (data/feature-cache/, every key ever computed) is not an output.
 FEATURES = "data/features/current"
 MEMBER_FEATURES = "data/features/members"
+# The head stage's kept method and knob: what finetune.method auto takes.
+HEAD_PICK = "models/head_pick.json"
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -113,7 +115,7 @@ STAGES: dict[str, Stage] = {
             "head",
             params=("seed", "head", "fusion"),
             deps=(FEATURES, MEMBER_FEATURES, MANIFEST),
-            outs=("models/head", "plots/head"),
+            outs=("models/head", HEAD_PICK, "plots/head"),
             metrics=("metrics/head.json",),
             task="tasks.head:head",
             core="xfer.head_stage:train_heads",
@@ -122,7 +124,8 @@ STAGES: dict[str, Stage] = {
             "finetune",
             params=("seed", "backbone", "finetune"),
             # Not the fusion members: adding or removing one never reruns fine-tuning.
-            deps=(FEATURES, MANIFEST, "data/raw"),
+            # The head's pick (finetune.method auto) is one small file, unchanged unless the pick is.
+            deps=(FEATURES, HEAD_PICK, MANIFEST, "data/raw"),
             outs=("models/finetune", "plots/finetune"),
             metrics=("metrics/finetune.json",),
             task="tasks.finetune:finetune",

@@ -59,6 +59,17 @@ def guard_verdict(scores: dict[str, np.ndarray], pick: int, baseline: int) -> di
     return {"votes": votes, "for_adapted": agree, "needed": len(votes) // 2 + 1, "adapted_trusted": agree > len(votes) // 2}
 
 
+def decide(scores: dict[str, np.ndarray], ranking: np.ndarray, baseline: int = 0) -> tuple[int, int, dict]:
+    """(pick, kept, guard verdict): the pick is the ranking's first (ties to the earlier
+    candidate: source_only first, then the smaller knob); kept is the pick, or the
+    baseline when the guard does not trust the adapted pick."""
+    pick = int(np.argmax(ranking))
+    if pick == baseline:
+        return pick, pick, {"votes": {}, "for_adapted": 0, "needed": 0, "adapted_trusted": True}
+    verdict = guard_verdict(scores, pick, baseline)
+    return pick, pick if verdict["adapted_trusted"] else baseline, verdict
+
+
 @dataclass
 class SearchResult:
     model: HeadNet
@@ -92,11 +103,7 @@ def search_heads(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, o
         ranking = np.array([r["target_val_accuracy"] for r in records])
     else:
         ranking = scores[cfg.selection]
-    # Ties go to the earlier candidate: source_only first, then the smaller knob.
-    pick = int(np.argmax(ranking))
-    baseline = 0
-    verdict = guard_verdict(scores, pick, baseline) if pick != baseline else {"votes": {}, "for_adapted": 0, "needed": 0, "adapted_trusted": True}
-    kept = pick if verdict["adapted_trusted"] else baseline
+    pick, kept, verdict = decide(scores, ranking)
     table = [
         {"name": c.name, "method": c.config.method, **rec, "validators": {n: float(scores[n][i]) for n in scores}}
         for i, (c, rec) in enumerate(zip(candidates, records))

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from xfer import features as feats
-from xfer.config import Params, member_name
+from xfer.config import HeadConfig, Params, member_name
 from xfer.data.split import class_names, read_manifest
 from xfer.diagnostics import proxy_a_distance, tsne_coordinates
-from xfer.heads import MEMBERS_DIR, EpochCallback, HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
+from xfer.head_search import search_heads
+from xfer.heads import MEMBERS_DIR, VALIDATOR_PREFIX, EpochCallback, HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
 from xfer.io import write_json
 from xfer.plots import save_figure, save_learning_curves, tsne_figure
 
@@ -28,6 +29,7 @@ class HeadResult:
     summary: dict  # metrics/head.json
     tsne: Path
     curves: Path
+    history: list[dict[str, float]]  # the kept head's epochs
 
 
 def head_data(fs: feats.FeatureSet) -> HeadData:
@@ -69,8 +71,8 @@ def domain_gap(fs: feats.FeatureSet, model: HeadNet, seed: int) -> dict:
     return {"before": distances["backbone features"], "after": distances[after[0]], "after_space": after[0], "panels": panels}
 
 
-def train_member_heads(member_features_dir: Path, head_dir: Path, params: Params, names: list[str]) -> dict[str, dict]:
-    """A head like the main one on each fusion backbone's features, in <head_dir>/members/<name>/."""
+def train_member_heads(member_features_dir: Path, head_dir: Path, params: Params, cfg: HeadConfig, names: list[str]) -> dict[str, dict]:
+    """A head like the main one (`cfg`: its kept method) on each fusion backbone's features, in <head_dir>/members/<name>/."""
     members_dir = head_dir / MEMBERS_DIR
     wanted = [member_name(b) for b in params.fusion.backbones]
     # A member dropped from params must not linger beside the ones evaluate will read.
@@ -80,11 +82,27 @@ def train_member_heads(member_features_dir: Path, head_dir: Path, params: Params
     summaries = {}
     for name in wanted:
         fs = feats.load_member(member_features_dir, name)
-        model, history = train_head(params.head, head_data(fs), len(names), params.seed)
-        save_head(members_dir / name, model, params.head, fs.features.shape[1], names, fs.meta["key"])
-        kept = best_epoch(params.head, history)
+        model, history = train_head(cfg, head_data(fs), len(names), params.seed)
+        save_head(members_dir / name, model, cfg, fs.features.shape[1], names, fs.meta["key"])
+        kept = best_epoch(cfg, history)
         summaries[name] = {k: history[kept - 1][k] for k in ("source_val_accuracy", "target_val_accuracy")} | {"best_epoch": kept}
     return summaries
+
+
+# The knob of each method that head.method auto searches, and finetune.method auto takes with it.
+PICK_KNOBS = {"self_training": "pseudo_threshold", "mcc": "mcc_temperature"}
+
+
+def pick_record(cfg: HeadConfig) -> dict:
+    """models/head_pick.json: the kept method and its knob, nothing else, so that
+    finetune (which reads it) reruns only when the pick changes."""
+    knob = PICK_KNOBS.get(cfg.method, "adapt_weight" if cfg.method != "source_only" else None)
+    return {"method": cfg.method} | ({knob: getattr(cfg, knob)} if knob else {})
+
+
+def validators_at(record: dict) -> dict[str, float]:
+    """The label-free validators' scores in one epoch record, by validator name."""
+    return {k[len(VALIDATOR_PREFIX) :]: v for k, v in record.items() if k.startswith(VALIDATOR_PREFIX)} | {"source_val": record["source_val_accuracy"]}
 
 
 def train_heads(
@@ -93,24 +111,38 @@ def train_heads(
     member_features_dir: Path,
     manifest_path: Path,
     head_dir: Path,
+    pick_path: Path,
     plot_dir: Path,
     metrics_path: Path,
     params: Params,
     on_epoch: EpochCallback | None = None,
 ) -> HeadResult:
-    """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'."""
+    """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'.
+
+    With head.method auto the candidates are searched (xfer/head_search.py) and
+    the kept one is saved; `on_epoch` then is not called (the kept history is
+    in the result). The kept method goes to `pick_path`.
+    """
     cfg = params.head
     fs = feats.load_current(features_dir)
     names = class_names(read_manifest(manifest_path))
     data = head_data(fs)
-    model, history = train_head(cfg, data, len(names), params.seed, on_epoch)
-    save_head(head_dir, model, cfg, fs.features.shape[1], names, fs.meta["key"])
-    kept = best_epoch(cfg, history)
+    search = None
+    if cfg.method == "auto":
+        found = search_heads(cfg, data, len(names), params.seed)
+        model, history, kept_cfg, search = found.model, found.history, found.candidate.config, found.summary
+    else:
+        model, history = train_head(cfg, data, len(names), params.seed, on_epoch)
+        kept_cfg = cfg
+    save_head(head_dir, model, kept_cfg, fs.features.shape[1], names, fs.meta["key"])
+    write_json(pick_path, pick_record(kept_cfg))
+    kept = best_epoch(kept_cfg, history)
     gap = domain_gap(fs, model, params.seed)
-    tsne = save_figure(plot_dir / "tsne.png", tsne_figure(gap["panels"], names, f"source (o) vs target (x), head method {cfg.method}"))
-    _, curves = save_learning_curves(plot_dir, history, first_epoch=1, title=f"head ({cfg.kind}, {cfg.method}); epoch kept: {kept}")
+    tsne = save_figure(plot_dir / "tsne.png", tsne_figure(gap["panels"], names, f"source (o) vs target (x), head method {kept_cfg.method}"))
+    _, curves = save_learning_curves(plot_dir, history, first_epoch=1, title=f"head ({cfg.kind}, {kept_cfg.method}); epoch kept: {kept} by {cfg.selection}")
     summary = {
-        "method": cfg.method,
+        "method": kept_cfg.method,
+        "method_requested": cfg.method,
         "selection": cfg.selection,
         "uses_target_labels": cfg.uses_target_labels,
         "target_labels_trained_on": 0 if data.target_labeled is None else len(data.target_labeled[1]),
@@ -118,11 +150,14 @@ def train_heads(
         "epochs_run": len(history),
         "source_val_accuracy": history[kept - 1]["source_val_accuracy"],
         "target_val_accuracy": history[kept - 1]["target_val_accuracy"],
+        "validators": validators_at(history[kept - 1]),
         "proxy_a_distance": {"backbone": gap["before"], "head": gap["after"]},
         "proxy_a_distance_head_space": gap["after_space"],
     }
-    members = train_member_heads(member_features_dir, head_dir, params, names)
+    if search is not None:
+        summary["search"] = search
+    members = train_member_heads(member_features_dir, head_dir, params, kept_cfg, names)
     if members:
         summary["fusion_members"] = members
     write_json(metrics_path, summary)
-    return HeadResult(summary, tsne, curves)
+    return HeadResult(summary, tsne, curves, history)

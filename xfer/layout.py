@@ -60,6 +60,11 @@ class Layout:
         return self.root / "models" / "head"
 
     @property
+    def head_pick(self) -> Path:
+        """The adaptation method (and knob) the head stage kept; finetune.method auto reads it."""
+        return self.root / "models" / "head_pick.json"
+
+    @property
     def finetune_dir(self) -> Path:
         return self.root / "models" / "finetune"
 

@@ -1,0 +1,73 @@
+"""head.method auto: the candidate grid, the pick by a validator, and the negative-transfer guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_heads import blobs, head_config
+from xfer.head_search import GUARD_VALIDATORS, candidate_grid, decide, guard_verdict, search_heads
+from xfer.heads import HeadData, outputs_of, selection_evidence
+from xfer.validators import panel
+
+
+def shifted_task() -> HeadData:
+    return HeadData(blobs(200, 0), blobs(60, 1), target_train=blobs(150, 4, shift=1.5)[0], target_val=blobs(60, 2, shift=1.5))
+
+
+def test_the_grid_starts_with_source_only_and_adds_aligning_methods_only_to_an_mlp():
+    linear = [c.name for c in candidate_grid(head_config(method="auto"))]
+    mlp = [c.name for c in candidate_grid(head_config(method="auto", kind="mlp"))]
+    assert linear[0] == mlp[0] == "source_only"
+    assert "self_training(pseudo_threshold=0.7)" in linear and "mcc(mcc_temperature=4)" in linear
+    assert not any(n.startswith(("coral", "dann", "cdan", "mmd")) for n in linear)
+    assert "dann(adapt_weight=1)" in mlp and len(mlp) == len(linear) + 12
+
+
+def test_the_guard_needs_a_majority_of_target_aware_validators():
+    names = list(GUARD_VALIDATORS)
+    assert "source_val" not in names  # blind to the shift: it would always vote for source-only
+    for wins, trusted in ((len(names) // 2, False), (len(names) // 2 + 1, True)):
+        scores = {n: np.array([0.0, 1.0 if i < wins else -1.0]) for i, n in enumerate(names)}
+        verdict = guard_verdict(scores, pick=1, baseline=0)
+        assert verdict["for_adapted"] == wins and verdict["adapted_trusted"] is trusted
+    tie = guard_verdict({n: np.zeros(2) for n in names}, pick=1, baseline=0)
+    assert tie["for_adapted"] == 0 and not tie["adapted_trusted"]
+
+
+def test_search_keeps_the_candidate_the_validator_ranks_first_and_reports_the_panel():
+    data = shifted_task()
+    cfg = head_config(method="auto", epochs=5, lr=0.05, selection="info_max")
+    result = search_heads(cfg, data, 3, seed=0)
+    table = result.summary["candidates"]
+    assert [row["name"] for row in table] == [c.name for c in candidate_grid(cfg)]
+    ranking = [row["validators"]["info_max"] for row in table]
+    assert result.summary["pick"] == table[int(np.argmax(ranking))]["name"]
+    assert not result.summary["uses_target_labels"]
+    # The returned model is the kept candidate's: the panel recomputed on it matches its row.
+    kept = next(row for row in table if row["name"] == result.summary["kept"])
+    out = outputs_of(result.model, torch.as_tensor(data.source_val[0]), torch.as_tensor(data.target_train))
+    assert panel([out], selection_evidence(data, 3, 0), ["info_max"])["info_max"][0] == pytest.approx(kept["validators"]["info_max"], abs=1e-5)
+    guard = result.summary["guard"]
+    assert guard["fell_back"] == (result.summary["kept"] != result.summary["pick"])
+    assert result.summary["kept"] == ("source_only" if guard["fell_back"] else result.summary["pick"])
+
+
+def test_the_oracle_rule_says_it_read_target_labels_and_last_ranks_nothing():
+    data = shifted_task()
+    oracle = search_heads(head_config(method="auto", epochs=3, lr=0.05, selection="target_val"), data, 3, seed=0)
+    table = oracle.summary["candidates"]
+    assert oracle.summary["uses_target_labels"] and oracle.summary["pick"] == max(table, key=lambda r: r["target_val_accuracy"])["name"]
+    with pytest.raises(ValueError, match="'last' ranks nothing"):
+        search_heads(head_config(method="auto", selection="last"), data, 3, seed=0)
+
+
+def test_a_pick_the_other_validators_do_not_back_falls_back_to_source_only():
+    # Candidate 1 tops the ranking (say, entropy), but every guard validator but one prefers source-only (0).
+    scores = {n: np.array([1.0, 0.0, 0.5]) for n in GUARD_VALIDATORS} | {"entropy": np.array([0.0, 1.0, 0.5])}
+    pick, kept, verdict = decide(scores, scores["entropy"])
+    assert (pick, kept) == (1, 0) and verdict["for_adapted"] == 1 and not verdict["adapted_trusted"]
+    backed = {n: np.array([0.0, 1.0, 0.5]) for n in GUARD_VALIDATORS}
+    assert decide(backed, backed["entropy"])[:2] == (1, 1)
+    assert decide(scores, np.array([2.0, 1.0, 2.0]))[:2] == (0, 0)  # a tie with source-only goes to source-only
