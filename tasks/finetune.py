@@ -65,7 +65,10 @@ def finetune(layout: Layout, params: Params) -> dict:
                 summary = json.loads(layout.metrics("finetune").read_text())
             # Epoch 0 is the model before any step (the probe-started classifier, for lp_ft).
             _, curves = save_learning_curves(
-                layout.stage_plots("finetune"), history, first_epoch=0, title=f"finetune ({cfg.strategy}, {cfg.method}); epoch kept: {summary['best_epoch']}"
+                layout.stage_plots("finetune"),
+                history,
+                first_epoch=0,
+                title=f"finetune ({cfg.strategy}, {summary['method']}); epoch kept: {summary['best_epoch']}",
             )
         run.log_metrics(summary, prefix="best.")
         run.log_artifact(layout.metrics("finetune"))

@@ -71,3 +71,21 @@ def test_a_pick_the_other_validators_do_not_back_falls_back_to_source_only():
     backed = {n: np.array([0.0, 1.0, 0.5]) for n in GUARD_VALIDATORS}
     assert decide(backed, backed["entropy"])[:2] == (1, 1)
     assert decide(scores, np.array([2.0, 1.0, 2.0]))[:2] == (0, 0)  # a tie with source-only goes to source-only
+
+
+def test_finetune_auto_takes_the_heads_kept_method_and_knob(tmp_path):
+    import json
+
+    from xfer.config import FinetuneConfig
+    from xfer.finetune_job import resolve_method
+
+    pick = tmp_path / "head_pick.json"
+    with pytest.raises(FileNotFoundError, match="run the head stage first"):
+        resolve_method(FinetuneConfig(method="auto"), pick)
+    pick.write_text(json.dumps({"method": "mcc", "mcc_temperature": 4.0}))
+    resolved = resolve_method(FinetuneConfig(method="auto", epochs=3), pick)
+    assert (resolved.method, resolved.mcc_temperature, resolved.epochs) == ("mcc", 4.0, 3)
+    assert resolve_method(FinetuneConfig(method="coral"), pick).method == "coral"  # only auto reads the pick
+    pick.write_text(json.dumps({"method": "coral", "adapt_weight": 1.0}))
+    with pytest.raises(ValueError, match="head's pick.*coral.*head_only"):
+        resolve_method(FinetuneConfig(method="auto", strategy="head_only"), pick)

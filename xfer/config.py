@@ -292,7 +292,8 @@ class FinetuneConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     # Adaptation while fine-tuning: the losses of xfer/adapt/ on the backbone's pooled
     # features, with labelled source batches and unlabelled target batches together.
-    method: AdaptationMethod = "self_training"
+    # auto: the head stage's kept method and knob (models/head_pick.json).
+    method: AdaptationMethod | Literal["auto"] = "self_training"
     adapt_weight: float = Field(3.0, ge=0, le=100)
     pseudo_labels: Literal["centroid", "confidence"] = "centroid"  # self_training
     pseudo_threshold: float = Field(0.5, gt=0, lt=1)  # self_training

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from pydantic import ValidationError
 from torch.utils.data import ConcatDataset, Dataset
 
 from xfer import features as feats
 from xfer.backbones import create_backbone
-from xfer.config import HeadConfig, Params, load_params
+from xfer.config import FinetuneConfig, HeadConfig, Params, load_params
 from xfer.contract import stage_params
 from xfer.data.augment import build_augmentation
 from xfer.data.images import ImageRows
@@ -57,7 +58,9 @@ def history_path(layout: Layout) -> Path:
 
 def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, progress: bool = True) -> FinetuneResult:
     """Probe, build, fine-tune; on rank 0, write models/finetune/ and metrics/finetune.json."""
-    cfg = params.finetune
+    requested = params.finetune.method
+    cfg = resolve_method(params.finetune, layout.head_pick)
+    params = params.model_copy(update={"finetune": cfg})
     device = local_device(cfg.device)
     manifest = read_manifest(layout.manifest)
     names = class_names(manifest)
@@ -72,7 +75,13 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
     backbone, prep, weights = create_backbone(params.backbone, num_classes=0)
     model = Classifier(backbone, probe)
     run_key = sha256_json(
-        {"params": stage_params(params, "finetune"), "weights": weights.digest, "manifest": sha256_file(layout.manifest), "features": fs.meta["key"]}
+        {
+            "params": stage_params(params, "finetune"),
+            "requested_method": requested,
+            "weights": weights.digest,
+            "manifest": sha256_file(layout.manifest),
+            "features": fs.meta["key"],
+        }
     )
     augment = build_augmentation(cfg.augment)
 
@@ -112,6 +121,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
     summary = {
         "strategy": cfg.strategy,
         "method": cfg.method,
+        "method_requested": requested,
         "best_epoch": history.index(best),
         "source_val_accuracy": best["val_accuracy"],
         "target_val_accuracy": best["target_val_accuracy"],
@@ -126,6 +136,21 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         save_classifier(layout.finetune_dir, model, spec)
         write_json(layout.metrics("finetune"), summary)
     return FinetuneResult(model, spec, summary, history)
+
+
+def resolve_method(cfg: FinetuneConfig, head_pick: Path) -> FinetuneConfig:
+    """`method: auto` becomes the head stage's kept method and knob (models/head_pick.json):
+    fine-tuning every candidate is too costly on a CPU, so the cheap search on cached features decides."""
+    if cfg.method != "auto":
+        return cfg
+    if not head_pick.is_file():
+        raise FileNotFoundError(f"finetune.method auto takes the head stage's pick, and {head_pick} is missing: run the head stage first")
+    pick = json.loads(head_pick.read_text())
+    try:
+        return FinetuneConfig(**(cfg.model_dump() | pick))
+    except ValidationError as err:
+        reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        raise ValueError(f"finetune.method auto: the head's pick {pick} does not fit this finetune section: {reasons}") from None
 
 
 def training_set(source: Dataset, labeled_target: Dataset, repeats: int) -> Dataset:
