@@ -61,13 +61,17 @@ def run_pipeline(args: argparse.Namespace) -> int:
 def run_summary(args: argparse.Namespace) -> int:
     import json
 
-    from xfer.metrics import format_results
+    from xfer.metrics import format_results, selection_lines
 
     path = Path(args.eval_json)
     if not path.is_file():
         print(f"xfer summary: {path} not found (run `make run` first)", file=sys.stderr)
         return 2
     print(format_results(json.loads(path.read_text())))
+    # How the head was chosen (and any warning), from the head stage's metrics beside eval.json.
+    head = path.parent / "head.json"
+    if head.is_file():
+        print("\n".join(["", *selection_lines(json.loads(head.read_text()))]))
     return 0
 
 

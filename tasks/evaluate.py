@@ -33,5 +33,5 @@ def evaluate(layout: Layout, params: Params) -> dict:
         for path in scored.plots:
             run.log_artifact(path, "plots")
         promotion = register_and_promote(layout, params, scored.results, scored.features) if params.registry.enabled else None
-        publish_report(scored.results, promotion, run)
+        publish_report(scored.results, promotion, run, scored.head_selection)
     return {m: {s: r["accuracy"] for s, r in v.items()} for m, v in scored.results.items()}

@@ -42,6 +42,9 @@ def head(layout: Layout, params: Params) -> dict:
             verdict = "adapted" if not search["guard"]["fell_back"] else "fell back to source_only"
             tags |= {"search.pick": search["pick"], "search.kept": search["kept"], "search.guard": verdict}
             logger.info("head.method auto: %s", search["why"])
+            if search["warning"]:
+                tags["search.warning"] = search["warning"]
+                logger.warning("head.method auto: %s", search["warning"])
         run.set_tags(tags)
         run.log_metrics({k: v for k, v in summary.items() if k != "search"}, prefix="best.")
         run.log_artifact(layout.metrics("head"))

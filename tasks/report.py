@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.registry import Promotion
 from tasks.tracking import PARENT_TAG, StageRun, team_tracking_uri
+from xfer.metrics import selection_lines
 
 REPORT_KEY = "xfer-evaluation"
 COLUMNS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
@@ -59,18 +60,23 @@ def promotion_lines(promotion: Promotion | None) -> list[str]:
     ]
 
 
-def markdown_report(results: dict, promotion: Promotion | None, experiment_id: str, run_id: str, pipeline_run_id: str | None) -> str:
-    lines = ["# xfer evaluation", "", *metrics_table(results), "", "## Model registry", "", *promotion_lines(promotion), "", "## MLflow", ""]
+def markdown_report(
+    results: dict, promotion: Promotion | None, experiment_id: str, run_id: str, pipeline_run_id: str | None, head_selection: dict | None = None
+) -> str:
+    lines = ["# xfer evaluation", "", *metrics_table(results), ""]
+    if head_selection:
+        lines += ["## Model selection", "", *(f"- {line}" for line in selection_lines(head_selection)), ""]
+    lines += ["## Model registry", "", *promotion_lines(promotion), "", "## MLflow", ""]
     lines.append(f"- evaluate run: [{run_id}]({run_link(experiment_id, run_id)})")
     if pipeline_run_id:
         lines.append(f"- pipeline run: [{pipeline_run_id}]({run_link(experiment_id, pipeline_run_id)})")
     return "\n".join(lines) + "\n"
 
 
-def publish_report(results: dict, promotion: Promotion | None, run: StageRun) -> str:
+def publish_report(results: dict, promotion: Promotion | None, run: StageRun, head_selection: dict | None = None) -> str:
     """Create the Prefect artifact and log the same markdown to the MLflow run; return it."""
     info = mlflow.get_run(run.run_id)
-    markdown = markdown_report(results, promotion, info.info.experiment_id, run.run_id, info.data.tags.get(PARENT_TAG))
+    markdown = markdown_report(results, promotion, info.info.experiment_id, run.run_id, info.data.tags.get(PARENT_TAG), head_selection)
     mlflow.log_text(markdown, "report.md")
     create_markdown_artifact(markdown=markdown, key=REPORT_KEY, description="metrics per domain, promotion decision, MLflow links")
     return markdown

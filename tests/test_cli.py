@@ -124,3 +124,17 @@ def test_summary_prints_the_evaluation_table(tmp_path):
     assert row == ["head", "target_test", "0.875", "0.500", "0.250", "0.125"], proc.stdout
     line = one_line_error(xfer("summary", str(tmp_path / "missing.json")))
     assert f"{tmp_path / 'missing.json'} not found" in line
+
+
+def test_summary_says_how_the_head_was_chosen_and_warns_when_adapting_is_not_backed(tmp_path):
+    figures = {"accuracy": 0.875, "macro_precision": 0.5, "macro_recall": 0.25, "macro_f1": 0.125}
+    (tmp_path / "eval.json").write_text(json.dumps({"head": {"target_test": figures}}))
+    search = {"why": "info_max ranks mcc(mcc_temperature=4) first of 7 candidates, but only 2 of 7 ...", "warning": "the validators disagree"}
+    head = {"method": "source_only", "method_requested": "auto", "selection": "info_max", "uses_target_labels": False, "search": search}
+    (tmp_path / "head.json").write_text(json.dumps(head))
+    out = xfer("summary", str(tmp_path / "eval.json")).stdout
+    assert "head: source_only (head.method auto), kept by info_max (no target labels)" in out
+    assert "search: info_max ranks mcc" in out and "WARNING: the validators disagree" in out
+    (tmp_path / "head.json").write_text(json.dumps(head | {"selection": "target_val", "uses_target_labels": True, "search": {"why": "x", "warning": None}}))
+    out = xfer("summary", str(tmp_path / "eval.json")).stdout
+    assert "an oracle: it reads target val labels" in out and "WARNING" not in out

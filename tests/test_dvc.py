@@ -141,15 +141,33 @@ def test_stage_processes_group_under_one_pipeline_run(repo):
     assert {r.data.tags["git_commit"] for r in stages} == {commit}
 
 
-def test_head_method_change_reruns_head_and_evaluate_only(repo):
+def test_head_method_auto_reruns_head_and_evaluate_only_and_logs_every_candidate(repo):
+    """`dvc exp run -S head.method=auto`: the search runs in the head stage, each candidate
+    an MLflow child run of it; finetune (not auto) never reads the pick, so it does not rerun."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+    from xfer.layout import Layout
+
     root, env, dvc, _ = repo
-    before = tree_digest(root, ["data/features", "models/finetune"])
-    exp = sh([dvc, "exp", "run", "-S", "head.method=mcc", "-S", "head.epochs=2"], root, env)
-    ran = {line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"head", "evaluate"}, exp.stdout
-    assert tree_digest(root, ["data/features", "models/finetune"]) == before
-    assert yaml.safe_load((root / "params.yaml").read_text())["head"]["method"] == "mcc"
-    assert json.loads((root / "metrics/head.json").read_text())["method"] == "mcc"
+    before = tree_digest(root, ["data/features", "models/finetune", "models/head_pick.json"])
+    exp = sh([dvc, "exp", "run", "-S", "head.method=auto", "-S", "head.selection=info_max", "-S", "head.epochs=2"], root, env)
+    assert ran_stages(exp) == {"head", "evaluate"}, exp.stdout
+    assert tree_digest(root, ["data/features", "models/finetune", "models/head_pick.json"]) == before
+    assert yaml.safe_load((root / "params.yaml").read_text())["head"]["method"] == "auto"
+    head = json.loads((root / "metrics/head.json").read_text())
+    search = head["search"]
+    assert head["method_requested"] == "auto" and head["method"] in {c["method"] for c in search["candidates"]}
+    assert search["pick"] in {c["name"] for c in search["candidates"]} and search["why"].startswith("info_max ranks")
+    mlflow.set_tracking_uri(tracking.tracking_uri(Layout(root)))
+    client = MlflowClient()
+    exp_id = client.get_experiment_by_name("xfer").experiment_id
+    head_run = client.search_runs([exp_id], "tags.`xfer.stage` = 'head'", order_by=["attributes.start_time DESC"], max_results=1)[0]
+    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{head_run.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == sorted(c["name"] for c in search["candidates"])
+    assert all("validators.info_max" in r.data.metrics for r in children)
+    assert head_run.data.tags["search.pick"] == search["pick"] and "search.guard" in head_run.data.tags
     # The experiment is recorded with its params and metrics, for `dvc exp show`.
     table = sh([dvc, "exp", "show", "--csv"], root, env).stdout
     header, *lines = table.splitlines()

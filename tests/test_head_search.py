@@ -89,3 +89,11 @@ def test_finetune_auto_takes_the_heads_kept_method_and_knob(tmp_path):
     pick.write_text(json.dumps({"method": "coral", "adapt_weight": 1.0}))
     with pytest.raises(ValueError, match="head's pick.*coral.*head_only"):
         resolve_method(FinetuneConfig(method="auto", strategy="head_only"), pick)
+
+
+def test_the_run_says_plainly_when_nothing_backs_adapting():
+    from xfer.head_search import warning
+
+    assert "disagree" in warning(np.array([0.0, 1.0]), fell_back=True, selection="bnm")
+    assert "ranks every adapted candidate below source-only" in warning(np.array([1.0, 0.5, 0.9]), fell_back=False, selection="bnm")
+    assert warning(np.array([1.0, 0.5, 1.2]), fell_back=False, selection="bnm") is None

@@ -113,7 +113,8 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "head",
-            params=("seed", "head", "fusion"),
+            # finetune.method: whether the head's pick is written for finetune to take (auto).
+            params=("seed", "head", "fusion", "finetune.method"),
             deps=(FEATURES, MEMBER_FEATURES, MANIFEST),
             outs=("models/head", HEAD_PICK, "plots/head"),
             metrics=("metrics/head.json",),

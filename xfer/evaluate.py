@@ -35,6 +35,7 @@ class Evaluation:
     results: dict[str, dict]  # model -> split -> metrics (eval.json)
     plots: list[Path]
     features: feats.FeatureSet  # the main backbone's, which the registered head reads
+    head_selection: dict | None = None  # how the head stage chose the head (its spec's `selection`)
 
 
 def fusion_members(member_features_dir: Path, head_dir: Path, params: Params) -> dict[str, tuple[HeadNet, feats.FeatureSet]]:
@@ -114,4 +115,4 @@ def evaluate_models(
         path = plot_dir / f"per_class_accuracy_{set_name}.png"
         plots.append(save_figure(path, per_class_accuracy_figure(per_class, names, f"per-class accuracy on {set_name}")))
     write_json(metrics_path, results)
-    return Evaluation(results, plots, fs)
+    return Evaluation(results, plots, fs, head_spec.get("selection"))

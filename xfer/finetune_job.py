@@ -146,6 +146,8 @@ def resolve_method(cfg: FinetuneConfig, head_pick: Path) -> FinetuneConfig:
     if not head_pick.is_file():
         raise FileNotFoundError(f"finetune.method auto takes the head stage's pick, and {head_pick} is missing: run the head stage first")
     pick = json.loads(head_pick.read_text())
+    if not pick:
+        raise ValueError(f"{head_pick} holds no pick: the head stage ran with another finetune.method; run the head stage again")
     try:
         return FinetuneConfig(**(cfg.model_dump() | pick))
     except ValidationError as err:

@@ -119,6 +119,7 @@ def search_heads(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, o
         "kept": candidates[kept].name,
         "guard": verdict | {"fell_back": kept != pick},
         "why": why(candidates, pick, kept, cfg.selection, verdict),
+        "warning": warning(ranking, kept != pick, cfg.selection),
     }
     model, history = trained[kept]
     return SearchResult(model, history, candidates[kept], summary)
@@ -134,3 +135,12 @@ def why(candidates: list[Candidate], pick: int, kept: int, selection: str, verdi
         f"{picked}, but only {verdict['for_adapted']} of {len(verdict['votes'])} validators score it above source_only "
         f"(needed {verdict['needed']}): fell back to source_only"
     )
+
+
+def warning(ranking: np.ndarray, fell_back: bool, selection: str) -> str | None:
+    """A plain sentence when nothing label-free backs adapting on this data; None when the pick is backed."""
+    if fell_back:
+        return "the validators disagree on whether adapting helps on this data: source-only was kept; check with a few labelled target images"
+    if len(ranking) > 1 and (ranking[1:] < ranking[0]).all():
+        return f"{selection} ranks every adapted candidate below source-only: adapting does not look helpful on this data; source-only was kept"
+    return None

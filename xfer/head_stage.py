@@ -93,9 +93,15 @@ def train_member_heads(member_features_dir: Path, head_dir: Path, params: Params
 PICK_KNOBS = {"self_training": "pseudo_threshold", "mcc": "mcc_temperature"}
 
 
-def pick_record(cfg: HeadConfig) -> dict:
-    """models/head_pick.json: the kept method and its knob, nothing else, so that
-    finetune (which reads it) reruns only when the pick changes."""
+def pick_record(cfg: HeadConfig, finetune_method: str) -> dict:
+    """models/head_pick.json: with finetune.method auto, the kept method and its knob; else nothing.
+
+    Finetune's dvc.yaml deps list this file, so it holds only what finetune
+    reads: finetune reruns when the pick it takes changes, never because
+    head.method changed under a finetune that does not take it.
+    """
+    if finetune_method != "auto":
+        return {}
     knob = PICK_KNOBS.get(cfg.method, "adapt_weight" if cfg.method != "source_only" else None)
     return {"method": cfg.method} | ({knob: getattr(cfg, knob)} if knob else {})
 
@@ -134,17 +140,17 @@ def train_heads(
     else:
         model, history = train_head(cfg, data, len(names), params.seed, on_epoch)
         kept_cfg = cfg
-    save_head(head_dir, model, kept_cfg, fs.features.shape[1], names, fs.meta["key"])
-    write_json(pick_path, pick_record(kept_cfg))
+    chosen = {"method": kept_cfg.method, "method_requested": cfg.method, "selection": cfg.selection, "uses_target_labels": cfg.uses_target_labels}
+    if search is not None:
+        chosen["search"] = {k: v for k, v in search.items() if k != "candidates"}
+    save_head(head_dir, model, kept_cfg, fs.features.shape[1], names, fs.meta["key"], selection=chosen)
+    write_json(pick_path, pick_record(kept_cfg, params.finetune.method))
     kept = best_epoch(kept_cfg, history)
     gap = domain_gap(fs, model, params.seed)
     tsne = save_figure(plot_dir / "tsne.png", tsne_figure(gap["panels"], names, f"source (o) vs target (x), head method {kept_cfg.method}"))
     _, curves = save_learning_curves(plot_dir, history, first_epoch=1, title=f"head ({cfg.kind}, {kept_cfg.method}); epoch kept: {kept} by {cfg.selection}")
     summary = {
-        "method": kept_cfg.method,
-        "method_requested": cfg.method,
-        "selection": cfg.selection,
-        "uses_target_labels": cfg.uses_target_labels,
+        **{k: v for k, v in chosen.items() if k != "search"},
         "target_labels_trained_on": 0 if data.target_labeled is None else len(data.target_labeled[1]),
         "best_epoch": kept,
         "epochs_run": len(history),

@@ -292,12 +292,15 @@ MEMBERS_DIR = "members"
 HEAD_SPEC_FILE = "head.json"
 
 
-def save_head(out_dir, head: HeadNet, cfg: HeadConfig, in_dim: int, class_names: list[str], features_key: str) -> None:
+def save_head(out_dir, head: HeadNet, cfg: HeadConfig, in_dim: int, class_names: list[str], features_key: str, selection: dict | None = None) -> None:
+    """`selection`: how the head was chosen (xfer.metrics.selection_lines), for the evaluation report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
     save_torch(out_dir / HEAD_WEIGHTS_FILE, state)
     spec = {"head": cfg.model_dump(), "in_dim": in_dim, "num_classes": len(class_names), "class_names": class_names, "features_key": features_key}
+    if selection is not None:
+        spec["selection"] = selection
     write_json(out_dir / HEAD_SPEC_FILE, spec)
 
 

@@ -121,3 +121,16 @@ def reliability_from_probabilities(probabilities: np.ndarray, labels: np.ndarray
 def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_CALIBRATION_BINS) -> float:
     """ECE of class-probability rows: 0 when each confidence level is right exactly that often."""
     return reliability_from_probabilities(probabilities, labels, n_bins).ece
+
+
+def selection_lines(head: dict) -> list[str]:
+    """How the head was chosen, in plain words: the rule, whether target labels were read,
+    the search's verdict and its warning (metrics/head.json, or the head spec's `selection`)."""
+    labels = "an oracle: it reads target val labels" if head["uses_target_labels"] else "no target labels"
+    lines = [f"head: {head['method']} (head.method {head['method_requested']}), kept by {head['selection']} ({labels})"]
+    search = head.get("search")
+    if search:
+        lines.append(f"search: {search['why']}")
+        if search.get("warning"):
+            lines.append(f"WARNING: {search['warning']}")
+    return lines
