@@ -15,7 +15,7 @@ import numpy as np
 
 from xfer.config import FEATURE_ALIGNING_METHODS, VALIDATOR_NAMES, HeadConfig
 from xfer.heads import EpochCallback, HeadData, HeadNet, _tensor, best_epoch, outputs_of, selection_evidence, train_head
-from xfer.validators import panel
+from xfer.validators import Evidence, Outputs, panel
 
 # Each adaptation method with a small grid of its key knob. Methods that align
 # features need a hidden layer, so they join only when head.kind is mlp.
@@ -70,6 +70,29 @@ def decide(scores: dict[str, np.ndarray], ranking: np.ndarray, baseline: int = 0
     return pick, pick if verdict["adapted_trusted"] else baseline, verdict
 
 
+@dataclass(frozen=True)
+class Judgement:
+    scores: dict[str, np.ndarray]  # the panel: every validator's score per candidate
+    ranking: np.ndarray  # what the selection rule ranks by
+    pick: int
+    kept: int
+    verdict: dict  # the guard's
+
+
+def judge(outputs: list[Outputs], target_val_accuracy: list[float | None], selection: str, evidence: Evidence) -> Judgement:
+    """Score trained candidates (source_only first) with every validator; pick by `selection`; guard the pick.
+
+    `target_val_accuracy` is read only by the oracle rule `selection: target_val`.
+    """
+    scores = panel(outputs, evidence)
+    if selection == "target_val":
+        ranking = np.array(target_val_accuracy, dtype=float)
+    else:
+        ranking = scores[selection]
+    pick, kept, verdict = decide(scores, ranking)
+    return Judgement(scores, ranking, pick, kept, verdict)
+
+
 @dataclass
 class SearchResult:
     model: HeadNet
@@ -97,13 +120,8 @@ def search_heads(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, o
         trained.append((model, history))
         outputs.append(outputs_of(model, x_source_val, x_target))
         records.append({"best_epoch": kept, **{k: v for k, v in history[kept - 1].items() if k.endswith("_accuracy")}})
-    scores = panel(outputs, evidence)
-    if cfg.selection == "target_val":
-        # The oracle: reads target val labels; said so in the summary (uses_target_labels).
-        ranking = np.array([r["target_val_accuracy"] for r in records])
-    else:
-        ranking = scores[cfg.selection]
-    pick, kept, verdict = decide(scores, ranking)
+    verdict_of = judge(outputs, [r.get("target_val_accuracy") for r in records], cfg.selection, evidence)
+    scores, ranking, pick, kept, verdict = verdict_of.scores, verdict_of.ranking, verdict_of.pick, verdict_of.kept, verdict_of.verdict
     table = [
         {"name": c.name, "method": c.config.method, **rec, "validators": {n: float(scores[n][i]) for n in scores}}
         for i, (c, rec) in enumerate(zip(candidates, records))

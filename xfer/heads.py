@@ -13,7 +13,7 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -145,28 +145,25 @@ def pick_epoch(selection: str, history: list[dict[str, float]]) -> int:
     return len(scores) - scores[::-1].index(max(scores))
 
 
-def train_head(
-    cfg: HeadConfig,
-    data: HeadData,
-    num_classes: int,
-    seed: int,
-    on_epoch: EpochCallback | None = None,
-    evidence: Evidence | None = None,
-) -> tuple[HeadNet, list[dict[str, float]]]:
-    """Train a head; return it at the epoch best by `cfg.selection`, and every epoch's record.
+@dataclass
+class Epoch:
+    """One finished epoch of a head: its record, the live model, and its predictions for the validators."""
 
-    Each record has train_loss, source_val_accuracy, every label-free
+    number: int  # 1-based
+    record: dict[str, float]
+    head: HeadNet
+    outputs: Outputs | None  # None without target rows
+
+
+def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, evidence: Evidence | None = None) -> Iterator[Epoch]:
+    """Train a head for cfg.epochs, yielding each epoch as it ends (the model keeps training after).
+
+    Each record has train_loss, source_val_accuracy, every per-epoch
     validator's score (`validator_<name>`, on the unlabelled target train rows)
     and, with target val, target_val_accuracy; adaptation methods add
-    adapt_loss. Target val is only used to choose the epoch under the oracle
-    rule `selection: target_val`. `evidence`: what the validators judge
-    against (selection_evidence), when the caller shares it between heads.
+    adapt_loss. `evidence`: what the validators judge against
+    (selection_evidence), when the caller shares it between heads.
     """
-    needs_target = cfg.method != "source_only" or cfg.domain_norm or cfg.selection not in ("source_val", "target_val", "last")
-    if needs_target and data.target_train is None:
-        raise ValueError(f"head.method {cfg.method!r}, selection {cfg.selection!r} (or domain_norm) needs unlabelled target train features")
-    if cfg.selection == "target_val" and data.target_val is None:
-        raise ValueError("head.selection 'target_val' needs labelled target val features")
     torch.manual_seed(seed)
     x, y = _tensor(data.source_train[0]), torch.as_tensor(data.source_train[1], dtype=torch.long)
     xt = _tensor(data.target_train) if data.target_train is not None else None
@@ -193,12 +190,6 @@ def train_head(
     # Without target rows (a source-only head from the Python API) there is nothing to validate on.
     if evidence is None and xt is not None:
         evidence = selection_evidence(data, num_classes, seed)
-    x_source_val = evals["source_val"][0]
-    key = selection_key(cfg.selection)
-    # ensv ranks an epoch against all of them, so every epoch is kept until the end.
-    keep_all = cfg.selection == "ensv"
-    best_score, best_state, history, since_best = -np.inf, None, [], 0
-    states, epoch_outputs = [], []
     step = 0
     for epoch in range(1, cfg.epochs + 1):
         if adapt is not None and adapt.wants_refresh:
@@ -235,14 +226,52 @@ def train_head(
             record["adapt_loss"] = sums["adapt_loss"] / len(x)
         for name, (vx, vy, domain) in evals.items():
             record[f"{name}_accuracy"] = accuracy_of(head, vx, vy, domain)
+        outputs = None
         if evidence is not None:
-            outputs = outputs_of(head, x_source_val, xt)
-            epoch_outputs.append(outputs)
+            outputs = outputs_of(head, evals["source_val"][0], xt)
             for name in EPOCH_VALIDATORS:
                 record[f"{VALIDATOR_PREFIX}{name}"] = float(score(name, [outputs], evidence)[0])
+        yield Epoch(epoch, record, head, outputs)
+
+
+def add_ensv(history: list[dict[str, float]], outputs: list[Outputs], evidence: Evidence) -> None:
+    """ensv ranks each epoch against all of them: scored once the epochs are known."""
+    for record, value in zip(history, score("ensv", outputs, evidence)):
+        record[f"{VALIDATOR_PREFIX}ensv"] = float(value)
+
+
+def train_head(
+    cfg: HeadConfig,
+    data: HeadData,
+    num_classes: int,
+    seed: int,
+    on_epoch: EpochCallback | None = None,
+    evidence: Evidence | None = None,
+) -> tuple[HeadNet, list[dict[str, float]]]:
+    """Train a head (head_epochs); return it at the epoch `cfg.selection` keeps, and every epoch's record.
+
+    Target val is only used to choose the epoch under the oracle rule
+    `selection: target_val`.
+    """
+    needs_target = cfg.method != "source_only" or cfg.domain_norm or cfg.selection not in ("source_val", "target_val", "last")
+    if needs_target and data.target_train is None:
+        raise ValueError(f"head.method {cfg.method!r}, selection {cfg.selection!r} (or domain_norm) needs unlabelled target train features")
+    if cfg.selection == "target_val" and data.target_val is None:
+        raise ValueError("head.selection 'target_val' needs labelled target val features")
+    if evidence is None and data.target_train is not None:
+        evidence = selection_evidence(data, num_classes, seed)
+    key = selection_key(cfg.selection)
+    # ensv ranks an epoch against all of them, so every epoch is kept until the end.
+    keep_all = cfg.selection == "ensv"
+    best_score, best_state, history, since_best = -np.inf, None, [], 0
+    states, epoch_outputs = [], []
+    for epoch in head_epochs(cfg, data, num_classes, seed, evidence):
+        head, record = epoch.head, epoch.record
         history.append(record)
+        if epoch.outputs is not None:
+            epoch_outputs.append(epoch.outputs)
         if on_epoch:
-            on_epoch(epoch, record)
+            on_epoch(epoch.number, record)
         if keep_all:
             states.append(copy.deepcopy(head.state_dict()))
             continue
@@ -254,8 +283,7 @@ def train_head(
             if cfg.patience is not None and since_best >= cfg.patience:
                 break
     if evidence is not None:
-        for record, value in zip(history, score("ensv", epoch_outputs, evidence)):
-            record[f"{VALIDATOR_PREFIX}ensv"] = float(value)
+        add_ensv(history, epoch_outputs, evidence)
     if keep_all:
         best_state = states[pick_epoch(cfg.selection, history) - 1]
     head.load_state_dict(best_state)
