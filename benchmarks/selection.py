@@ -1,0 +1,274 @@
+"""Label-free model selection over many shifts: does the pick hold on data it was not tuned on?
+
+    .venv/bin/python benchmarks/selection.py [--tasks digits ...] [--seeds 0 1 2] [--no-reference]
+    .venv/bin/python benchmarks/selection.py --render   # rewrite selection.md from selection.json
+
+For each task of benchmarks/shift_tasks.py (the digits default and five
+other shifts, built offline) and each seed, every candidate of
+`head.method: auto` (xfer/head_search.py, from params.yaml's head section) is
+trained once on the cached features; each epoch's model is scored by every
+validator and, for this report only, on target test. Then, per validator,
+exactly what `head.method: auto` with `head.selection: <validator>` does
+(xfer.heads.pick_epoch per candidate, xfer.head_search.judge across them) is
+replayed on those epochs, and the accuracy of its pick (before the guard) and
+of what it keeps (after it) is read off target test. Target labels choose
+nothing here except the rows marked oracle.
+
+Rows per task (means over seeds):
+- source_only: the source-only candidate, epoch by source val;
+- default: params.yaml's head section as it is;
+- <validator>: head.method auto with that selection, after the guard
+  (`pick` in the json is params.yaml's head.selection; `raw` is before the guard);
+- oracle: the best candidate and epoch on target test (uses target labels);
+- logistic regression and the reference adaptation recipe (shift_tasks.py),
+  same features, for the issue's "at least matches" targets.
+Also each validator's Spearman correlation with target test accuracy over
+the candidates (each at the epoch that validator keeps).
+
+Writes benchmarks/results/selection.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import shift_tasks  # noqa: E402
+from xfer.config import VALIDATOR_NAMES, HeadConfig, Params, load_params  # noqa: E402
+from xfer.head_search import Candidate, candidate_grid, judge  # noqa: E402
+from xfer.head_stage import head_data  # noqa: E402
+from xfer.heads import add_ensv, head_epochs, pick_epoch, predict_proba, selection_evidence  # noqa: E402
+from xfer.io import write_json, write_text  # noqa: E402
+from xfer.validators import Outputs  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@dataclass
+class CandidateRun:
+    candidate: Candidate
+    history: list[dict[str, float]]
+    outputs: list[Outputs]
+    test_accuracy: list[float]  # per epoch, on target test: read by this report only
+
+
+def train_candidates(cfg: HeadConfig, fs, seed: int) -> tuple[list[CandidateRun], object]:
+    """Every candidate of the grid, each epoch kept as (record, validator outputs, target test accuracy)."""
+    data = head_data(fs)
+    test_x, test_y = shift_tasks.target_test(fs)
+    num_classes = int(fs.index.label.max()) + 1
+    evidence = selection_evidence(data, num_classes, seed)
+    runs = []
+    for cand in candidate_grid(cfg):
+        run = CandidateRun(cand, [], [], [])
+        for epoch in head_epochs(cand.config, data, num_classes, seed, evidence):
+            run.history.append(epoch.record)
+            run.outputs.append(epoch.outputs)
+            run.test_accuracy.append(float((predict_proba(epoch.head, test_x, "target").argmax(1) == test_y).mean()))
+        add_ensv(run.history, run.outputs, evidence)
+        runs.append(run)
+    return runs, evidence
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0  # a constant ranks nothing
+    return float(spearmanr(a, b).statistic)
+
+
+def replay(runs: list[CandidateRun], evidence, selection: str) -> dict:
+    """What head.method auto with `selection` keeps, on these trained candidates."""
+    epochs = [pick_epoch(selection, r.history) for r in runs]
+    outputs = [r.outputs[e - 1] for r, e in zip(runs, epochs)]
+    judged = judge(outputs, [None] * len(runs), selection, evidence)
+    accuracy = np.array([r.test_accuracy[e - 1] for r, e in zip(runs, epochs)])
+    return {
+        "raw": float(accuracy[judged.pick]),
+        "kept": float(accuracy[judged.kept]),
+        "raw_name": runs[judged.pick].candidate.name,
+        "kept_name": runs[judged.kept].candidate.name,
+        "fell_back": judged.kept != judged.pick,
+        "spearman": spearman(judged.ranking, accuracy),
+    }
+
+
+def same_config(a: HeadConfig, b: HeadConfig) -> bool:
+    return a.model_dump() == b.model_dump()
+
+
+def evaluate_seed(params: Params, fs, seed: int, reference: bool) -> dict:
+    base = params.head.model_copy(update={"method": "auto"})
+    start = time.perf_counter()
+    runs, evidence = train_candidates(base, fs, seed)
+    trained = time.perf_counter() - start
+    source_only = runs[0]
+    row = {
+        "source_only": source_only.test_accuracy[pick_epoch("source_val", source_only.history) - 1],
+        "oracle": max(max(r.test_accuracy) for r in runs),
+        "validators": {v: replay(runs, evidence, v) for v in VALIDATOR_NAMES},
+        "search_seconds": trained,
+    }
+    default = next((r for r in runs if same_config(r.candidate.config, params.head.model_copy(update={"selection": base.selection}))), None)
+    if params.head.method != "auto" and default is not None:
+        row["default"] = default.test_accuracy[pick_epoch(params.head.selection, default.history) - 1]
+    elif params.head.method == "auto":
+        row["default"] = row["validators"][params.head.selection]["kept"]
+    if reference:
+        row["logistic_regression"] = shift_tasks.logistic_regression_accuracy(fs)
+        for method in shift_tasks.REFERENCE_METHODS:
+            row[f"reference_{method}"] = shift_tasks.reference_recipe_accuracy(fs, method, seed)
+        # xfer's own head per method (each candidate at its source-val epoch, best knob by the same rule) beside the reference.
+        for method in shift_tasks.REFERENCE_METHODS:
+            mine = [r for r in runs if r.candidate.config.method == method]
+            if mine:
+                row[f"xfer_{method}"] = max(r.test_accuracy[pick_epoch("source_val", r.history) - 1] for r in mine)
+    return row
+
+
+def mean_over_seeds(rows: list[dict]) -> dict:
+    """The mean of every number over seeds, the same shape as one row."""
+    first = rows[0]
+    out = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            out[key] = mean_over_seeds([r[key] for r in rows])
+        elif isinstance(value, bool):
+            out[key] = float(np.mean([r[key] for r in rows]))  # the fraction of seeds
+        elif isinstance(value, (int, float)):
+            out[key] = float(np.mean([r[key] for r in rows]))
+        else:
+            out[key] = [r[key] for r in rows]
+    return out
+
+
+def run_task(name: str, params: Params, seeds: list[int], reference: bool) -> dict:
+    fs = shift_tasks.task_features(name, params)
+    per_seed = {}
+    for seed in seeds:
+        per_seed[str(seed)] = evaluate_seed(params, fs, seed, reference)
+        r = per_seed[str(seed)]
+        picks = " ".join(f"{v}={r['validators'][v]['kept']:.3f}" for v in VALIDATOR_NAMES)
+        print(f"  {name} seed {seed}: source_only {r['source_only']:.3f} oracle {r['oracle']:.3f} | {picks} ({r['search_seconds']:.0f} s)", flush=True)
+    mean = mean_over_seeds(list(per_seed.values()))
+    mean["pick"] = mean["validators"][params.head.selection]["kept"] if params.head.selection in mean["validators"] else None
+    return mean | {"per_seed": per_seed, "description": shift_tasks.TASKS[name]}
+
+
+def markdown(result: dict) -> str:
+    meta, tasks = result["meta"], result["tasks"]
+    names = list(tasks)
+    lines = [
+        f"Target test accuracy of a head on frozen {meta['backbone']} features, mean over seeds {', '.join(map(str, meta['seeds']))}, "
+        f"{len(names)} two-domain tasks (benchmarks/shift_tasks.py). `head.method: auto` searches {meta['candidates']} candidates; "
+        f"each validator column is what auto keeps with `head.selection: <validator>` (after the negative-transfer guard). "
+        f"**oracle** is the best candidate and epoch on target test: it reads target labels, as does nothing else here but the scoring.",
+        "",
+        "| task | source-only | default | " + " | ".join(VALIDATOR_NAMES) + " | oracle |",
+        "|---|---:|---:|" + "---:|" * (len(VALIDATOR_NAMES) + 1),
+    ]
+    for name in names + ["mean"]:
+        rows = [tasks[n] for n in names] if name == "mean" else [tasks[name]]
+        avg = lambda f: float(np.mean([f(r) for r in rows]))  # noqa: E731
+        cells = [avg(lambda r: r["source_only"]), avg(lambda r: r.get("default", np.nan))]
+        cells += [avg(lambda r, v=v: r["validators"][v]["kept"]) for v in VALIDATOR_NAMES] + [avg(lambda r: r["oracle"])]
+        label = "**mean**" if name == "mean" else name
+        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    lines += [
+        "",
+        "Negative transfer and the guard: per validator, the worst task's kept accuracy minus source-only's "
+        "(the target is >= -0.01), the mean gap to the oracle, how often the guard fell back, and the "
+        "Spearman correlation of the validator with target test accuracy over the candidates (mean over tasks and seeds).",
+        "",
+        "| validator | worst (kept - source-only) | worst before the guard | mean (oracle - kept) | guard fell back | Spearman |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for v in VALIDATOR_NAMES:
+        rows = [tasks[n] for n in names]
+        worst = min(r["validators"][v]["kept"] - r["source_only"] for r in rows)
+        worst_raw = min(r["validators"][v]["raw"] - r["source_only"] for r in rows)
+        gap = np.mean([r["oracle"] - r["validators"][v]["kept"] for r in rows])
+        fell = np.mean([r["validators"][v]["fell_back"] for r in rows])
+        rho = np.mean([r["validators"][v]["spearman"] for r in rows])
+        lines.append(f"| {v} | {worst:+.3f} | {worst_raw:+.3f} | {gap:.3f} | {fell:.0%} | {rho:+.2f} |")
+    if all("logistic_regression" in tasks[n] for n in names):
+        methods = shift_tasks.REFERENCE_METHODS
+        lines += [
+            "",
+            "Reference rows on the same features (seed means): xfer's source-only head against a scikit-learn logistic regression, "
+            "and xfer's head per method (best knob of the grid, epoch by source val) against the reference recipe "
+            "(bottleneck + BatchNorm, SGD, 1,500 steps, last iterate; shift_tasks.py). `-` where the head kind has no such candidate.",
+            "",
+            "| task | source-only | logistic regression | " + " | ".join(f"xfer {m} | reference {m}" for m in methods) + " |",
+            "|---|---:|---:|" + "---:|---:|" * len(methods),
+        ]
+        for n in names:
+            r = tasks[n]
+            cells = [f"{r['source_only']:.3f}", f"{r['logistic_regression']:.3f}"]
+            for m in methods:
+                cells += [f"{r[f'xfer_{m}']:.3f}" if f"xfer_{m}" in r else "-", f"{r[f'reference_{m}']:.3f}"]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", f"Machine: {meta['machine']}; {meta['seconds']:.0f} s in all. Written by `benchmarks/selection.py`."]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    import os
+
+    from benchmarks.default_run import cpu_name
+
+    return f"{cpu_name()}, {os.cpu_count()} CPUs"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=list(shift_tasks.TASKS), help=f"from {list(shift_tasks.TASKS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--no-reference", action="store_true", help="skip logistic regression and the reference recipe rows")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--render", action="store_true", help="rewrite selection.md from selection.json and exit")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.render:
+        import json
+
+        write_text(out / "selection.md", markdown(json.loads((out / "selection.json").read_text())))
+        return 0
+    unknown = [t for t in args.tasks if t not in shift_tasks.TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; choose from {list(shift_tasks.TASKS)}")
+    params = load_params(args.params)
+    start = time.perf_counter()
+    tasks = {}
+    for name in args.tasks:
+        print(f"{name}: {shift_tasks.TASKS[name]}", flush=True)
+        tasks[name] = run_task(name, params, args.seeds, not args.no_reference)
+    meta = {
+        "backbone": params.backbone.name,
+        "seeds": args.seeds,
+        "head": params.head.model_dump(),
+        "candidates": len(candidate_grid(params.head.model_copy(update={"method": "auto"}))),
+        "machine": machine(),
+        "seconds": time.perf_counter() - start,
+    }
+    result = {"meta": meta, "tasks": tasks}
+    write_json(out / "selection.json", result)
+    table = markdown(result)
+    write_text(out / "selection.md", table)
+    print()
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
