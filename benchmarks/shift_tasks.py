@@ -68,7 +68,8 @@ SELECTION = CACHE / "selection"
 DEFAULT_TASK = "digits"
 # Splits never vary with the benchmark's seeds: those vary training only.
 SPLIT_SEED = 0
-# Bump when a shift changes, so cached images (and so features) are rebuilt.
+# Bump when a shift's code changes, so cached images (and so features) are rebuilt;
+# a change of the constants below is noticed by itself (they are in the marker).
 IMAGES_VERSION = 1
 MARKER = "task.json"
 
@@ -232,6 +233,7 @@ def _ensure_images(name: str, params: Params) -> bool:
         "printed_per_class": params.data.digits.source_per_class,
         "handwritten_per_class": params.data.digits.target_per_class,
         "seed": params.data.digits.seed,
+        "shift": {"noise": NOISE_SIGMA, "blur": BLUR_SIGMA, "rotation": list(ROTATION_DEG), "thicken": THICKEN_PX, "fonts_per_class": FONTS_PER_CLASS},
     }
     marker = folder / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == spec:
