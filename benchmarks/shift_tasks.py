@@ -12,8 +12,8 @@ unlabelled target domain, made from the builtin digits machinery
 - printed_to_inverted: target = the handwritten digits with intensities
   inverted (16 - x): dark strokes on a light background.
 - printed_to_noisy: target = the handwritten digits blurred (Gaussian,
-  sigma 0.7 px) with seeded Gaussian noise (sigma 3 of 16) added.
-- printed_to_rotated: target = the handwritten digits rotated by 30-40
+  sigma 0.5 px) with seeded Gaussian noise (sigma 1.5 of 16) added.
+- printed_to_rotated: target = the handwritten digits rotated by 20-30
   degrees, clockwise or anticlockwise (seeded per image).
 - fonts_to_fonts: printed digits in the DejaVu fonts -> printed digits in
   the STIX and Computer Modern fonts with strokes thickened (the 32x32
@@ -77,8 +77,8 @@ TASKS: dict[str, str] = {
     "digits": "printed -> handwritten (the default)",
     "handwritten_to_printed": "handwritten -> printed (roles swapped)",
     "printed_to_inverted": "printed -> handwritten with inverted intensities (16 - x)",
-    "printed_to_noisy": "printed -> handwritten blurred (sigma 0.7 px) plus Gaussian noise (sigma 3 of 16)",
-    "printed_to_rotated": "printed -> handwritten rotated by 30-40 degrees either way",
+    "printed_to_noisy": "printed -> handwritten blurred (sigma 0.5 px) plus Gaussian noise (sigma 1.5 of 16)",
+    "printed_to_rotated": "printed -> handwritten rotated by 20-30 degrees either way",
     "fonts_to_fonts": "printed in DejaVu fonts -> printed in STIX / Computer Modern fonts, strokes thickened 2 px",
 }
 # (source domain, target domain): the folder names under images/.
@@ -91,9 +91,9 @@ TASK_DOMAINS: dict[str, tuple[str, str]] = {
     "fonts_to_fonts": ("printed_dejavu", "printed_other_fonts_thick"),
 }
 
-NOISE_SIGMA = 3.0  # of the 0..16 scale
-BLUR_SIGMA = 0.7  # pixels of the 8x8 image
-ROTATION_DEG = (30.0, 40.0)
+NOISE_SIGMA = 1.5  # of the 0..16 scale
+BLUR_SIGMA = 0.5  # pixels of the 8x8 image
+ROTATION_DEG = (20.0, 30.0)
 THICKEN_PX = 2  # dilation of the 32x32 glyph, i.e. half an 8x8 cell
 FONTS_PER_CLASS = 200  # fonts_to_fonts: images per class in each domain
 
@@ -115,7 +115,7 @@ def blurred_and_noisy(images: np.ndarray, rng: np.random.Generator) -> np.ndarra
 
 
 def rotated(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each image turned by a seeded angle of 30-40 degrees, sign drawn too, about its centre."""
+    """Each image turned by a seeded angle of 20-30 degrees, sign drawn too, about its centre."""
     angles = rng.uniform(*ROTATION_DEG, size=len(images)) * rng.choice([-1.0, 1.0], size=len(images))
     turned = [ndimage.rotate(im.astype(np.float64), a, reshape=False, order=1, mode="constant", cval=0.0) for im, a in zip(images, angles)]
     return np.clip(np.rint(np.stack(turned)), 0, 16).astype(np.uint8)
