@@ -228,7 +228,8 @@ class StageRun:
 
     def child_run(self, name: str, params: dict[str, Any], metrics: dict[str, Any]) -> None:
         """A finished child run under this stage's run (one candidate of a search): its params and numbers."""
-        with mlflow.start_run(run_name=name, nested=True, tags={TAG_KIND: "candidate"}):
+        # In the stage run's experiment: without it MLflow files the child under the default one.
+        with mlflow.start_run(experiment_id=self.run.info.experiment_id, run_name=name, nested=True, tags={TAG_KIND: "candidate"}):
             mlflow.log_params(params)
             self.log_metrics(metrics)
 
