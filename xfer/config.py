@@ -212,7 +212,8 @@ Selection = Literal["source_val", "entropy", "info_max", "bnm", "snd", "dev", "c
 
 
 class HeadConfig(_Strict):
-    kind: Literal["linear", "mlp"] = "linear"
+    # The hidden layer: none (linear), Linear-ReLU-Dropout (mlp), or Linear-BatchNorm-ReLU-Dropout (bottleneck).
+    kind: Literal["linear", "mlp", "bottleneck"] = "linear"
     hidden_dim: int = Field(256, ge=1, le=8192)
     dropout: float = Field(0.0, ge=0, lt=1)
     # Domain adaptation on cached features; target labels are never seen. auto: a small
@@ -229,10 +230,16 @@ class HeadConfig(_Strict):
     mcc_temperature: float = Field(2.5, gt=0, le=100)
     # Standardise each domain's features with its own mean and std (feature-level AdaBN).
     domain_norm: bool = False
+    # joint: standardise every input with the mean and std of source train and target train rows together.
+    feature_norm: Literal["none", "joint"] = "none"
     epochs: int = Field(60, ge=1, le=10000)
     batch_size: int = Field(256, ge=1, le=65536)
     lr: float = Field(3e-3, gt=0, le=10)
     weight_decay: float = Field(1e-4, ge=0, le=1)
+    # adamw, or sgd (momentum 0.9, no Nesterov).
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    # Per step: constant, or inverse_decay: lr * (1 + 10 p) ** -0.75, p = step / total steps.
+    lr_schedule: Literal["constant", "inverse_decay"] = "constant"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Weight the loss by inverse class frequency, for imbalanced source data.
     class_balanced: bool = False
@@ -246,7 +253,12 @@ class HeadConfig(_Strict):
         if self.method in FEATURE_ALIGNING_METHODS and self.kind == "linear":
             raise ValueError(
                 f"method {self.method!r} aligns the head's hidden features, which a linear head lacks; "
-                f"set head.kind: mlp, or choose a method that works on a linear head: source_only, mcc, self_training"
+                f"set head.kind: mlp or bottleneck, or choose a method that works on a linear head: source_only, mcc, self_training"
+            )
+        if self.domain_norm and self.feature_norm == "joint":
+            raise ValueError(
+                "head.domain_norm standardises each domain with its own statistics and head.feature_norm 'joint' both domains with shared ones; "
+                "choose one: set domain_norm: false or feature_norm: none"
             )
         if self.selection == "ensv" and self.patience is not None:
             raise ValueError("head.selection 'ensv' scores an epoch against every epoch, so it cannot stop early; set head.patience: null")

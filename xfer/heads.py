@@ -1,8 +1,9 @@
 """Classifier heads on cached features, trained with or without domain adaptation.
 
-A head is `HeadNet`: optional per-domain standardisation of the features,
-an optional hidden layer (the representation adaptation aligns), and a
-linear classifier. `train_head` trains it on labelled source features and,
+A head is `HeadNet`: optional standardisation of the features (per domain,
+or joint over both), an optional hidden layer (the representation
+adaptation aligns; with BatchNorm for kind bottleneck), and a linear
+classifier. `train_head` trains it on labelled source features and,
 for an adaptation method, unlabelled target features; the epoch kept is
 the best by the model-selection rule the config names.
 """
@@ -31,16 +32,32 @@ Labelled = tuple[np.ndarray, np.ndarray]
 
 
 class HeadNet(nn.Module):
-    """features -> [per-domain standardisation] -> [Linear-ReLU-Dropout] -> Linear -> logits."""
+    """features -> [standardisation] -> [Linear-(BatchNorm)-ReLU-Dropout] -> Linear -> logits."""
 
-    def __init__(self, in_dim: int, num_classes: int, kind: str = "linear", hidden_dim: int = 256, dropout: float = 0.0, domain_norm: bool = False):
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        kind: str = "linear",
+        hidden_dim: int = 256,
+        dropout: float = 0.0,
+        domain_norm: bool = False,
+        feature_norm: str = "none",
+    ):
         super().__init__()
+        if domain_norm and feature_norm == "joint":
+            raise ValueError("domain_norm and feature_norm 'joint' exclude each other")
         self.domain_norm = domain_norm
-        # Row 0: source statistics, row 1: target. Kept even when unused, so every head saves alike.
+        self.feature_norm = feature_norm
+        # Row 0: source statistics, row 1: target (feature_norm joint: both rows the same).
+        # Kept even when unused, so every head saves alike.
         self.register_buffer("feature_mean", torch.zeros(len(DOMAINS), in_dim))
         self.register_buffer("feature_std", torch.ones(len(DOMAINS), in_dim))
         if kind == "mlp":
             self.hidden: nn.Module = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout))
+            self.embed_dim = hidden_dim
+        elif kind == "bottleneck":
+            self.hidden = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(), nn.Dropout(dropout))
             self.embed_dim = hidden_dim
         else:
             self.hidden = nn.Identity()
@@ -54,11 +71,31 @@ class HeadNet(nn.Module):
             # A constant feature keeps std 1 instead of dividing by zero.
             self.feature_std[i] = torch.where(x.std(0) > 1e-6, x.std(0), torch.ones(()))
 
-    def embed(self, features: torch.Tensor, domain: str = "target") -> torch.Tensor:
-        if self.domain_norm:
+    def fit_joint_norm(self, source: np.ndarray, target: np.ndarray) -> None:
+        """feature_norm joint: the statistics of source and target rows together, in both domain rows."""
+        x = torch.as_tensor(np.concatenate([np.asarray(source, dtype=np.float32), np.asarray(target, dtype=np.float32)]))
+        std = x.std(0)
+        self.feature_mean[:] = x.mean(0)
+        self.feature_std[:] = torch.where(std > 1e-6, std, torch.ones(()))
+
+    @property
+    def has_batchnorm(self) -> bool:
+        """Batch statistics in the hidden layer: training passes both domains through it together."""
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.hidden.modules())
+
+    def standardise(self, features: torch.Tensor, domain: str = "target") -> torch.Tensor:
+        if self.domain_norm or self.feature_norm == "joint":
             i = DOMAINS.index(domain)
             features = (features - self.feature_mean[i]) / self.feature_std[i]
-        return self.hidden(features)
+        return features
+
+    def embed(self, features: torch.Tensor, domain: str = "target") -> torch.Tensor:
+        return self.hidden(self.standardise(features, domain))
+
+    def embed_together(self, batches: list[tuple[torch.Tensor, str]]) -> list[torch.Tensor]:
+        """Embed (features, domain) batches in one pass of the hidden layer (BatchNorm sees them all), split back."""
+        joint = self.hidden(torch.cat([self.standardise(x, domain) for x, domain in batches]))
+        return list(joint.split([len(x) for x, _ in batches]))
 
     def forward(self, features: torch.Tensor, domain: str = "target") -> torch.Tensor:
         """Logits; `domain` picks the standardisation when domain_norm is on (new data is target data)."""
@@ -66,7 +103,18 @@ class HeadNet(nn.Module):
 
 
 def build_head(cfg: HeadConfig, in_dim: int, num_classes: int) -> HeadNet:
-    return HeadNet(in_dim, num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout, cfg.domain_norm)
+    return HeadNet(in_dim, num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout, cfg.domain_norm, cfg.feature_norm)
+
+
+def inverse_decay(progress: float) -> float:
+    """lr factor of the inverse-decay schedule at progress p in [0, 1]: (1 + 10 p) ** -0.75."""
+    return (1 + 10 * progress) ** -0.75
+
+
+def build_optimizer(cfg: HeadConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -177,11 +225,15 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
     head = build_head(cfg, x.shape[1], num_classes)
     if cfg.domain_norm:
         head.fit_domain_norm(data.source_train[0], data.target_train)
+    if cfg.feature_norm == "joint":
+        if data.target_train is None:
+            raise ValueError("head.feature_norm 'joint' needs unlabelled target train features")
+        head.fit_joint_norm(data.source_train[0], data.target_train)
     adapt = build_adaptation_loss(
         cfg.method, head.embed_dim, num_classes, pseudo_threshold=cfg.pseudo_threshold, pseudo_labels=cfg.pseudo_labels, mcc_temperature=cfg.mcc_temperature
     )
     params = list(head.parameters()) + (list(adapt.parameters()) if adapt is not None else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = build_optimizer(cfg, params)
     weight = class_weights(data.source_train[1], num_classes) if cfg.class_balanced else None
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = -(-len(x) // cfg.batch_size)
@@ -190,6 +242,9 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
     # Without target rows (a source-only head from the Python API) there is nothing to validate on.
     if evidence is None and xt is not None:
         evidence = selection_evidence(data, num_classes, seed)
+    # A hidden layer with BatchNorm sees source, labelled target and target rows in one pass
+    # (a target batch is drawn even without an adaptation loss, so its statistics mix both domains).
+    together = head.has_batchnorm and xt is not None
     step = 0
     for epoch in range(1, cfg.epochs + 1):
         if adapt is not None and adapt.wants_refresh:
@@ -203,17 +258,30 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
         sums = {"train_loss": 0.0, "adapt_loss": 0.0}
         for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
             step += 1
-            f_s = head.embed(x[idx], "source")
+            if cfg.lr_schedule == "inverse_decay":
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * inverse_decay(step / total_steps)
+            if together:
+                # Same draws, in the same order, as the separate passes below.
+                l_idx = torch.randint(len(xl), (min(len(idx), len(xl)),), generator=gen) if has_labeled else None
+                t_idx = torch.randint(len(xt), (len(idx),), generator=gen)
+                batches = [(x[idx], "source")] + ([(xl[l_idx], "target")] if has_labeled else []) + [(xt[t_idx], "target")]
+                embedded = head.embed_together(batches)
+                f_s, f_t = embedded[0], embedded[-1]
+            else:
+                f_s = head.embed(x[idx], "source")
             logits_s = head.classifier(f_s)
             loss = F.cross_entropy(logits_s, y[idx], weight=weight, label_smoothing=cfg.label_smoothing)
             if has_labeled:
-                l_idx = torch.randint(len(xl), (min(len(idx), len(xl)),), generator=gen)
-                logits_l = head.classifier(head.embed(xl[l_idx], "target"))
+                if not together:
+                    l_idx = torch.randint(len(xl), (min(len(idx), len(xl)),), generator=gen)
+                logits_l = head.classifier(embedded[1] if together else head.embed(xl[l_idx], "target"))
                 loss = loss + F.cross_entropy(logits_l, yl[l_idx], weight=weight, label_smoothing=cfg.label_smoothing)
             if adapt is not None:
                 adapt.set_progress(step / total_steps)
-                t_idx = torch.randint(len(xt), (len(idx),), generator=gen)
-                f_t = head.embed(xt[t_idx], "target")
+                if not together:
+                    t_idx = torch.randint(len(xt), (len(idx),), generator=gen)
+                    f_t = head.embed(xt[t_idx], "target")
                 adapt_loss = adapt(f_s, f_t, logits_s, head.classifier(f_t), index_t=t_idx)
                 loss = loss + cfg.adapt_weight * adapt_loss
                 sums["adapt_loss"] += adapt_loss.item() * len(idx)
@@ -253,9 +321,9 @@ def train_head(
     Target val is only used to choose the epoch under the oracle rule
     `selection: target_val`.
     """
-    needs_target = cfg.method != "source_only" or cfg.domain_norm or cfg.selection not in ("source_val", "target_val", "last")
+    needs_target = cfg.method != "source_only" or cfg.domain_norm or cfg.feature_norm == "joint" or cfg.selection not in ("source_val", "target_val", "last")
     if needs_target and data.target_train is None:
-        raise ValueError(f"head.method {cfg.method!r}, selection {cfg.selection!r} (or domain_norm) needs unlabelled target train features")
+        raise ValueError(f"head.method {cfg.method!r}, selection {cfg.selection!r} (or domain_norm, feature_norm joint) needs unlabelled target train features")
     if cfg.selection == "target_val" and data.target_val is None:
         raise ValueError("head.selection 'target_val' needs labelled target val features")
     if evidence is None and data.target_train is not None:
