@@ -161,3 +161,72 @@ def test_config_names_exactly_the_validators_there_are():
 
     assert VALIDATOR_NAMES == tuple(VALIDATORS)
     assert set(get_args(Selection)) == set(VALIDATOR_NAMES) | {"last", "target_val"}
+
+
+def shifted_domains(offset: float = 8.0):
+    """Source blobs and target blobs far from them (every feature shifted by `offset`)."""
+    return HeadData(blobs(240, 0), blobs(60, 1), target_train=blobs(240, 2, shift=offset)[0], target_val=blobs(60, 3, shift=offset))
+
+
+def bottleneck_config(**overrides) -> HeadConfig:
+    recipe = dict(kind="bottleneck", hidden_dim=16, optimizer="sgd", lr=0.01, lr_schedule="inverse_decay", weight_decay=1e-3, batch_size=32, selection="last")
+    return head_config(**{**recipe, **overrides})
+
+
+def test_bottleneck_batchnorm_sees_source_and_target_rows_together():
+    data = shifted_domains()
+    head, _ = train_head(bottleneck_config(method="mcc", epochs=3), data, 3, seed=0)
+    linear, bn = head.hidden[0], head.hidden[1]
+    assert head.has_batchnorm and isinstance(bn, torch.nn.BatchNorm1d)
+    with torch.no_grad():
+        pre_s, pre_t = linear(torch.as_tensor(data.source_train[0])), linear(torch.as_tensor(data.target_train))
+    # The running statistics are those of joint batches (half source, half target): the mean near
+    # the midpoint of the two domains' means, the variance holding the gap between them. Separate
+    # passes per domain would leave each domain's own variance only.
+    gap = (pre_t.mean(0) - pre_s.mean(0)).abs()
+    wide = gap > 1.0
+    assert wide.sum() >= 4
+    off_mid = (bn.running_mean - (pre_s.mean(0) + pre_t.mean(0)) / 2).abs()
+    assert bool((off_mid[wide] < 0.25 * gap[wide]).all()), (off_mid[wide], gap[wide])
+    within = (pre_s.var(0) + pre_t.var(0)) / 2
+    assert bool((bn.running_var[wide] > within[wide] + 0.5 * (gap[wide] / 2) ** 2).all()), (bn.running_var[wide], within[wide], gap[wide])
+
+
+def test_joint_feature_norm_statistics_are_stored_and_survive_save_and_load(tmp_path):
+    data = shifted_domains()
+    cfg = bottleneck_config(method="dann", epochs=2, feature_norm="joint")
+    head, _ = train_head(cfg, data, 3, seed=0)
+    both = torch.as_tensor(np.concatenate([data.source_train[0], data.target_train]))
+    for row in (0, 1):  # the same joint statistics for either domain
+        assert torch.allclose(head.feature_mean[row], both.mean(0), atol=1e-4)
+        assert torch.allclose(head.feature_std[row], both.std(0), atol=1e-4)
+    x = data.target_val[0]
+    with torch.no_grad():  # the statistics are applied, to either domain
+        standardised = (torch.as_tensor(x) - both.mean(0)) / both.std(0)
+        for domain in ("source", "target"):
+            assert torch.allclose(head.embed(torch.as_tensor(x), domain), head.hidden(standardised), atol=1e-5)
+    save_head(tmp_path, head, cfg, 16, ["a", "b", "c"], "key")
+    loaded, spec = load_head(tmp_path)
+    assert spec["head"]["feature_norm"] == "joint"
+    for domain in ("source", "target"):
+        assert np.array_equal(predict_proba(head, x, domain), predict_proba(loaded, x, domain))
+
+
+def test_inverse_decay_schedule_ends_at_lr_times_eleven_to_the_minus_three_quarters():
+    from xfer.heads import scheduled_lr
+
+    cfg = bottleneck_config(lr=0.01)
+    assert scheduled_lr(cfg, 100, 100) == pytest.approx(0.01 * 11**-0.75)
+    assert scheduled_lr(cfg, 50, 100) == pytest.approx(0.01 * 6**-0.75)
+    assert scheduled_lr(cfg, 1, 100) == pytest.approx(0.01 * 1.1**-0.75)
+    assert scheduled_lr(cfg.model_copy(update={"lr_schedule": "constant"}), 100, 100) == 0.01
+
+
+def test_domain_norm_and_joint_feature_norm_are_refused_together():
+    with pytest.raises(ConfigError, match="domain_norm.*feature_norm"):
+        parse_params({"head": {"domain_norm": True, "feature_norm": "joint"}})
+    # A bottleneck head has a hidden layer: the feature-aligning methods take it, and auto's grid tries them.
+    from xfer.head_search import candidate_grid
+
+    cfg = HeadConfig(kind="bottleneck", method="dann", feature_norm="joint")
+    assert {"coral", "mmd", "dann", "cdan"} <= {c.config.method for c in candidate_grid(cfg)}

@@ -106,9 +106,12 @@ def build_head(cfg: HeadConfig, in_dim: int, num_classes: int) -> HeadNet:
     return HeadNet(in_dim, num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout, cfg.domain_norm, cfg.feature_norm)
 
 
-def inverse_decay(progress: float) -> float:
-    """lr factor of the inverse-decay schedule at progress p in [0, 1]: (1 + 10 p) ** -0.75."""
-    return (1 + 10 * progress) ** -0.75
+def scheduled_lr(cfg: HeadConfig, step: int, total_steps: int) -> float:
+    """The learning rate of 1-based step `step` of `total_steps`: constant, or inverse_decay
+    lr * (1 + 10 p) ** -0.75 with p = step / total_steps (lr * 11 ** -0.75 at the last step)."""
+    if cfg.lr_schedule == "inverse_decay":
+        return cfg.lr * (1 + 10 * step / total_steps) ** -0.75
+    return cfg.lr
 
 
 def build_optimizer(cfg: HeadConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -258,9 +261,9 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
         sums = {"train_loss": 0.0, "adapt_loss": 0.0}
         for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
             step += 1
-            if cfg.lr_schedule == "inverse_decay":
+            if cfg.lr_schedule != "constant":
                 for group in opt.param_groups:
-                    group["lr"] = cfg.lr * inverse_decay(step / total_steps)
+                    group["lr"] = scheduled_lr(cfg, step, total_steps)
             if together:
                 # Same draws, in the same order, as the separate passes below.
                 l_idx = torch.randint(len(xl), (min(len(idx), len(xl)),), generator=gen) if has_labeled else None
