@@ -18,7 +18,7 @@ from xfer.heads import EpochCallback, HeadData, HeadNet, _tensor, best_epoch, ou
 from xfer.validators import Evidence, Outputs, panel
 
 # Each adaptation method with a small grid of its key knob. Methods that align
-# features need a hidden layer, so they join only when head.kind is mlp.
+# features need a hidden layer, so they join only when head.kind is mlp or bottleneck.
 GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "self_training": ("pseudo_threshold", (0.5, 0.7, 0.9)),
     "mcc": ("mcc_temperature", (1.5, 2.5, 4.0)),
