@@ -31,6 +31,7 @@ Writes benchmarks/results/selection.{md,json}.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ from xfer.io import write_json, write_text  # noqa: E402
 from xfer.validators import Outputs  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
+# The head knobs the tables name (the rest of the head section is in the json).
+RECIPE_KEYS = ("kind", "hidden_dim", "feature_norm", "optimizer", "lr", "lr_schedule", "weight_decay", "batch_size", "epochs", "adapt_weight", "search_methods")
 
 
 @dataclass
@@ -102,6 +105,32 @@ def replay(runs: list[CandidateRun], evidence, selection: str) -> dict:
     }
 
 
+REFERENCE_CACHE = shift_tasks.SELECTION / "reference.json"
+
+
+def cached(fs, key: str, compute) -> float:
+    """A reference row is a function of the features and the seed alone: computed once per features key."""
+    store = json.loads(REFERENCE_CACHE.read_text()) if REFERENCE_CACHE.is_file() else {}
+    full = f"{fs.meta['key']}/{key}"
+    if full not in store:
+        store[full] = compute()
+        write_json(REFERENCE_CACHE, store)
+    return store[full]
+
+
+def head_overrides(params: Params, pairs: list[str]) -> Params:
+    """params with `key=value` (YAML values) set in its head section, validated like params.yaml."""
+    import yaml
+
+    head = params.head.model_dump()
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in head:
+            raise SystemExit(f"--head {pair!r}: expected key=value with key one of {sorted(head)}")
+        head[key] = yaml.safe_load(value)
+    return params.model_copy(update={"head": HeadConfig(**head)})
+
+
 def same_config(a: HeadConfig, b: HeadConfig) -> bool:
     return a.model_dump() == b.model_dump()
 
@@ -124,9 +153,9 @@ def evaluate_seed(params: Params, fs, seed: int, reference: bool) -> dict:
     elif params.head.method == "auto":
         row["default"] = row["validators"][params.head.selection]["kept"]
     if reference:
-        row["logistic_regression"] = shift_tasks.logistic_regression_accuracy(fs)
+        row["logistic_regression"] = cached(fs, "logistic_regression", lambda: shift_tasks.logistic_regression_accuracy(fs))
         for method in shift_tasks.REFERENCE_METHODS:
-            row[f"reference_{method}"] = shift_tasks.reference_recipe_accuracy(fs, method, seed)
+            row[f"reference_{method}"] = cached(fs, f"reference_{method}/{seed}", lambda m=method: shift_tasks.reference_recipe_accuracy(fs, m, seed))
         # xfer's own head per method (each candidate at its source-val epoch, best knob by the same rule) beside the reference.
         for method in shift_tasks.REFERENCE_METHODS:
             mine = [r for r in runs if r.candidate.config.method == method]
@@ -159,8 +188,9 @@ def run_task(name: str, params: Params, seeds: list[int], reference: bool) -> di
         r = per_seed[str(seed)]
         picks = " ".join(f"{v}={r['validators'][v]['kept']:.3f}" for v in VALIDATOR_NAMES)
         print(f"  {name} seed {seed}: source_only {r['source_only']:.3f} oracle {r['oracle']:.3f} | {picks} ({r['search_seconds']:.0f} s)", flush=True)
+    for row in per_seed.values():
+        row["pick"] = row["validators"][params.head.selection]["kept"] if params.head.selection in row["validators"] else None
     mean = mean_over_seeds(list(per_seed.values()))
-    mean["pick"] = mean["validators"][params.head.selection]["kept"] if params.head.selection in mean["validators"] else None
     return mean | {"per_seed": per_seed, "description": shift_tasks.TASKS[name]}
 
 
@@ -172,6 +202,10 @@ def markdown(result: dict) -> str:
         f"{len(names)} two-domain tasks (benchmarks/shift_tasks.py). `head.method: auto` searches {meta['candidates']} candidates; "
         f"each validator column is what auto keeps with `head.selection: <validator>` (after the negative-transfer guard). "
         f"**oracle** is the best candidate and epoch on target test: it reads target labels, as does nothing else here but the scoring.",
+        "",
+        f"Head recipe (params.yaml's head section{', with --head ' + ' '.join(meta.get('head_overrides', [])) if meta.get('head_overrides') else ''}): "
+        + ", ".join(f"{k} {meta['head'][k]}" for k in RECIPE_KEYS if k in meta["head"])
+        + f". **default** is params.yaml's head as it is (method {meta['head']['method']}, selection {meta['head']['selection']}).",
         "",
         "| task | source-only | default | " + " | ".join(VALIDATOR_NAMES) + " | oracle |",
         "|---|---:|---:|" + "---:|" * (len(VALIDATOR_NAMES) + 1),
@@ -221,6 +255,23 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rules_of(result: dict, params: Params) -> dict:
+    """Recompute `pick` and `default` for params.yaml's head.method and head.selection from the stored
+    per-validator figures: valid only while the candidates (the rest of the head section) are the ones trained."""
+    trained = {k: v for k, v in result["meta"]["head"].items() if k not in ("method", "selection")}
+    now = {k: v for k, v in params.head.model_dump().items() if k not in ("method", "selection")}
+    if trained != now:
+        changed = sorted(k for k in now if now[k] != trained.get(k))
+        raise SystemExit(f"--render: params.yaml's head section differs from the trained candidates' in {changed}: run the benchmark again")
+    for task in result["tasks"].values():
+        for row in [task, *task["per_seed"].values()]:
+            row["pick"] = row["validators"][params.head.selection]["kept"] if params.head.selection in row["validators"] else None
+            if params.head.method == "auto":
+                row["default"] = row["pick"]
+    result["meta"]["head"] = params.head.model_dump()
+    return result
+
+
 def machine() -> str:
     import os
 
@@ -236,18 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--no-reference", action="store_true", help="skip logistic regression and the reference recipe rows")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--name", default="selection", help="the results' file stem: <out>/<name>.md and .json")
+    parser.add_argument("--head", nargs="+", default=[], metavar="KEY=VALUE", help="override params.yaml's head section (e.g. kind=linear)")
     parser.add_argument("--render", action="store_true", help="rewrite selection.md from selection.json and exit")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.render:
-        import json
-
-        write_text(out / "selection.md", markdown(json.loads((out / "selection.json").read_text())))
+        result = rules_of(json.loads((out / f"{args.name}.json").read_text()), head_overrides(load_params(args.params), args.head))
+        write_json(out / f"{args.name}.json", result)
+        write_text(out / f"{args.name}.md", markdown(result))
         return 0
     unknown = [t for t in args.tasks if t not in shift_tasks.TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; choose from {list(shift_tasks.TASKS)}")
-    params = load_params(args.params)
+    params = head_overrides(load_params(args.params), args.head)
     start = time.perf_counter()
     tasks = {}
     for name in args.tasks:
@@ -258,13 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "head": params.head.model_dump(),
         "candidates": len(candidate_grid(params.head.model_copy(update={"method": "auto"}))),
+        "head_overrides": args.head,
         "machine": machine(),
         "seconds": time.perf_counter() - start,
     }
     result = {"meta": meta, "tasks": tasks}
-    write_json(out / "selection.json", result)
+    write_json(out / f"{args.name}.json", result)
     table = markdown(result)
-    write_text(out / "selection.md", table)
+    write_text(out / f"{args.name}.md", table)
     print()
     print(table)
     return 0

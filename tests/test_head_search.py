@@ -16,13 +16,15 @@ def shifted_task() -> HeadData:
     return HeadData(blobs(200, 0), blobs(60, 1), target_train=blobs(150, 4, shift=1.5)[0], target_val=blobs(60, 2, shift=1.5))
 
 
-def test_the_grid_starts_with_source_only_and_adds_aligning_methods_only_to_an_mlp():
-    linear = [c.name for c in candidate_grid(head_config(method="auto"))]
-    mlp = [c.name for c in candidate_grid(head_config(method="auto", kind="mlp"))]
-    assert linear[0] == mlp[0] == "source_only"
-    assert "self_training(pseudo_threshold=0.7)" in linear and "mcc(mcc_temperature=4)" in linear
-    assert not any(n.startswith(("coral", "dann", "cdan", "mmd")) for n in linear)
-    assert "dann(adapt_weight=1)" in mlp and len(mlp) == len(linear) + 12
+def test_the_grid_is_source_only_then_each_searched_method_with_its_knobs_grid():
+    linear = [c.name for c in candidate_grid(head_config(method="auto", search_methods=["self_training", "mcc"]))]
+    assert linear == ["source_only"] + [f"self_training(pseudo_threshold={v})" for v in (0.5, 0.7, 0.9)] + [f"mcc(mcc_temperature={v})" for v in (1.5, 2.5, 4)]
+    mlp = [c.name for c in candidate_grid(head_config(method="auto", kind="mlp", search_methods=["mcc", "dann", "cdan"]))]
+    assert mlp[0] == "source_only" and "dann(adapt_weight=1)" in mlp and len(mlp) == 1 + 9 and not any(n.startswith("self_training") for n in mlp)
+    with pytest.raises(ValueError, match=r"search_methods \['dann'\] align.*kind: mlp or bottleneck"):
+        head_config(method="auto", search_methods=["mcc", "dann"])
+    with pytest.raises(ValueError, match="source_only is always a candidate"):
+        head_config(method="auto", search_methods=["source_only", "mcc"])
 
 
 def test_the_guard_needs_a_majority_of_target_aware_validators():

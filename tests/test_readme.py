@@ -39,7 +39,7 @@ def test_a_default_run_reproduces_the_committed_one(tmp_path, prefect_api):
             assert [figures[k] for k in METRICS] == pytest.approx(got, abs=TOLERANCE[model]), (model, split)
 
 
-@pytest.mark.parametrize("name", ["default_run", "startup", "adaptation", "features", "finetune", "finetune_throughput"])
+@pytest.mark.parametrize("name", ["default_run", "startup", "adaptation", "selection", "features", "finetune", "finetune_throughput"])
 def test_readme_benchmark_tables_are_the_ones_the_scripts_wrote(name):
     """benchmarks/<name>.py writes results/<name>.md; the README shows that file, unedited."""
     text = (REPO / "README.md").read_text()
@@ -48,3 +48,19 @@ def test_readme_benchmark_tables_are_the_ones_the_scripts_wrote(name):
     assert block.group(1) == (REPO / "benchmarks" / "results" / f"{name}.md").read_text()
     written = json.loads((REPO / "benchmarks" / "results" / f"{name}.json").read_text())
     assert written, f"results/{name}.json is empty"
+
+
+def test_the_selection_benchmark_covers_six_shifts_and_the_shipped_rule():
+    """results/selection.json: at least six tasks (the default as `digits`), three seeds, each task's
+    pick / source_only / oracle; and the pick is the rule params.yaml ships, not a target-test choice."""
+    import yaml
+
+    result = json.loads((REPO / "benchmarks" / "results" / "selection.json").read_text())
+    tasks = result["tasks"]
+    assert len(tasks) >= 6 and "digits" in tasks and len(result["meta"]["seeds"]) >= 3
+    for name, task in tasks.items():
+        assert {"pick", "source_only", "oracle"} <= set(task), name
+        assert len(task["per_seed"]) == len(result["meta"]["seeds"]), name
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert params["head"]["selection"] != "target_val" and params["finetune"].get("selection") != "target_val"
+    assert result["meta"]["head"]["selection"] == params["head"]["selection"]

@@ -240,6 +240,9 @@ class HeadConfig(_Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     # Per step: constant, or inverse_decay: lr * (1 + 10 p) ** -0.75, p = step / total steps.
     lr_schedule: Literal["constant", "inverse_decay"] = "constant"
+    # method auto: the adaptation methods searched beside source_only, each with its knob's grid
+    # (xfer/head_search.py); the feature-aligning ones need a hidden layer (kind mlp or bottleneck).
+    search_methods: list[AdaptationMethod] = ["self_training", "mcc"]
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Weight the loss by inverse class frequency, for imbalanced source data.
     class_balanced: bool = False
@@ -255,6 +258,10 @@ class HeadConfig(_Strict):
                 f"method {self.method!r} aligns the head's hidden features, which a linear head lacks; "
                 f"set head.kind: mlp or bottleneck, or choose a method that works on a linear head: source_only, mcc, self_training"
             )
+        if self.method == "auto" and self.kind == "linear" and (aligning := [m for m in self.search_methods if m in FEATURE_ALIGNING_METHODS]):
+            raise ValueError(f"head.search_methods {aligning} align the head's hidden features, which a linear head lacks; set head.kind: mlp or bottleneck")
+        if "source_only" in self.search_methods:
+            raise ValueError("head.search_methods lists the adaptation methods; source_only is always a candidate, leave it out")
         if self.domain_norm and self.feature_norm == "joint":
             raise ValueError(
                 "head.domain_norm standardises each domain with its own statistics and head.feature_norm 'joint' both domains with shared ones; "

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xfer.config import FEATURE_ALIGNING_METHODS, VALIDATOR_NAMES, HeadConfig
+from xfer.config import VALIDATOR_NAMES, HeadConfig
 from xfer.heads import EpochCallback, HeadData, HeadNet, _tensor, best_epoch, outputs_of, selection_evidence, train_head
 from xfer.validators import Evidence, Outputs, panel
 
-# Each adaptation method with a small grid of its key knob. Methods that align
-# features need a hidden layer, so they join only when head.kind is mlp or bottleneck.
+# Each adaptation method with a small grid of its key knob; head.search_methods says which are
+# searched (the feature-aligning ones only with a hidden layer: kind mlp or bottleneck).
 GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "self_training": ("pseudo_threshold", (0.5, 0.7, 0.9)),
     "mcc": ("mcc_temperature", (1.5, 2.5, 4.0)),
@@ -40,10 +40,10 @@ class Candidate:
 
 
 def candidate_grid(cfg: HeadConfig) -> list[Candidate]:
-    """source_only first, then every method the head kind allows, each with its knob's grid."""
+    """source_only first, then each of head.search_methods (in GRID's order) with its knob's grid."""
     out = [Candidate(BASELINE, cfg.model_copy(update={"method": BASELINE}))]
     for method, (knob, values) in GRID.items():
-        if method in FEATURE_ALIGNING_METHODS and cfg.kind == "linear":
+        if method not in cfg.search_methods:
             continue
         out += [Candidate(f"{method}({knob}={v:g})", cfg.model_copy(update={"method": method, knob: v})) for v in values]
     return out
