@@ -40,7 +40,12 @@ METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 # for seconds on bit-identical features; fine-tuning runs 8 epochs of self-training,
 # which carries a last-bit difference about as far as a change of seed does (0.868
 # to 0.961 over seeds 0-2, benchmarks/results/finetune.md). Fusion averages them.
-TOLERANCE = {"head": 0.03, "finetune": 0.12, "fusion": 0.12}
+# Those were measured on the earlier default (a linear head, one method). The head is
+# now a label-free search over seven candidates on a BatchNorm bottleneck trained by
+# SGD: a last-bit difference can change the epoch or the candidate kept, which moves
+# its figures as far as fine-tuning's (the candidates' kept accuracies on the digits
+# span 0.50 to 0.75, benchmarks/results/selection.md); not yet measured across CPUs.
+TOLERANCE = {"head": 0.12, "finetune": 0.12, "fusion": 0.12}
 
 
 def sha256(path: Path) -> str:

@@ -76,7 +76,7 @@ def classifier(backbone: str) -> Classifier:
 
 def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], epochs: int) -> None:
     """The pipeline's path on the real digits: linear probe on frozen features, then fine-tune."""
-    from xfer.config import DataConfig, HeadConfig
+    from xfer.config import LINEAR_PROBE, DataConfig, HeadConfig
     from xfer.data.fetch import fetch_dataset
     from xfer.data.images import ImageRows
     from xfer.data.split import build_manifest, rows
@@ -98,7 +98,7 @@ def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], ep
             part = rows(manifest, role, split)
             return ImageRows(part.path.tolist(), part.label.tolist(), prep, root)
 
-        probe, _ = train_head(HeadConfig(method="source_only"), HeadData(select("source", "train"), select("source", "val")), 10, seed=0)
+        probe, _ = train_head(HeadConfig(**LINEAR_PROBE), HeadData(select("source", "train"), select("source", "val")), 10, seed=0)
         for amp in amp_modes:
             body, _, _ = create_backbone(BackboneConfig(name=backbone, image_size=64))
             head = copy.deepcopy(probe)

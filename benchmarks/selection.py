@@ -205,7 +205,7 @@ def markdown(result: dict) -> str:
         "",
         f"Head recipe (params.yaml's head section{', with --head ' + ' '.join(meta.get('head_overrides', [])) if meta.get('head_overrides') else ''}): "
         + ", ".join(f"{k} {meta['head'][k]}" for k in RECIPE_KEYS if k in meta["head"])
-        + f". **default** is params.yaml's head as it is (method {meta['head']['method']}, selection {meta['head']['selection']}).",
+        + f". **default** is this head section as it is (method {meta['head']['method']}, selection {meta['head']['selection']}).",
         "",
         "| task | source-only | default | " + " | ".join(VALIDATOR_NAMES) + " | oracle |",
         "|---|---:|---:|" + "---:|" * (len(VALIDATOR_NAMES) + 1),
@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.render:
         result = rules_of(json.loads((out / f"{args.name}.json").read_text()), head_overrides(load_params(args.params), args.head))
+        result["meta"]["head_overrides"] = args.head
         write_json(out / f"{args.name}.json", result)
         write_text(out / f"{args.name}.md", markdown(result))
         return 0

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from xfer.backbones import create_backbone
-from xfer.config import BackboneConfig, FinetuneConfig, HeadConfig
+from xfer.config import LINEAR_PROBE, BackboneConfig, FinetuneConfig, HeadConfig
 from xfer.finetune import Classifier
 from xfer.heads import build_head
 
@@ -30,7 +30,7 @@ def toy_data(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def tiny_classifier(head_cfg: HeadConfig = HeadConfig()):
+def tiny_classifier(head_cfg: HeadConfig = HeadConfig(**LINEAR_PROBE)):
     torch.manual_seed(0)
     backbone, prep, _ = create_backbone(BackboneConfig(name="test_efficientnet", pretrained=False, image_size=32))
     return Classifier(backbone, build_head(head_cfg, backbone.num_features, 2)), prep

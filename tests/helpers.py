@@ -24,8 +24,9 @@ _TINY_OVERRIDES = {
     },
     "backbone": {"name": "test_efficientnet", "pretrained": False, "image_size": 32},
     "features": {"batch_size": 64},
-    "head": {"epochs": 4, "lr": 0.01, "batch_size": 32},
-    "finetune": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "device": "cpu"},
+    # One method, not the default search: the tests that want `auto` ask for it (test_dvc).
+    "head": {"epochs": 4, "lr": 0.01, "batch_size": 32, "method": "self_training"},
+    "finetune": {"epochs": 1, "batch_size": 16, "max_steps_per_epoch": 3, "device": "cpu", "method": "self_training"},
     "evaluate": {"batch_size": 64},
 }
 # Written out in full, as DVC needs every key a stage names under `params:`.

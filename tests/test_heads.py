@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from xfer.config import ConfigError, HeadConfig, parse_params
+from xfer.config import LINEAR_PROBE, ConfigError, HeadConfig, parse_params
 from xfer.heads import HeadData, HeadNet, best_epoch, build_head, class_weights, load_head, predict_proba, save_head, train_head
 
 
 def head_config(**overrides) -> HeadConfig:
-    """The plain supervised head these tests were written against (the default method adapts)."""
-    return HeadConfig(**{"method": "source_only", "adapt_weight": 1.0, **overrides})
+    """The plain supervised linear head these tests were written against (the default searches, on a bottleneck)."""
+    return HeadConfig(**{**LINEAR_PROBE, **overrides})
 
 
 def blobs(n, seed, shift=0.0, sizes=None):
@@ -228,5 +228,5 @@ def test_domain_norm_and_joint_feature_norm_are_refused_together():
     # A bottleneck head has a hidden layer: the feature-aligning methods take it, and auto's grid tries them.
     from xfer.head_search import candidate_grid
 
-    cfg = HeadConfig(kind="bottleneck", method="dann", feature_norm="joint")
+    cfg = HeadConfig(kind="bottleneck", method="auto", feature_norm="joint", search_methods=["coral", "mmd", "dann", "cdan"])
     assert {"coral", "mmd", "dann", "cdan"} <= {c.config.method for c in candidate_grid(cfg)}

@@ -211,16 +211,33 @@ VALIDATOR_NAMES = ("source_val", "entropy", "info_max", "bnm", "snd", "dev", "cl
 Selection = Literal["source_val", "entropy", "info_max", "bnm", "snd", "dev", "class_ami", "ensv", "last", "target_val"]
 
 
+# A plain linear head on source features (AdamW at a constant lr, 60 epochs, the epoch by
+# source val): fine-tuning's linear probe, whatever recipe the head section names.
+LINEAR_PROBE = {
+    "kind": "linear",
+    "method": "source_only",
+    "adapt_weight": 1.0,
+    "feature_norm": "none",
+    "epochs": 60,
+    "batch_size": 256,
+    "lr": 3e-3,
+    "weight_decay": 1e-4,
+    "optimizer": "adamw",
+    "lr_schedule": "constant",
+    "selection": "source_val",
+}
+
+
 class HeadConfig(_Strict):
     # The hidden layer: none (linear), Linear-ReLU-Dropout (mlp), or Linear-BatchNorm-ReLU-Dropout (bottleneck).
-    kind: Literal["linear", "mlp", "bottleneck"] = "linear"
+    kind: Literal["linear", "mlp", "bottleneck"] = "bottleneck"
     hidden_dim: int = Field(256, ge=1, le=8192)
     dropout: float = Field(0.0, ge=0, lt=1)
     # Domain adaptation on cached features; target labels are never seen. auto: a small
     # grid of methods (xfer/head_search.py), the one head.selection ranks first kept.
-    method: AdaptationMethod | Literal["auto"] = "self_training"
+    method: AdaptationMethod | Literal["auto"] = "auto"
     # Weight of the adaptation loss against the source classification loss.
-    adapt_weight: float = Field(3.0, ge=0, le=100)
+    adapt_weight: float = Field(1.0, ge=0, le=100)
     # self_training: where pseudo-labels come from: the nearest target class centroid
     # (refreshed each epoch) or the model's own argmax.
     pseudo_labels: Literal["centroid", "confidence"] = "centroid"
@@ -231,15 +248,15 @@ class HeadConfig(_Strict):
     # Standardise each domain's features with its own mean and std (feature-level AdaBN).
     domain_norm: bool = False
     # joint: standardise every input with the mean and std of source train and target train rows together.
-    feature_norm: Literal["none", "joint"] = "none"
-    epochs: int = Field(60, ge=1, le=10000)
-    batch_size: int = Field(256, ge=1, le=65536)
-    lr: float = Field(3e-3, gt=0, le=10)
-    weight_decay: float = Field(1e-4, ge=0, le=1)
+    feature_norm: Literal["none", "joint"] = "joint"
+    epochs: int = Field(26, ge=1, le=10000)
+    batch_size: int = Field(32, ge=1, le=65536)
+    lr: float = Field(1e-2, gt=0, le=10)
+    weight_decay: float = Field(1e-3, ge=0, le=1)
     # adamw, or sgd (momentum 0.9, no Nesterov).
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = "sgd"
     # Per step: constant, or inverse_decay: lr * (1 + 10 p) ** -0.75, p = step / total steps.
-    lr_schedule: Literal["constant", "inverse_decay"] = "constant"
+    lr_schedule: Literal["constant", "inverse_decay"] = "inverse_decay"
     # method auto: the adaptation methods searched beside source_only, each with its knob's grid
     # (xfer/head_search.py); the feature-aligning ones need a hidden layer (kind mlp or bottleneck).
     search_methods: list[AdaptationMethod] = ["self_training", "mcc"]
@@ -247,7 +264,7 @@ class HeadConfig(_Strict):
     # Weight the loss by inverse class frequency, for imbalanced source data.
     class_balanced: bool = False
     # Model selection: a validator (label-free), last, or target_val (uses target labels: an oracle, reported as such).
-    selection: Selection = "source_val"
+    selection: Selection = "info_max"
     # Stop after this many epochs without a better selection score; null = run every epoch.
     patience: int | None = Field(None, ge=1)
 
@@ -312,7 +329,7 @@ class FinetuneConfig(_Strict):
     # Adaptation while fine-tuning: the losses of xfer/adapt/ on the backbone's pooled
     # features, with labelled source batches and unlabelled target batches together.
     # auto: the head stage's kept method and knob (models/head_pick.json).
-    method: AdaptationMethod | Literal["auto"] = "self_training"
+    method: AdaptationMethod | Literal["auto"] = "auto"
     adapt_weight: float = Field(3.0, ge=0, le=100)
     pseudo_labels: Literal["centroid", "confidence"] = "centroid"  # self_training
     pseudo_threshold: float = Field(0.5, gt=0, lt=1)  # self_training

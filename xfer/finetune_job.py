@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from xfer import features as feats
 from xfer.backbones import create_backbone
-from xfer.config import FinetuneConfig, HeadConfig, Params, load_params
+from xfer.config import LINEAR_PROBE, FinetuneConfig, HeadConfig, Params, load_params
 from xfer.contract import stage_params
 from xfer.data.augment import build_augmentation
 from xfer.data.images import ImageRows
@@ -66,7 +66,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
     names = class_names(manifest)
     fs = feats.load_current(layout.features_current)
     # The probe learns from source labels alone, whatever head.method the head stage uses.
-    probe_cfg = HeadConfig(kind="linear", method="source_only", adapt_weight=1.0, epochs=cfg.probe_epochs, lr=cfg.probe_lr)
+    probe_cfg = HeadConfig(**(LINEAR_PROBE | {"epochs": cfg.probe_epochs, "lr": cfg.probe_lr}))
     if cfg.strategy in PROBE_STARTED:
         probe, _ = train_head(probe_cfg, HeadData(fs.select("source", "train"), fs.select("source", "val")), len(names), params.seed)
     else:  # `full`: a fresh classifier, the baseline LP-FT is measured against
