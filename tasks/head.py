@@ -29,6 +29,9 @@ def head(layout: Layout, params: Params) -> dict:
                 metrics_path=layout.metrics("head"),
                 params=params,
                 on_epoch=log_epoch,
+                on_candidate=lambda i, n, name, rec: logger.info(
+                    "head.method auto: candidate %d/%d %s trained (epoch %d kept, source val %.3f)", i, n, name, rec["best_epoch"], rec["source_val_accuracy"]
+                ),
             )
         summary = result.summary
         search = summary.get("search")

@@ -41,9 +41,11 @@ def test_the_guard_needs_a_majority_of_target_aware_validators():
 def test_search_keeps_the_candidate_the_validator_ranks_first_and_reports_the_panel():
     data = shifted_task()
     cfg = head_config(method="auto", epochs=5, lr=0.05, selection="info_max")
-    result = search_heads(cfg, data, 3, seed=0)
+    heard = []
+    result = search_heads(cfg, data, 3, seed=0, on_candidate=lambda i, n, name, rec: heard.append((i, n, name)))
     table = result.summary["candidates"]
     assert [row["name"] for row in table] == [c.name for c in candidate_grid(cfg)]
+    assert heard == [(i + 1, len(table), row["name"]) for i, row in enumerate(table)]  # progress, one candidate at a time
     ranking = [row["validators"]["info_max"] for row in table]
     assert result.summary["pick"] == table[int(np.argmax(ranking))]["name"]
     assert not result.summary["uses_target_labels"]

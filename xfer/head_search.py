@@ -10,11 +10,12 @@ The oracle `selection: target_val` is allowed and said to be one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 from xfer.config import VALIDATOR_NAMES, HeadConfig
-from xfer.heads import EpochCallback, HeadData, HeadNet, _tensor, best_epoch, outputs_of, selection_evidence, train_head
+from xfer.heads import HeadData, HeadNet, _tensor, best_epoch, outputs_of, selection_evidence, train_head
 from xfer.validators import Evidence, Outputs, panel
 
 # Each adaptation method with a small grid of its key knob; head.search_methods says which are
@@ -31,6 +32,9 @@ BASELINE = "source_only"
 # The validators that vote in the guard: label-free ones that look at the target.
 # source_val is left out: it cannot see the shift, so it always sides with source-only.
 GUARD_VALIDATORS = tuple(n for n in VALIDATOR_NAMES if n != "source_val")
+
+
+CandidateCallback = Callable[[int, int, str, dict], None]
 
 
 @dataclass(frozen=True)
@@ -101,10 +105,11 @@ class SearchResult:
     summary: dict  # metrics/head.json's "search"
 
 
-def search_heads(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, on_candidate: EpochCallback | None = None) -> SearchResult:
+def search_heads(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, on_candidate: CandidateCallback | None = None) -> SearchResult:
     """Train every candidate, score them with every validator, keep the pick (or source-only when the guard says so).
 
-    `on_candidate(i, record)` gets each candidate's kept-epoch record, for MLflow child runs.
+    `on_candidate(i, total, name, record)` is called as each candidate finishes training
+    (its kept-epoch record): the search takes a minute or more, and says how far it is.
     """
     if cfg.selection == "last":
         raise ValueError("head.method auto ranks candidates with head.selection; 'last' ranks nothing: choose a validator (e.g. info_max)")
@@ -120,15 +125,14 @@ def search_heads(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, o
         trained.append((model, history))
         outputs.append(outputs_of(model, x_source_val, x_target))
         records.append({"best_epoch": kept, **{k: v for k, v in history[kept - 1].items() if k.endswith("_accuracy")}})
+        if on_candidate:
+            on_candidate(i + 1, len(candidates), cand.name, records[-1])
     verdict_of = judge(outputs, [r.get("target_val_accuracy") for r in records], cfg.selection, evidence)
     scores, ranking, pick, kept, verdict = verdict_of.scores, verdict_of.ranking, verdict_of.pick, verdict_of.kept, verdict_of.verdict
     table = [
         {"name": c.name, "method": c.config.method, **rec, "validators": {n: float(scores[n][i]) for n in scores}}
         for i, (c, rec) in enumerate(zip(candidates, records))
     ]
-    for i, row in enumerate(table):
-        if on_candidate:
-            on_candidate(i, row)
     summary = {
         "selection": cfg.selection,
         "uses_target_labels": cfg.selection == "target_val",

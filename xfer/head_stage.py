@@ -18,7 +18,7 @@ from xfer import features as feats
 from xfer.config import HeadConfig, Params, member_name
 from xfer.data.split import class_names, read_manifest
 from xfer.diagnostics import proxy_a_distance, tsne_coordinates
-from xfer.head_search import search_heads
+from xfer.head_search import CandidateCallback, search_heads
 from xfer.heads import MEMBERS_DIR, VALIDATOR_PREFIX, EpochCallback, HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
 from xfer.io import write_json
 from xfer.plots import save_figure, save_learning_curves, tsne_figure
@@ -122,12 +122,13 @@ def train_heads(
     metrics_path: Path,
     params: Params,
     on_epoch: EpochCallback | None = None,
+    on_candidate: CandidateCallback | None = None,
 ) -> HeadResult:
     """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'.
 
     With head.method auto the candidates are searched (xfer/head_search.py) and
-    the kept one is saved; `on_epoch` then is not called (the kept history is
-    in the result). The kept method goes to `pick_path`.
+    the kept one is saved; `on_candidate` hears of each candidate as it is
+    trained and `on_epoch` is not called (the kept history is in the result). The kept method goes to `pick_path`.
     """
     cfg = params.head
     fs = feats.load_current(features_dir)
@@ -135,7 +136,7 @@ def train_heads(
     data = head_data(fs)
     search = None
     if cfg.method == "auto":
-        found = search_heads(cfg, data, len(names), params.seed)
+        found = search_heads(cfg, data, len(names), params.seed, on_candidate)
         model, history, kept_cfg, search = found.model, found.history, found.candidate.config, found.summary
     else:
         model, history = train_head(cfg, data, len(names), params.seed, on_epoch)
