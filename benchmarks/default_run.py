@@ -126,6 +126,8 @@ def markdown(result: dict, other: dict | None) -> str:
         + "; the trained weights, and so dvc.lock's hashes of `models/`, `plots/` and `metrics/`, differ "
         "in their last bits between CPU kinds.",
     ]
+    if other is None:
+        lines += ["", "Not yet measured on another CPU kind with these params: run this script there, then here with `--other` its .json."]
     if other is not None:
         diff = result["other_cpu"]["largest_difference"] if other["eval"] is None else differences(result["eval"], other["eval"])
         lines += [

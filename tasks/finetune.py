@@ -52,7 +52,9 @@ def finetune(layout: Layout, params: Params) -> dict:
     cfg = params.finetune
     with stage_run("finetune", layout, params) as run:
         with run.work():
-            logger.info("fine-tuning (%s, %s) on %s x %d", cfg.strategy, cfg.method, select_device(cfg.device), cfg.devices)
+            method = finetune_job.resolve_method(cfg, layout.head_pick).method
+            shown = f"auto: the head's pick, {method}" if cfg.method == "auto" else method
+            logger.info("fine-tuning (%s, %s) on %s x %d", cfg.strategy, shown, select_device(cfg.device), cfg.devices)
             if cfg.devices == 1:
                 result = finetune_job.run(layout, params, on_epoch=run.epoch_logger("finetune"))
                 model, spec, summary, history = result.model, result.spec, result.summary, result.history
