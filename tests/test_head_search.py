@@ -101,3 +101,10 @@ def test_the_run_says_plainly_when_nothing_backs_adapting():
     assert "disagree" in warning(np.array([0.0, 1.0]), fell_back=True, selection="bnm")
     assert "ranks every adapted candidate below source-only" in warning(np.array([1.0, 0.5, 0.9]), fell_back=False, selection="bnm")
     assert warning(np.array([1.0, 0.5, 1.2]), fell_back=False, selection="bnm") is None
+
+
+def test_auto_with_a_rule_that_ranks_nothing_is_refused_before_any_work():
+    from xfer.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match="head.method auto ranks candidates.*'last' ranks nothing"):
+        parse_params({"head": {"method": "auto", "selection": "last"}})

@@ -277,6 +277,8 @@ class HeadConfig(_Strict):
             )
         if self.method == "auto" and self.kind == "linear" and (aligning := [m for m in self.search_methods if m in FEATURE_ALIGNING_METHODS]):
             raise ValueError(f"head.search_methods {aligning} align the head's hidden features, which a linear head lacks; set head.kind: mlp or bottleneck")
+        if self.method == "auto" and self.selection == "last":
+            raise ValueError("head.method auto ranks candidates with head.selection; 'last' ranks nothing: choose a validator (e.g. info_max)")
         if "source_only" in self.search_methods:
             raise ValueError("head.search_methods lists the adaptation methods; source_only is always a candidate, leave it out")
         if self.domain_norm and self.feature_norm == "joint":
