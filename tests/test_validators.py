@@ -130,3 +130,19 @@ def test_panel_scores_every_candidate_with_every_validator():
 def test_an_unknown_validator_names_the_valid_ones():
     with pytest.raises(ValueError, match="unknown validator 'oracle'.*source_val.*ensv"):
         score("oracle", [], evidence())
+
+
+def test_a_dataset_smaller_than_the_projection_still_gets_every_score():
+    """30 rows of 100 features (a user's tiny folder): fewer rows than PCA's 64 components."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(10) % C
+    e = Evidence(
+        source_val_labels=labels,
+        source_val_features=rng.normal(size=(10, 100)),
+        target_features=rng.normal(size=(12, 100)),
+        source_train_features=rng.normal(size=(8, 100)),
+        num_classes=C,
+    )
+    candidates = [Outputs(target=onehot(rng.integers(0, C, 12)), source_val=onehot(labels)) for _ in range(2)]
+    scores = panel(candidates, e)
+    assert all(np.isfinite(v).all() for v in scores.values())

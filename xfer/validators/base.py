@@ -58,9 +58,11 @@ class Evidence:
 
         rows = [self.source_val_features if self.source_train_features is None else self.source_train_features, self.target_features]
         x = np.concatenate(rows).astype(np.float64)
-        if x.shape[1] <= PCA_DIMS:
+        # A small dataset (fewer rows than PCA_DIMS) keeps as many components as it has rows.
+        dims = min(PCA_DIMS, len(x) - 1)
+        if x.shape[1] <= dims or dims < 1:
             return lambda f: np.asarray(f, dtype=np.float64)
-        pca = PCA(PCA_DIMS, svd_solver="randomized", random_state=self.seed).fit(x)
+        pca = PCA(dims, svd_solver="randomized", random_state=self.seed).fit(x)
         return lambda f: pca.transform(np.asarray(f, dtype=np.float64))
 
     @cached_property
