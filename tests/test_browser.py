@@ -128,6 +128,13 @@ def run_fetch_against(api_url: str, project: Path) -> dict:
     proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     (flow_run,) = api(api_url + "/flow_runs/filter", {})
+    # Task runs reach the server as events, persisted a moment after the process exits: wait for
+    # the one fetch ran (the flow run is already Completed) before a page counts them.
+    deadline = time.monotonic() + 60
+    task_runs = {"flow_runs": {"id": {"any_": [flow_run["id"]]}}}
+    while api(api_url + "/task_runs/count", task_runs) < 1:
+        assert time.monotonic() < deadline, "the fetch flow run's task run never reached the server"
+        time.sleep(0.5)
     return flow_run
 
 
