@@ -119,7 +119,7 @@ def real_finetune(backbone: str, device: torch.device, amp_modes: list[bool], ep
             print(f"\nprobe then fine-tune on {device.type}, {label}, LOOP_BASE finetune params, {epochs} epochs: {took:.1f} s")
             for epoch, r in enumerate(history):
                 loss = f"  train loss {r['train_loss']:.3f}" if "train_loss" in r else "  (the probe)"
-                print(f"  epoch {epoch}: source val {r['val_accuracy']:.3f}  target val {r['target_val_accuracy']:.3f}{loss}")
+                print(f"  epoch {epoch}: source val {r['source_val_accuracy']:.3f}  target val {r['target_val_accuracy']:.3f}{loss}")
 
 
 def pipeline_throughput(backbone: str, size: int, batch: int, device: torch.device, steps: int, workers: int, amp: bool) -> float:

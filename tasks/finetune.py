@@ -70,7 +70,7 @@ def finetune(layout: Layout, params: Params) -> dict:
                 layout.stage_plots("finetune"),
                 history,
                 first_epoch=0,
-                title=f"finetune ({cfg.strategy}, {summary['method']}); epoch kept: {summary['best_epoch']}",
+                title=f"finetune ({cfg.strategy}, {summary['method']}); epoch kept: {summary['best_epoch']} by {cfg.selection}",
             )
         run.log_metrics(summary, prefix="best.")
         run.log_artifact(layout.metrics("finetune"))

@@ -2,10 +2,13 @@
 
 Every registered version carries its target val figures as tags
 (`target_val.accuracy`, ...). A new version (the challenger) takes the
-`@champion` alias only if its `target_val.<registry.metric>` is strictly
-higher than the champion's; otherwise it gets `@challenger`. Ties keep the
-champion. The decision, with both figures, is logged to the evaluate run
-(tags, metrics and `promotion.json`) and to the version's tags.
+`@champion` alias only if its `registry.metric` is strictly higher than the
+champion's; otherwise it gets `@challenger`. Ties keep the champion. That
+metric is either a classification metric on target val (`target_val.<metric>`,
+it reads target labels) or a validator's label-free score
+(`target_val.validators.<name>`, no target label read): the decision says
+which kind decided. The decision, with both figures, is logged to the
+evaluate run (tags, metrics and `promotion.json`) and to the version's tags.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 import xfer
 from xfer.backbones import create_backbone
-from xfer.config import BackboneConfig, Params, member_name
+from xfer.config import PROMOTION_VALIDATORS, BackboneConfig, Params, member_name
 from xfer.features import FeatureSet, load_member
 from xfer.heads import MEMBERS_DIR, load_head
 from xfer.layout import Layout
@@ -37,6 +40,9 @@ XFER_PACKAGE = Path(xfer.__file__).parent
 # import-scanning inference takes seconds.
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pydantic", "PyYAML", "tqdm")
 EVAL_SPLIT = "target_val"
+# Which kind of figure decided a promotion, as the run, its report and promotion.json say it.
+BY_TARGET_LABELS = "target val labels"
+BY_VALIDATOR = "a validator, no target label read"
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class Promotion:
     champion_version: str | None
     promoted: bool
     reason: str
+    kind: str  # BY_TARGET_LABELS or BY_VALIDATOR
 
     @property
     def alias(self) -> str:
@@ -136,19 +143,33 @@ def champion_figure(client: MlflowClient, name: str, metric: str) -> tuple[float
     return (float(value) if value is not None else None), champion.version
 
 
+def version_tags(figures: dict) -> dict[str, str]:
+    """A registered version's target val figures as tags: its metrics and its validators' scores."""
+    tags = {f"{EVAL_SPLIT}.{k}": str(v) for k, v in figures.items() if isinstance(v, (int, float))}
+    tags.update({f"{EVAL_SPLIT}.validators.{k}": str(v) for k, v in figures.get("validators", {}).items()})
+    return tags
+
+
+def promotion_figure(figures: dict, metric: str) -> tuple[str, float, str]:
+    """(tag key, value, kind) of registry.metric among the registered model's target val figures."""
+    if metric in PROMOTION_VALIDATORS:
+        return f"{EVAL_SPLIT}.validators.{metric}", float(figures["validators"][metric]), BY_VALIDATOR
+    return f"{EVAL_SPLIT}.{metric}", float(figures[metric]), BY_TARGET_LABELS
+
+
 def register_and_promote(layout: Layout, params: Params, results: dict, features: FeatureSet) -> Promotion:
     """Register the evaluated model as a new version and apply the promotion rule."""
     cfg = params.registry
     figures = results[cfg.model][EVAL_SPLIT]
-    metric = f"{EVAL_SPLIT}.{cfg.metric}"
+    metric, challenger, kind = promotion_figure(figures, cfg.metric)
     info = log_servable_model(layout, params, features)
     client = MlflowClient()
     champion, champion_version = champion_figure(client, cfg.name, metric)
-    tags = {f"{EVAL_SPLIT}.{k}": str(v) for k, v in figures.items() if isinstance(v, (int, float))}
+    tags = version_tags(figures)
     tags.update({"model": cfg.model, "run_id": mlflow.active_run().info.run_id})
     registered = mlflow.register_model(info.model_uri, cfg.name, tags=tags)
-    promoted, reason = decide(float(figures[cfg.metric]), champion)
-    decision = Promotion(cfg.name, str(registered.version), metric, float(figures[cfg.metric]), champion, champion_version, promoted, reason)
+    promoted, reason = decide(challenger, champion)
+    decision = Promotion(cfg.name, str(registered.version), metric, challenger, champion, champion_version, promoted, reason, kind)
     client.set_registered_model_alias(cfg.name, decision.alias, decision.version)
     client.set_model_version_tag(cfg.name, decision.version, "promotion", decision.alias)
     log_decision(decision)
@@ -157,7 +178,13 @@ def register_and_promote(layout: Layout, params: Params, results: dict, features
 
 def log_decision(decision: Promotion) -> None:
     mlflow.set_tags(
-        {"promotion.decision": "promoted" if decision.promoted else "kept champion", "promotion.version": decision.version, "promotion.reason": decision.reason}
+        {
+            "promotion.decision": "promoted" if decision.promoted else "kept champion",
+            "promotion.version": decision.version,
+            "promotion.reason": decision.reason,
+            "promotion.metric": decision.metric,
+            "promotion.kind": decision.kind,
+        }
     )
     figures = {"promotion.challenger": decision.challenger}
     if decision.champion is not None:

@@ -47,6 +47,18 @@ def metrics_table(results: dict) -> list[str]:
     return lines
 
 
+def validator_table(results: dict) -> list[str]:
+    """Each model's label-free scores (eval.json <model>.target_val.validators); higher is better."""
+    scores = {model: by_split.get("target_val", {}).get("validators") for model, by_split in results.items()}
+    scores = {model: s for model, s in scores.items() if s}
+    if not scores:
+        return []
+    names = list(next(iter(scores.values())))
+    lines = ["| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [f"| {model} | " + " | ".join(f"{s[n]:.4f}" for n in names) + " |" for model, s in scores.items()]
+    return lines
+
+
 def promotion_lines(promotion: Promotion | None) -> list[str]:
     if promotion is None:
         return ["Model registry: off (`registry.enabled: false`)."]
@@ -56,6 +68,7 @@ def promotion_lines(promotion: Promotion | None) -> list[str]:
         f"Registered `{promotion.model_name}` version {promotion.version} ([open]({model_version_link(promotion.model_name, promotion.version)})): {verdict}.",
         "",
         f"- {promotion.metric}: challenger {promotion.challenger:.4f}, champion {champion}",
+        f"- decided by: {promotion.kind}",
         f"- rule: {promotion.reason}",
     ]
 
@@ -64,6 +77,9 @@ def markdown_report(
     results: dict, promotion: Promotion | None, experiment_id: str, run_id: str, pipeline_run_id: str | None, head_selection: dict | None = None
 ) -> str:
     lines = ["# xfer evaluation", "", *metrics_table(results), ""]
+    if table := validator_table(results):
+        lines += ["## Without target labels", "", "Each validator's score on the target val images (labels unread) and source val; higher is better.", ""]
+        lines += [*table, ""]
     if head_selection:
         lines += ["## Model selection", "", *(f"- {line}" for line in selection_lines(head_selection)), ""]
     lines += ["## Model registry", "", *promotion_lines(promotion), "", "## MLflow", ""]

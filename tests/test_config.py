@@ -47,6 +47,15 @@ def test_out_of_range_value_says_what_is_allowed():
     assert "finetune.lr" in str(err.value) and "greater than 0" in str(err.value)
 
 
+def test_registry_metric_is_a_target_val_metric_or_a_validator_with_one_figure_per_model():
+    assert parse_params({"registry": {"metric": "dev"}}).registry.metric == "dev"
+    assert parse_params({"registry": {"metric": "macro_f1"}}).registry.metric == "macro_f1"
+    with pytest.raises(ConfigError, match=r"registry.metric.*ensv ranks the candidates of one run"):
+        parse_params({"registry": {"metric": "ensv"}})
+    with pytest.raises(ConfigError, match=r"registry.metric.*unknown registry.metric 'last'.*accuracy.*reads target labels.*info_max.*reads none"):
+        parse_params({"registry": {"metric": "last"}})
+
+
 def test_split_fractions_must_leave_training_rows():
     with pytest.raises(ConfigError, match="source train"):
         parse_params({"data": {"split": {"source_val": 0.45, "source_test": 0.45}}})

@@ -66,7 +66,7 @@ def test_the_finetune_stage_with_two_devices_runs_torchrun_and_logs_from_rank_0(
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("xfer").experiment_id], "tags.`xfer.stage` = 'finetune'")
     assert len(runs) == 1
-    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "finetune.val_accuracy")]
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "finetune.source_val_accuracy")]
     assert steps == [0, 1, 2]
     # The learning curve, from the history rank 0 left (the copied project had a 1-epoch one).
     curve = (root / "plots/finetune/learning_curve.csv").read_text().splitlines()

@@ -102,7 +102,7 @@ def test_dvc_plots_show_draws_learning_curves_and_confusion_matrices(repo, tmp_p
     assert float(dict(head_acc)[head["best_epoch"]]) == pytest.approx(head["source_val_accuracy"])
     assert [e for e, _ in curve("head_loss", "train_loss")] == list(range(1, params["head"]["epochs"] + 1))
     finetune = json.loads((root / "metrics/finetune.json").read_text())
-    ft_acc = curve("finetune_accuracy", "val_accuracy")
+    ft_acc = curve("finetune_accuracy", "source_val_accuracy")
     assert [e for e, _ in ft_acc] == list(range(0, params["finetune"]["epochs"] + 1))
     assert float(dict(ft_acc)[finetune["best_epoch"]]) == pytest.approx(finetune["source_val_accuracy"])
     assert [e for e, _ in curve("finetune_loss", "train_loss")] == list(range(1, params["finetune"]["epochs"] + 1))

@@ -5,6 +5,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from finetune_toys import loop_config, tiny_classifier, toy_data
@@ -32,10 +33,10 @@ def test_finetune_starts_from_the_probe_and_learns():
         progress=False,
     )
     assert epochs == [0, 1, 2, 3] and "train_loss" not in history[0]
-    assert history[0]["val_accuracy"] < 0.75 < max(r["val_accuracy"] for r in history)
+    assert history[0]["source_val_accuracy"] < 0.75 < max(r["source_val_accuracy"] for r in history)
     assert not torch.equal(trained.head.classifier.weight, probe_weight)
     logits, labels = predict_logits(trained, toy_data(64, 1), 32, torch.device("cpu"))
-    assert (logits.argmax(1) == labels).mean() == max(r["val_accuracy"] for r in history)
+    assert (logits.argmax(1) == labels).mean() == max(r["source_val_accuracy"] for r in history)
 
 
 class CountingDataset(torch.utils.data.Dataset):
@@ -204,7 +205,7 @@ def test_ema_weights_are_what_is_evaluated_and_kept():
     )
     # on_epoch sees the raw weights; one step later the average is 0.75 * start + 0.25 * raw.
     ema = {k: 0.75 * start[k] + 0.25 * v if v.dtype.is_floating_point else v for k, v in raw.items()}
-    kept = ema if history[1]["val_accuracy"] > history[0]["val_accuracy"] else start
+    kept = ema if history[1]["source_val_accuracy"] >= history[0]["source_val_accuracy"] else start
     final = trained.state_dict()
     assert all(torch.allclose(final[k].float(), kept[k].float(), atol=1e-6) for k in kept)
     assert not torch.equal(raw["backbone.conv_stem.weight"], ema["backbone.conv_stem.weight"])
@@ -339,9 +340,31 @@ def test_selection_last_keeps_the_final_epoch_even_when_source_val_preferred_an_
     history, seen, final = results["last"]
     assert all(torch.equal(final[k], seen[3][k]) for k in final)
     history, seen, final = results["source_val"]
-    best = max(range(len(history)), key=lambda e: history[e]["val_accuracy"])
+    best = max(range(len(history)), key=lambda e: (history[e]["source_val_accuracy"], e))  # ties: the later epoch
     assert best != 3  # this run's source val peaks early, so the two rules keep different epochs
     assert all(torch.equal(final[k], seen[best][k]) for k in final)
+
+
+def test_selection_by_a_validator_keeps_the_epoch_it_scores_highest_and_records_every_score():
+    model, _ = tiny_classifier()
+    seen, record = snapshots(model)
+    # A scripted judge: its epoch 2 scores highest, a tie at epoch 4 is not better than 2's peak.
+    scripted = iter([0.1, 0.4, 0.9, 0.2, 0.5])
+    sources = []
+
+    def judge(model, source_val):
+        sources.append(source_val)
+        return {"validator_info_max": next(scripted), "validator_bnm": 0.0}
+
+    cfg = loop_config(epochs=4, batch_size=16, lr=5e-2, device="cpu", selection="info_max")
+    trained, history = finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, on_epoch=record, judge=judge)
+    assert [r["validator_info_max"] for r in history] == [0.1, 0.4, 0.9, 0.2, 0.5]
+    final = dict(trained.named_parameters())
+    assert all(torch.equal(final[k], seen[2][k]) for k in final)
+    # The judge sees source val probabilities: 16 rows, each a distribution.
+    assert all(p.shape == (16, 2) and np.allclose(p.sum(1), 1, atol=1e-5) for p in sources)
+    with pytest.raises(ValueError, match="finetune.selection 'info_max' is a validator: it needs unlabelled target rows"):
+        finetune(model, toy_data(64, 0), toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False)
 
 
 def test_labelled_target_rows_are_repeated_in_each_epochs_training_set():

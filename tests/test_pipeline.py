@@ -4,6 +4,7 @@ import json
 
 import mlflow
 import numpy as np
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -85,8 +86,10 @@ def test_mlflow_holds_grouped_stage_runs(pipeline_project):
     # One value per epoch, not only the last.
     history = client.get_metric_history(by_stage["head"].info.run_id, "head.source_val_accuracy")
     assert [m.step for m in history] == [1, 2, 3, 4]
-    ft_history = client.get_metric_history(by_stage["finetune"].info.run_id, "finetune.val_accuracy")
+    ft_history = client.get_metric_history(by_stage["finetune"].info.run_id, "finetune.source_val_accuracy")
     assert [m.step for m in ft_history] == [0, 1]
+    # Every epoch's label-free scores, beside its accuracies.
+    assert [m.step for m in client.get_metric_history(by_stage["finetune"].info.run_id, "finetune.validator_info_max")] == [0, 1]
     artifacts = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id)}
     assert {"eval.json", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "plots")}
@@ -111,3 +114,39 @@ def test_logged_model_predicts_like_the_saved_one(pipeline_project):
     x = torch.randn(2, 3, spec.preprocessing["image_size"], spec.preprocessing["image_size"])
     with torch.no_grad():
         np.testing.assert_allclose(logged(x).numpy(), saved(x).numpy(), atol=1e-5)
+
+
+def test_finetune_scores_every_epoch_with_the_validators_on_its_seeded_target_rows(pipeline_project):
+    """The kept (last) epoch's scores, in finetune.json and the learning curve, are the validators'
+    scores of the saved model on the stage's sample of target rows, computed again here."""
+    import csv
+
+    from xfer import features as feats
+    from xfer.data.split import read_manifest
+    from xfer.finetune import predict_logits
+    from xfer.finetune_job import epoch_judge
+    from xfer.heads import EPOCH_VALIDATORS
+    from xfer.metrics import softmax
+
+    root, _ = pipeline_project
+    layout = Layout(root)
+    params = load_params(root / "params.yaml")
+    summary = json.loads(layout.metrics("finetune").read_text())
+    assert summary["selection"] == "last" and set(summary["validators"]) == set(EPOCH_VALIDATORS)
+    with open(layout.stage_plots("finetune") / "learning_curve.csv") as f:
+        curve = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in curve] == [0, 1] and all(r["validator_info_max"] != "" for r in curve)
+    assert float(curve[-1]["validator_dev"]) == summary["validators"]["dev"]
+
+    model, spec = load_classifier(layout.finetune_dir)
+    fs = feats.load_current(layout.features_current)
+    manifest = read_manifest(layout.manifest)
+    judge = epoch_judge(manifest, fs, spec.prep(), root, params.finetune, torch.device("cpu"), len(spec.class_names), params.seed)
+    from xfer.data.images import ImageRows
+    from xfer.data.split import rows
+
+    val = rows(manifest, "source", "val")
+    logits, _ = predict_logits(model, ImageRows(val.path.tolist(), val.label.tolist(), spec.prep(), root), 32, torch.device("cpu"))
+    again = judge(model, softmax(logits))
+    for name in EPOCH_VALIDATORS:
+        assert again[f"validator_{name}"] == pytest.approx(summary["validators"][name], rel=1e-4, abs=1e-6), name

@@ -170,3 +170,77 @@ def test_evaluate_publishes_a_prefect_report_with_metrics_and_decision(pipeline_
     assert report is not None, f"no report holds {row!r}"
     assert "promoted to @champion" in report or "kept the champion" in report
     assert "#/experiments/" in report and "/runs/" in report
+
+
+def test_evaluate_scores_every_model_without_target_labels_on_the_target_val_images(pipeline_project):
+    import torch
+
+    from xfer import features as feats
+    from xfer.config import PROMOTION_VALIDATORS
+    from xfer.heads import load_head
+    from xfer.layout import Layout
+    from xfer.validators import Evidence, Outputs, score
+
+    root, _ = pipeline_project
+    evaluated = json.loads((root / "metrics/eval.json").read_text())
+    for model, by_split in evaluated.items():
+        assert set(by_split["target_val"]["validators"]) == set(PROMOTION_VALIDATORS), model
+    # The head's scores again, from its own probabilities on the cached target val rows.
+    layout = Layout(root)
+    head, _ = load_head(layout.head_dir)
+    fs = feats.load_current(layout.features_current)
+    with torch.no_grad():
+        target = torch.softmax(head(torch.as_tensor(fs.select("target", "val")[0]), "target"), 1).numpy()
+    x_val, y_val = fs.select("source", "val")
+    evidence = Evidence(source_val_labels=y_val, source_val_features=x_val, target_features=fs.select("target", "val")[0], num_classes=target.shape[1])
+    outputs = [Outputs(target=target, source_val=np.zeros((len(y_val), target.shape[1])))]
+    for name in ("entropy", "info_max", "bnm"):
+        assert evaluated["head"]["target_val"]["validators"][name] == pytest.approx(score(name, outputs, evidence)[0], rel=1e-5), name
+
+
+def test_a_validator_decides_promotion_and_the_run_says_no_target_label_was_read(pipeline_project, tmp_path):
+    import mlflow
+
+    from tasks.registry import BY_VALIDATOR, register_and_promote
+    from tasks.report import markdown_report
+    from xfer import features as feats
+    from xfer.config import load_params
+    from xfer.layout import Layout
+
+    root, _ = pipeline_project
+    layout = Layout(root)
+    params = load_params(root / "params.yaml")
+    params = params.model_copy(update={"registry": params.registry.model_copy(update={"metric": "info_max"})})
+    features = feats.load_current(layout.features_current)
+    evaluated = json.loads((root / "metrics/eval.json").read_text())
+    model = params.registry.model
+    score = evaluated[model]["target_val"]["validators"]["info_max"]
+
+    def with_figures(info_max: float, accuracy: float) -> dict:
+        out = copy.deepcopy(evaluated)
+        out[model]["target_val"].update(accuracy=accuracy)
+        out[model]["target_val"]["validators"]["info_max"] = info_max
+        return out
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        decisions = []
+        # First version; then lower info_max with perfect target val accuracy (labels would promote it); then higher info_max.
+        for results in (evaluated, with_figures(score - 0.1, 1.0), with_figures(score + 0.1, 0.0)):
+            with mlflow.start_run() as run:
+                decisions.append((register_and_promote(layout, params, results, features), run.info.run_id))
+        client = mlflow.tracking.MlflowClient()
+        assert [d.promoted for d, _ in decisions] == [True, False, True]
+        assert [d.challenger for d, _ in decisions] == pytest.approx([score, score - 0.1, score + 0.1])
+        assert decisions[1][0].champion == pytest.approx(score)
+        for decision, run_id in decisions:
+            assert decision.metric == "target_val.validators.info_max" and decision.kind == BY_VALIDATOR
+            tags = client.get_run(run_id).data.tags
+            assert tags["promotion.kind"] == BY_VALIDATOR and tags["promotion.metric"] == decision.metric
+        version = client.get_model_version(params.registry.name, decisions[2][0].version)
+        assert float(version.tags["target_val.validators.info_max"]) == pytest.approx(score + 0.1)
+        report = markdown_report(evaluated, decisions[1][0], "0", decisions[1][1], None)
+        assert f"- decided by: {BY_VALIDATOR}" in report and "## Without target labels" in report
+    finally:
+        mlflow.set_tracking_uri(previous)

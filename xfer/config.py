@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -206,6 +206,10 @@ FEATURE_ALIGNING_METHODS = ("coral", "mmd", "dann", "cdan")
 AdaptationMethod = Literal["source_only", "coral", "mmd", "dann", "cdan", "mcc", "self_training"]
 # Label-free validators (xfer/validators/, one file each; a test checks the two lists agree).
 VALIDATOR_NAMES = ("source_val", "entropy", "info_max", "bnm", "snd", "dev", "class_ami", "ensv")
+# What registry.metric may name: a classification metric on target val (reads its labels), or
+# a validator with one figure per model (ensv has none: it scores candidates against their mean).
+PROMOTION_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+PROMOTION_VALIDATORS = tuple(name for name in VALIDATOR_NAMES if name != "ensv")
 # Which epoch (or search candidate) is kept: a validator, the `last` epoch, or the oracle
 # `target_val` (reads target labels, reported as such).
 Selection = Literal["source_val", "entropy", "info_max", "bnm", "snd", "dev", "class_ami", "ensv", "last", "target_val"]
@@ -321,10 +325,14 @@ class FinetuneConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Exponential moving average of the weights (evaluated and kept instead of the raw ones); null = off.
     ema_decay: float | None = Field(None, gt=0, lt=1)
-    # Stop after this many epochs without a better source val accuracy; null = run every epoch.
+    # Stop after this many epochs without a better selection score; null = run every epoch.
     patience: int | None = Field(None, ge=1)
-    # Which epoch is kept: the best on source val (epoch 0 = the start), or the last one.
-    selection: Literal["source_val", "last"] = "last"
+    # Which epoch is kept (epoch 0 = the start): the last, the best by a validator (label-free;
+    # not ensv, which would hold every epoch's weights), by source val, or the oracle target_val.
+    selection: Literal["source_val", "entropy", "info_max", "bnm", "snd", "dev", "class_ami", "last", "target_val"] = "last"
+    # Each epoch, every validator scores the model on at most this many unlabelled target rows
+    # (a seeded sample, the same each epoch): a prediction pass over them per epoch.
+    validator_rows: int = Field(512, ge=10, le=1_000_000)
     # torch.use_deterministic_algorithms: bit-exact reruns and resumes, at some speed.
     deterministic: bool = False
     augment: AugmentConfig = AugmentConfig()
@@ -392,8 +400,26 @@ class RegistryConfig(_Strict):
     # The evaluated model that is registered: the head on frozen features, the
     # fine-tuned network, or their fusion (mean of the two's probabilities).
     model: Literal["head", "finetune", "fusion"] = "fusion"
-    # Promotion compares this metric on the target val split; higher wins, ties keep the champion.
-    metric: Literal["accuracy", "macro_precision", "macro_recall", "macro_f1"] = "accuracy"
+    # Promotion compares this figure of the registered model; higher wins, ties keep the champion.
+    # A classification metric on target val reads its labels; a validator reads no target label
+    # (the target val images, their labels unread, and source val). Either kind is named in the
+    # evaluate run and its report.
+    metric: str = "accuracy"
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, metric: str) -> str:
+        if metric == "ensv":
+            raise ValueError(
+                "ensv ranks the candidates of one run against their own mean and gives no figure a later run can be compared with; "
+                f"name another validator ({', '.join(PROMOTION_VALIDATORS)})"
+            )
+        if metric not in PROMOTION_METRICS + PROMOTION_VALIDATORS:
+            raise ValueError(
+                f"unknown registry.metric {metric!r}: a target val metric ({', '.join(PROMOTION_METRICS)}, reads target labels) "
+                f"or a validator ({', '.join(PROMOTION_VALIDATORS)}, reads none)"
+            )
+        return metric
 
 
 class Params(_Strict):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from xfer import features as feats
-from xfer.config import Params, member_name
+from xfer.config import PROMOTION_VALIDATORS, Params, member_name
 from xfer.data.images import ImageRows
 from xfer.data.split import read_manifest, rows
 from xfer.finetune import load_classifier, predict_logits, select_device
@@ -24,10 +24,15 @@ from xfer.heads import MEMBERS_DIR, HeadNet, load_head
 from xfer.io import write_json
 from xfer.metrics import classification_metrics, confusion_matrix, fuse_probabilities, per_class_accuracy, reliability_from_probabilities, softmax
 from xfer.plots import per_class_accuracy_figure, prediction_rows, reliability_figure, save_confusion_matrix, save_figure, write_rows_csv
+from xfer.validators import Evidence, Outputs, panel
 
 # (manifest role, split) -> the name used in eval.json and plot files.
 # target_val is what the registry's promotion rule compares (tasks/registry.py).
 EVAL_SETS = {("source", "test"): "source_test", ("target", "val"): "target_val", ("target", "test"): "target_test"}
+# The label-free figures (the validators) are scored on the target val images, whose labels
+# they never read, and stored beside that split's metrics: eval.json <model>.target_val.validators.
+LABEL_FREE_ROWS = ("target", "val")
+LABEL_FREE_SET = EVAL_SETS[LABEL_FREE_ROWS]
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,9 @@ def evaluate_models(
     members = fusion_members(member_features_dir, head_dir, params)
     results: dict[str, dict] = {"head": {}, "finetune": {}, "fusion": {}, **{name: {} for name in members}}
     plots: list[Path] = []
-    for (role, split), set_name in EVAL_SETS.items():
+
+    def probabilities_on(role: str, split: str, set_name: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Every model's class probabilities on one split (the fusion last), and its labels."""
         x, y = fs.select(role, split)
         part = rows(manifest, role, split)
         data = ImageRows(part.path.tolist(), part.label.tolist(), spec.prep(), images_root)
@@ -95,8 +102,14 @@ def evaluate_models(
             probabilities[name] = head_probabilities(member_head, xm, role)
         # Fusion: the mean of every model's class probabilities.
         probabilities["fusion"] = fuse_probabilities(list(probabilities.values()))
+        return probabilities, y
+
+    target_val: dict[str, np.ndarray] = {}
+    for (role, split), set_name in EVAL_SETS.items():
+        probabilities, y = probabilities_on(role, split, set_name)
+        if set_name == LABEL_FREE_SET:
+            target_val = probabilities
         predictions = {model_name: p.argmax(1) for model_name, p in probabilities.items()}
-        predictions["finetune"] = logits.argmax(1)
         per_class = {}
         for model_name, pred in predictions.items():
             scored = results[model_name][set_name] = classification_metrics(y, pred, len(names))
@@ -114,5 +127,29 @@ def evaluate_models(
             write_rows_csv(plot_dir / f"predictions_{model_name}_{set_name}.csv", prediction_rows(y, probabilities[model_name], names))
         path = plot_dir / f"per_class_accuracy_{set_name}.png"
         plots.append(save_figure(path, per_class_accuracy_figure(per_class, names, f"per-class accuracy on {set_name}")))
+    source_val, source_val_labels = probabilities_on("source", "val", "source_val (for the validators)")
+    evidence = Evidence(
+        source_val_labels=source_val_labels,
+        source_val_features=fs.select("source", "val")[0],
+        target_features=fs.select(*LABEL_FREE_ROWS)[0],
+        source_train_features=fs.select("source", "train")[0],
+        num_classes=len(names),
+        seed=params.seed,
+    )
+    for model_name, scores in label_free_scores(target_val, source_val, evidence).items():
+        results[model_name][LABEL_FREE_SET]["validators"] = scores
     write_json(metrics_path, results)
     return Evaluation(results, plots, fs, head_spec.get("selection"))
+
+
+def label_free_scores(target: dict[str, np.ndarray], source_val: dict[str, np.ndarray], evidence: Evidence) -> dict[str, dict[str, float]]:
+    """model -> validator -> its score: each model's figures without a target label.
+
+    `target` holds each model's probabilities on the target val images (their labels
+    unread), `source_val` on source val. The validators' scores are per model, so
+    a later run's figure compares with this one's (registry.metric may name one).
+    """
+    models = list(target)
+    candidates = [Outputs(target=target[m], source_val=source_val[m]) for m in models]
+    scores = panel(candidates, evidence, PROMOTION_VALIDATORS)
+    return {m: {name: float(values[i]) for name, values in scores.items()} for i, m in enumerate(models)}

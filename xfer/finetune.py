@@ -31,7 +31,7 @@ from xfer.checkpoints import load_checkpoint, remove_checkpoint, rng_state, save
 from xfer.config import FinetuneConfig, HeadConfig
 from xfer.data.images import Preprocessing
 from xfer.features import worker_context
-from xfer.heads import build_head
+from xfer.heads import build_head, selection_key
 from xfer.io import save_torch, write_json
 from xfer.strategies import apply_freezing, backbone_groups, check_strategy, frozen_groups, param_groups
 
@@ -39,6 +39,9 @@ WEIGHTS_FILE = "model.pt"
 SPEC_FILE = "model.json"
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+# An epoch's label-free scores: (the model, its class probabilities on source val) ->
+# {"validator_<name>": score}; built by the stage, which holds the target rows and features.
+EpochJudge = Callable[[nn.Module, np.ndarray], dict[str, float]]
 
 
 class Classifier(nn.Module):
@@ -115,6 +118,14 @@ def _accuracy(model: nn.Module, data: Dataset, batch_size: int, device: torch.de
     return float((logits.argmax(1) == labels).mean())
 
 
+def keeps(selection: str, record: dict[str, float], best: float | None) -> bool:
+    """Whether this epoch replaces the kept one: `last` always; else a score at least the best so far.
+
+    Ties go to the later epoch, as for the head (xfer.heads.pick_epoch): the same rule.
+    """
+    return selection == "last" or best is None or record[selection_key(selection)] >= best
+
+
 def finetune(
     model: Classifier,
     train: Dataset,
@@ -129,8 +140,13 @@ def finetune(
     run_key: str = "",
     target: Dataset | None = None,
     target_plain: Dataset | None = None,
+    judge: EpochJudge | None = None,
 ) -> tuple[Classifier, list[dict[str, float]]]:
-    """Fine-tune by `cfg.strategy`; keep the epoch (0 = the start) with the best `val` accuracy.
+    """Fine-tune by `cfg.strategy`; keep the epoch (0 = the start) `cfg.selection` ranks first.
+
+    Each epoch's record holds its source val accuracy, the `monitor` sets'
+    accuracies and, with `judge`, every validator's label-free score; a
+    selection by a validator needs `judge`, by target_val a `target_val` monitor.
 
     With `checkpoint_dir`, the state after every epoch is saved there, and a
     checkpoint of the same `run_key` left by a killed run is resumed.
@@ -141,12 +157,18 @@ def finetune(
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(cfg.deterministic or previous_determinism)
     try:
-        return _finetune(model, train, val, cfg, device, seed, monitor or {}, on_epoch, progress, checkpoint_dir, run_key, target, target_plain or target)
+        return _finetune(
+            model, train, val, cfg, device, seed, monitor or {}, on_epoch, progress, checkpoint_dir, run_key, target, target_plain or target, judge
+        )
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
 
 
-def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress, checkpoint_dir, run_key, target, target_plain):
+def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress, checkpoint_dir, run_key, target, target_plain, judge):
+    if cfg.selection not in ("source_val", "last", "target_val") and judge is None:
+        raise ValueError(f"finetune.selection {cfg.selection!r} is a validator: it needs unlabelled target rows to score each epoch on")
+    if cfg.selection == "target_val" and "target_val" not in monitor:
+        raise ValueError("finetune.selection target_val needs the labelled target val rows")
     torch.manual_seed(seed)
     model.to(device)
     groups = backbone_groups(model.backbone)
@@ -174,11 +196,14 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
 
     def evaluate(epoch: int, train_loss: float | None) -> dict[str, float]:
         with ema.applied(model) if ema is not None else contextlib.nullcontext():
-            record = {"val_accuracy": _accuracy(model, val, cfg.batch_size * 2, device, cfg.amp)}
+            logits, labels = predict_logits(model, val, cfg.batch_size * 2, device, amp=cfg.amp)
+            record = {"source_val_accuracy": float((logits.argmax(1) == labels).mean())}
             if train_loss is not None:
                 record["train_loss"] = train_loss
             for name, data in monitor.items():
                 record[f"{name}_accuracy"] = _accuracy(model, data, cfg.batch_size * 2, device, cfg.amp)
+            if judge is not None:
+                record.update(judge(model, torch.softmax(torch.from_numpy(logits), 1).numpy()))
             state = copy.deepcopy(model.state_dict())
         if on_epoch and is_main_process():
             on_epoch(epoch, record)
@@ -187,7 +212,7 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
     resumed = load_checkpoint(checkpoint_dir, run_key) if checkpoint_dir is not None else None
     if resumed is None:
         record, best_state = evaluate(0, None)
-        history, best_acc, since_best, first_epoch = [record], record["val_accuracy"], 0, 1
+        history, best_score, since_best, first_epoch = [record], record.get(selection_key(cfg.selection)), 0, 1
     else:
         model.load_state_dict(resumed["model"])
         opt.load_state_dict(resumed["optimizer"])
@@ -197,7 +222,7 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
         if adaptation is not None:
             adaptation.load_state_dict(resumed["adaptation"])
         scaler.load_state_dict(resumed["scaler"])
-        history, best_state, best_acc, since_best = resumed["history"], resumed["best_state"], resumed["best_acc"], resumed["since_best"]
+        history, best_state, best_score, since_best = resumed["history"], resumed["best_state"], resumed["best_score"], resumed["since_best"]
         set_rng_state(resumed["rng"], shuffle)
         first_epoch = resumed["epoch"] + 1
 
@@ -243,10 +268,11 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
         record, state = evaluate(epoch, total / max(seen, 1))
         history.append(record)
         # `last` keeps the final epoch: source val saturates early and would keep the probe.
-        if record["val_accuracy"] > best_acc or cfg.selection == "last":
-            best_acc, best_state, since_best = max(best_acc, record["val_accuracy"]), state, 0
-        else:
-            since_best += 1
+        score = record.get(selection_key(cfg.selection))
+        # Patience counts epochs without a strictly better score; a tie is still kept.
+        since_best = 0 if best_score is None or score > best_score else since_best + 1
+        if keeps(cfg.selection, record, best_score):
+            best_score, best_state = score, state
         if checkpoint_dir is not None and is_main_process():
             save_checkpoint(
                 checkpoint_dir,
@@ -259,7 +285,7 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
                     "ema": ema.state if ema is not None else None,
                     "history": history,
                     "best_state": best_state,
-                    "best_acc": best_acc,
+                    "best_score": best_score,
                     "since_best": since_best,
                     "rng": rng_state(shuffle),
                     "adaptation": adaptation.state_dict() if adaptation is not None else None,

@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import ValidationError
@@ -34,13 +35,17 @@ from xfer.contract import stage_params
 from xfer.data.augment import build_augmentation
 from xfer.data.images import ImageRows
 from xfer.data.split import class_names, read_manifest, rows
-from xfer.finetune import Classifier, ClassifierSpec, EpochCallback, finetune, is_main_process, save_classifier, select_device
-from xfer.heads import HeadData, build_head, train_head
+from xfer.finetune import Classifier, ClassifierSpec, EpochCallback, EpochJudge, finetune, is_main_process, predict_logits, save_classifier, select_device
+from xfer.heads import EPOCH_VALIDATORS, VALIDATOR_PREFIX, HeadData, build_head, pick_epoch, train_head
 from xfer.io import sha256_file, sha256_json, write_json
 from xfer.layout import Layout
+from xfer.metrics import softmax
 from xfer.strategies import PROBE_STARTED
+from xfer.validators import Evidence, Outputs, score
 
 HISTORY_FILE = "history.json"
+# Bumped when a checkpoint's contents change meaning: an older run's checkpoint is then not resumed.
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -81,6 +86,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
             "weights": weights.digest,
             "manifest": sha256_file(layout.manifest),
             "features": fs.meta["key"],
+            "checkpoint_format": CHECKPOINT_FORMAT,
         }
     )
     augment = build_augmentation(cfg.augment)
@@ -107,6 +113,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         run_key=run_key,
         target=data("target", "unlabeled", train=True) if adapting else None,
         target_plain=data("target", "unlabeled") if adapting else None,
+        judge=epoch_judge(manifest, fs, prep, layout.root, cfg, device, len(names), params.seed),
     )
     spec = ClassifierSpec(
         backbone=params.backbone.name,
@@ -116,16 +123,19 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         class_names=names,
         preprocessing=prep.as_dict(),
     )
-    # The epoch the loop kept: the first best on source val, or the last.
-    best = history[-1] if cfg.selection == "last" else max(history, key=lambda r: r["val_accuracy"])
+    # The epoch the loop kept (history[0] is epoch 0, the probe), by the loop's own rule.
+    kept = pick_epoch(cfg.selection, history) - 1
+    best = history[kept]
     summary = {
         "strategy": cfg.strategy,
         "method": cfg.method,
         "method_requested": requested,
-        "best_epoch": history.index(best),
-        "source_val_accuracy": best["val_accuracy"],
+        "selection": cfg.selection,
+        "best_epoch": kept,
+        "source_val_accuracy": best["source_val_accuracy"],
         "target_val_accuracy": best["target_val_accuracy"],
-        "probe_source_val_accuracy": history[0]["val_accuracy"],
+        "validators": {k.removeprefix(VALIDATOR_PREFIX): v for k, v in best.items() if k.startswith(VALIDATOR_PREFIX)},
+        "probe_source_val_accuracy": history[0]["source_val_accuracy"],
         "epochs": cfg.epochs,
         "device": device.type,
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
@@ -136,6 +146,43 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         save_classifier(layout.finetune_dir, model, spec)
         write_json(layout.metrics("finetune"), summary)
     return FinetuneResult(model, spec, summary, history)
+
+
+def epoch_judge(
+    manifest, fs: feats.FeatureSet, prep, images_root: Path, cfg: FinetuneConfig, device: torch.device, num_classes: int, seed: int
+) -> EpochJudge | None:
+    """Every validator's score for an epoch's model, on at most `cfg.validator_rows` unlabelled target rows.
+
+    The rows are a seeded sample (the same every epoch), so scores compare across
+    epochs; the evidence (DEV's weights, ClassAMI's clusters) is the frozen
+    backbone's cached features of those rows, computed once. None without
+    unlabelled target rows.
+    """
+    part = rows(manifest, "target", "unlabeled")
+    if len(part) == 0:
+        return None
+    x_target, _ = fs.select("target", "unlabeled")
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(part))[: cfg.validator_rows])
+    target = ImageRows(part.path.iloc[chosen].tolist(), part.label.iloc[chosen].tolist(), prep, images_root)
+    x_val, y_val = fs.select("source", "val")
+    evidence = Evidence(
+        source_val_labels=y_val,
+        source_val_features=x_val,
+        target_features=x_target[chosen],
+        source_train_features=fs.select("source", "train")[0],
+        num_classes=num_classes,
+        seed=seed,
+    )
+
+    def judge(model, source_val: np.ndarray) -> dict[str, float]:
+        # A forked RNG: a DataLoader draws its seed from torch's global generator, and scoring
+        # an epoch must leave training exactly as it would have gone unscored.
+        with torch.random.fork_rng(devices=[]):
+            logits, _ = predict_logits(model, target, cfg.batch_size * 2, device, amp=cfg.amp)
+        outputs = [Outputs(target=softmax(logits), source_val=source_val)]
+        return {f"{VALIDATOR_PREFIX}{name}": float(score(name, outputs, evidence)[0]) for name in EPOCH_VALIDATORS}
+
+    return judge
 
 
 def resolve_method(cfg: FinetuneConfig, head_pick: Path) -> FinetuneConfig:
