@@ -264,6 +264,9 @@ class HeadConfig(_Strict):
     # method auto: the adaptation methods searched beside source_only, each with its knob's grid
     # (xfer/head_search.py); the feature-aligning ones need a hidden layer (kind mlp or bottleneck).
     search_methods: list[AdaptationMethod] = ["self_training", "mcc"]
+    # method auto: worker processes training candidates side by side; null = one per CPU core.
+    # Each trains on one thread, so the pick and its weights do not depend on this number.
+    search_processes: int | None = Field(None, ge=1, le=256)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Weight the loss by inverse class frequency, for imbalanced source data.
     class_balanced: bool = False

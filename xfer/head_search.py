@@ -9,13 +9,17 @@ The oracle `selection: target_val` is allowed and said to be one.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
 from xfer.config import VALIDATOR_NAMES, HeadConfig
-from xfer.heads import HeadData, HeadNet, _tensor, best_epoch, outputs_of, selection_evidence, train_head
+from xfer.features import worker_context
+from xfer.heads import HeadData, HeadNet, _tensor, best_epoch, build_head, outputs_of, selection_evidence, train_head
 from xfer.validators import Evidence, Outputs, panel
 
 # Each adaptation method with a small grid of its key knob; head.search_methods says which are
@@ -105,28 +109,78 @@ class SearchResult:
     summary: dict  # metrics/head.json's "search"
 
 
+def train_candidate(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, evidence: Evidence) -> tuple[dict, list[dict[str, float]]]:
+    """One candidate, on one thread (in a worker process or this one): its kept head's weights and its epochs.
+
+    One thread whatever the process count, so a candidate trains to the same
+    weights in a pool or alone; these heads are too small to gain from more.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, history = train_head(cfg, data, num_classes, seed, evidence=evidence)
+    finally:
+        torch.set_num_threads(previous)
+    return model.state_dict(), history
+
+
+def search_processes(requested: int | None, candidates: int) -> int:
+    """head.search_processes, or one per CPU core; never more than there are candidates."""
+    return max(1, min(requested or os.cpu_count() or 1, candidates))
+
+
+def train_candidates(cfg: HeadConfig, candidates: list[Candidate], data: HeadData, num_classes: int, seed: int, evidence: Evidence, on_done) -> list:
+    """(weights, history) of every candidate, in grid order; `on_done(i, weights, history)` as each finishes."""
+    processes = search_processes(cfg.search_processes, len(candidates))
+    results: list = [None] * len(candidates)
+    if processes == 1:
+        for i, cand in enumerate(candidates):
+            results[i] = train_candidate(cand.config, data, num_classes, seed, evidence)
+            on_done(i, *results[i])
+        return results
+    # A fork server, not fork: the caller is a multi-threaded Prefect flow run (xfer.features.worker_context).
+    with ProcessPoolExecutor(processes, mp_context=worker_context()) as pool:
+        futures = {pool.submit(train_candidate, cand.config, data, num_classes, seed, evidence): i for i, cand in enumerate(candidates)}
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()
+            on_done(i, *results[i])
+    return results
+
+
 def search_heads(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, on_candidate: CandidateCallback | None = None) -> SearchResult:
     """Train every candidate, score them with every validator, keep the pick (or source-only when the guard says so).
 
-    `on_candidate(i, total, name, record)` is called as each candidate finishes training
-    (its kept-epoch record): the search takes a minute or more, and says how far it is.
+    Candidates train in `head.search_processes` worker processes (one per core by
+    default). `on_candidate(done, total, name, record)` is called as each finishes
+    (its kept-epoch record): the search takes a minute or so, and says how far it is.
     """
     if cfg.selection == "last":
         raise ValueError("head.method auto ranks candidates with head.selection; 'last' ranks nothing: choose a validator (e.g. info_max)")
     if data.target_train is None:
         raise ValueError("head.method auto needs the unlabelled target train features")
     evidence = selection_evidence(data, num_classes, seed)
+    # Computed here once, then shipped to every worker with the evidence.
+    evidence.importance_weights, evidence.target_clusters  # noqa: B018
     x_source_val, x_target = _tensor(data.source_val[0]), _tensor(data.target_train)
     candidates = candidate_grid(cfg)
-    trained, outputs, records = [], [], []
-    for i, cand in enumerate(candidates):
-        model, history = train_head(cand.config, data, num_classes, seed, evidence=evidence)
-        kept = best_epoch(cand.config, history)
-        trained.append((model, history))
-        outputs.append(outputs_of(model, x_source_val, x_target))
-        records.append({"best_epoch": kept, **{k: v for k, v in history[kept - 1].items() if k.endswith("_accuracy")}})
+    records: list = [None] * len(candidates)
+    finished = 0
+
+    def on_done(i: int, weights: dict, history: list[dict[str, float]]) -> None:
+        nonlocal finished
+        finished += 1
+        kept = best_epoch(candidates[i].config, history)
+        records[i] = {"best_epoch": kept, **{k: v for k, v in history[kept - 1].items() if k.endswith("_accuracy")}}
         if on_candidate:
-            on_candidate(i + 1, len(candidates), cand.name, records[-1])
+            on_candidate(finished, len(candidates), candidates[i].name, records[i])
+
+    trained = []
+    for cand, (weights, history) in zip(candidates, train_candidates(cfg, candidates, data, num_classes, seed, evidence, on_done)):
+        model = build_head(cand.config, data.source_train[0].shape[1], num_classes)
+        model.load_state_dict(weights)
+        trained.append((model.eval(), history))
+    outputs = [outputs_of(model, x_source_val, x_target) for model, _ in trained]
     verdict_of = judge(outputs, [r.get("target_val_accuracy") for r in records], cfg.selection, evidence)
     scores, ranking, pick, kept, verdict = verdict_of.scores, verdict_of.ranking, verdict_of.pick, verdict_of.kept, verdict_of.verdict
     table = [

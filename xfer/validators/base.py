@@ -25,6 +25,20 @@ class Outputs:
     source_val: np.ndarray  # (n_source_val, C)
 
 
+@dataclass(frozen=True)
+class Projection:
+    """Features -> their leading principal components (the identity without a fitted PCA).
+
+    An object, not a closure: evidence travels to the worker processes of a search.
+    """
+
+    pca: object | None
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        x = np.asarray(features, dtype=np.float64)
+        return x if self.pca is None else self.pca.transform(x)
+
+
 @dataclass
 class Evidence:
     """Shared by every candidate, so their scores compare.
@@ -61,9 +75,8 @@ class Evidence:
         # A small dataset (fewer rows than PCA_DIMS) keeps as many components as it has rows.
         dims = min(PCA_DIMS, len(x) - 1)
         if x.shape[1] <= dims or dims < 1:
-            return lambda f: np.asarray(f, dtype=np.float64)
-        pca = PCA(dims, svd_solver="randomized", random_state=self.seed).fit(x)
-        return lambda f: pca.transform(np.asarray(f, dtype=np.float64))
+            return Projection(None)
+        return Projection(PCA(dims, svd_solver="randomized", random_state=self.seed).fit(x))
 
     @cached_property
     def importance_weights(self) -> np.ndarray:
