@@ -98,7 +98,7 @@ def test_learning_curves_have_one_row_per_epoch(pipeline_project):
     assert [int(r["epoch"]) for r in ft_rows] == list(range(0, TINY_PARAMS["finetune"]["epochs"] + 1))
     assert ft_rows[0]["train_loss"] == "" and all(float(r["train_loss"]) > 0 for r in ft_rows[1:])
     finetune = json.loads(layout.metrics("finetune").read_text())
-    assert float(ft_rows[finetune["best_epoch"]]["val_accuracy"]) == pytest.approx(finetune["source_val_accuracy"])
+    assert float(ft_rows[finetune["best_epoch"]]["source_val_accuracy"]) == pytest.approx(finetune["source_val_accuracy"])
     for stage in ("head", "finetune"):
         assert (layout.stage_plots(stage) / "learning_curves.png").read_bytes().startswith(PNG_MAGIC)
 
