@@ -1,0 +1,74 @@
+"""Which unlabelled target images to label first: diverse and uncertain.
+
+When no label-free choice can be trusted, a few target labels help most.
+`suggest_labels` picks `n` unlabelled target rows for a person to label:
+k-means with k = n on the frozen backbone's features (in a PCA projection)
+splits the pool into n groups of look-alike images, so the picks cover the
+target's modes instead of piling up where the head is worst; in each group
+the row the current head is least sure of (highest predictive entropy) is
+taken, since its label corrects the head where it errs; and the picks are
+ordered most uncertain first, so a person who stops early has labelled the
+most useful ones. `xfer suggest-labels` writes them to a CSV a person fills
+in; `data.split.target_labels` reads it back as the labelled target budget.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from xfer.validators.base import PCA_DIMS, entropy_rows
+
+
+def project(features: np.ndarray, seed: int, dims: int = PCA_DIMS) -> np.ndarray:
+    """The first `dims` principal components of `features` (fewer when there are fewer rows)."""
+    x = np.asarray(features, dtype=np.float64)
+    dims = min(dims, len(x) - 1)
+    if x.shape[1] <= dims or dims < 1:
+        return x
+    from sklearn.decomposition import PCA
+
+    return PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(x)
+
+
+def suggest_labels(target_features: np.ndarray, probabilities: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Indices of `n` rows of the unlabelled target pool to label, most useful first.
+
+    `target_features` (rows, dim): the pool's backbone features; `probabilities`
+    (rows, classes): the current head's predictions on the same rows. One row per
+    k-means cluster (k = n): the cluster's most uncertain row (ties: the one
+    nearest its centre, then the lower index); then most uncertain first.
+    Clusters k-means leaves empty (fewer distinct rows than n) are made up by
+    the most uncertain rows not yet taken. The same inputs and seed give the
+    same indices.
+    """
+    x = np.asarray(target_features)
+    p = np.asarray(probabilities)
+    if x.ndim != 2 or p.ndim != 2 or len(x) != len(p):
+        raise ValueError(f"target_features {x.shape} and probabilities {p.shape} must be 2-D with one row each per image")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= len(x):
+        raise ValueError(f"n must be an integer from 1 to the {len(x)} unlabelled target rows, got {n!r}")
+    uncertainty = entropy_rows(p)
+    if n == len(x):
+        return np.lexsort((np.arange(len(x)), -uncertainty))
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    z = project(x, seed)
+    with warnings.catch_warnings():
+        # Fewer distinct rows than n: the empty clusters are made up below.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(z)
+    distance = np.linalg.norm(z - km.cluster_centers_[km.labels_], axis=1)
+    picks = []
+    for cluster in range(n):
+        members = np.flatnonzero(km.labels_ == cluster)
+        if len(members):
+            # lexsort: the last key sorts first. Most uncertain, then nearest the centre, then lowest index.
+            picks.append(members[np.lexsort((members, distance[members], -uncertainty[members]))[0]])
+    if len(picks) < n:
+        rest = np.setdiff1d(np.arange(len(x)), picks)
+        picks.extend(rest[np.lexsort((rest, -uncertainty[rest]))][: n - len(picks)])
+    picks = np.asarray(picks, dtype=np.int64)
+    return picks[np.lexsort((picks, -uncertainty[picks]))]
