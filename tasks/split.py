@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.tracking import stage_run
 from xfer.config import Params
 from xfer.data.sources import resolve_source
-from xfer.data.split import build_manifest
+from xfer.data.split import build_manifest, labels_path
 from xfer.io import save_with, write_json
 from xfer.layout import Layout
 
@@ -25,4 +25,6 @@ def split(layout: Layout, params: Params) -> dict:
         run.log_metrics({"duplicates_removed": report["duplicates_removed"]["dropped"]})
         run.log_artifact(layout.manifest)
         run.log_artifact(layout.split_report)
+        if params.data.split.target_labels is not None:  # the labelled target rows a person gave
+            run.log_artifact(labels_path(params.data.split.target_labels, layout.root))
     return report["rows"]

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, write_params
 
-from xfer.contract import CODE_RESOURCES, PROJECT_PACKAGES, STAGES, dvc_stages, import_closure
+from xfer.contract import CODE_RESOURCES, PROJECT_PACKAGES, STAGES, dvc_stage, dvc_stages, import_closure, param_file_deps
 
 
 def dvc_yaml() -> dict:
@@ -33,8 +33,8 @@ def test_every_file_a_stage_imports_is_one_of_its_dvc_deps(stage):
     closure = import_closure(REPO, STAGES[stage].entry_modules)
     missing = sorted(set(closure) - listed)
     assert not missing, f"stage {stage!r} imports {missing}, which its dvc.yaml deps do not list"
-    # Data deps are the table's; code deps are exactly the closure (nothing stale listed).
-    assert listed == set(closure) | set(STAGES[stage].deps)
+    # Data deps are the table's (and the files params.yaml names); code deps are exactly the closure (nothing stale listed).
+    assert listed == set(closure) | set(STAGES[stage].deps) | set(param_file_deps(REPO, STAGES[stage]))
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -124,3 +124,13 @@ def test_table_paths_are_the_layouts():
     layout = Layout(Path("."))
     assert (layout.manifest.as_posix(), layout.features_current.as_posix(), layout.features_members.as_posix()) == (MANIFEST, FEATURES, MEMBER_FEATURES)
     assert {layout.metrics(s).as_posix() for s in ("head", "finetune", "eval")} == {m for st in STAGES.values() for m in st.metrics}
+
+
+def test_a_label_file_params_yaml_names_is_a_dep_of_the_split_stage(tmp_path, tiny_params):
+    """data.split.target_labels: the file joins the split's deps as written, so filling it in reruns the split."""
+    write_params(tmp_path, tiny_params)
+    assert dvc_stage(tmp_path, STAGES["split"])["deps"][-1] == "data/raw"
+    tiny_params["data"]["split"]["target_labels"] = "labels/target.csv"
+    write_params(tmp_path, tiny_params)
+    assert dvc_stage(tmp_path, STAGES["split"])["deps"][-2:] == ["data/raw", "labels/target.csv"]
+    assert "labels/target.csv" not in dvc_stage(tmp_path, STAGES["features"])["deps"]

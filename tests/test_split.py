@@ -8,7 +8,8 @@ from datasets import image_folder
 
 from xfer.config import ConfigError, parse_params
 from xfer.data.fetch import fetch_dataset
-from xfer.data.split import SOURCE_SPLITS, SplitError, build_manifest
+from xfer.data.split import SOURCE_SPLITS, SplitError, build_manifest, check_params
+from xfer.io import sha256_file
 
 SPLIT = {"source_val": 0.2, "source_test": 0.2, "target_val": 0.25, "target_test": 0.25}
 
@@ -105,3 +106,111 @@ def test_target_test_never_appears_in_training_or_selection(tmp_path):
             assert not set(test.sha256) & set(seen.sha256)
             assert m.sha256.is_unique
             assert report["duplicates_removed"]["dropped"] == 5
+
+
+# ---- a filled label file (data.split.target_labels) -------------------------------------------
+
+
+def write_labels(path, rows, header="path,label,suggested_rank,predicted"):
+    """A filled `xfer suggest-labels` file: (path, label) rows, with the command's other columns."""
+    lines = [header] + [f"{p},{label},{i + 1},cat" for i, (p, label) in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def pool(m, split="unlabeled"):
+    return m[(m.role == "target") & (m.split == split)]
+
+
+def test_a_filled_label_file_gives_exactly_those_labelled_target_rows(fetched, tmp_path):
+    before, _ = manifest(fetched, data_cfg())
+    unlabeled = pool(before)
+    chosen = unlabeled.groupby("class_name").head(2)  # 2 of each class
+    # The person's labels: as the folders say, except one cat they call an owl.
+    labels = dict(zip(chosen.path, chosen.class_name))
+    relabelled = chosen.path[chosen.class_name == "cat"].iloc[0]
+    labels[relabelled] = "owl"
+    csv = write_labels(tmp_path / "labels.csv", labels.items())
+    m, report = manifest(fetched, data_cfg(target_labels=str(csv)))
+    train = pool(m, "train")
+    assert dict(zip(train.path, train.class_name)) == labels
+    assert dict(zip(train.path, train.label)) == {p: {"cat": 0, "dog": 1, "owl": 2}[c] for p, c in labels.items()}
+    # Taken from the unlabeled pool only: val and test are the same images as without the file.
+    for split in ("val", "test"):
+        assert pool(m, split).path.tolist() == pool(before, split).path.tolist()
+    assert set(pool(m).path) == set(unlabeled.path) - set(labels)
+    assert m[m.role == "source"].equals(before[before.role == "source"])
+    assert report["rows"]["target/train"] == 6
+    assert report["target_labeled"]["labels_file"] == {"file": str(csv), "sha256": sha256_file(csv), "rows": 6, "differ_from_folder": 1}
+
+
+def test_a_relative_label_file_is_read_from_the_project_root(fetched):
+    row = pool(manifest(fetched, data_cfg())[0]).iloc[0]
+    write_labels(fetched / "labels.csv", [(row.path, row.class_name)])
+    try:
+        m, _ = manifest(fetched, data_cfg(target_labels="labels.csv"))
+    finally:
+        (fetched / "labels.csv").unlink()
+    assert pool(m, "train").path.tolist() == [row.path]
+
+
+def _bad_files(m):
+    """name -> (rows or raw text, the error's words)."""
+    unlabeled, test, val = pool(m), pool(m, "test"), pool(m, "val")
+    one, two = unlabeled.path.iloc[0], unlabeled.path.iloc[1]
+    source = m[m.role == "source"].path.iloc[0]
+    return {
+        "unknown path": (
+            [(one, "cat"), ("data/raw/mine/b/cat/nope.png", "dog")],
+            r"1 path\(s\) not a target image of the dataset: 'data/raw/mine/b/cat/nope.png'",
+        ),
+        "a source image": ([(source, "cat")], r"not a target image of the dataset: .*is of a source domain"),
+        "unknown class": ([(one, "cat"), (two, "kitten")], r"unknown class name\(s\) 'kitten'; the classes are \['cat', 'dog', 'owl'\]"),
+        "empty label": ([(one, "cat"), (two, "")], r"empty label on line\(s\) 3: give every listed image a class name"),
+        "repeated path": ([(one, "cat"), (two, "dog"), (one, "dog")], r"path\(s\) listed more than once: '" + one),
+        "a test image": (
+            [(one, "cat"), (test.path.iloc[0], "cat")],
+            r"1 listed image\(s\) are held out for evaluation: '.*' \(target test\); labelled rows must come from the unlabeled pool",
+        ),
+        "a val image": ([(val.path.iloc[0], "dog")], r"held out for evaluation: '.*' \(target val\)"),
+        "no label column": ("path,class\n" + one + ",cat\n", r"lacks column\(s\) \['label'\]; it needs \['path', 'label'\]"),
+        "no rows": ("path,label\n", "has no rows"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["unknown path", "a source image", "unknown class", "empty label", "repeated path", "a test image", "a val image", "no label column", "no rows"]
+)
+def test_each_bad_label_file_is_refused_naming_the_problem(fetched, tmp_path, case):
+    content, words = _bad_files(manifest(fetched, data_cfg())[0])[case]
+    csv = tmp_path / "labels.csv"
+    csv.write_text(content) if isinstance(content, str) else write_labels(csv, content)
+    with pytest.raises(SplitError, match=r"data\.split\.target_labels: .*labels\.csv.*" + words):
+        manifest(fetched, data_cfg(target_labels=str(csv)))
+
+
+def test_a_missing_label_file_says_how_to_write_one(fetched, tmp_path):
+    with pytest.raises(SplitError, match=r"target_labels: .*missing\.csv not found \(write one with `xfer suggest-labels N`"):
+        manifest(fetched, data_cfg(target_labels=str(tmp_path / "missing.csv")))
+
+
+def test_a_label_file_with_another_budget_is_refused_naming_both():
+    for budget in ({"target_shots": 2}, {"target_labeled": 0.1}):
+        with pytest.raises(
+            ConfigError, match=r"target_labels \('l.csv'\) names the labelled target rows itself: set target_labeled to 0.*target_shots to null"
+        ):
+            data_cfg(target_labels="l.csv", **budget)
+
+
+def test_the_stage_check_wants_the_file_and_dvc_yaml_to_list_it(fetched, tmp_path):
+    params = parse_params({"data": {"dataset": "./mine", "split": {"target_labels": "labels.csv"}}})
+    with pytest.raises(SplitError, match="labels.csv not found"):
+        check_params(params, tmp_path)
+    row = pool(manifest(fetched, data_cfg())[0]).iloc[0]
+    write_labels(tmp_path / "labels.csv", [(row.path, "cat")])
+    check_params(params, tmp_path)  # no dvc.yaml: nothing to keep in step
+    (tmp_path / "dvc.yaml").write_text("stages:\n  split:\n    deps:\n    - data/raw\n")
+    with pytest.raises(SplitError, match=r"labels.csv is not a dep of the split stage in .*dvc.yaml.*`python -m xfer.contract --write`"):
+        check_params(params, tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  split:\n    deps:\n    - data/raw\n    - labels.csv\n")
+    check_params(params, tmp_path)

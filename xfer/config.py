@@ -43,6 +43,11 @@ class SplitConfig(_Strict):
     # class, or k images per class (`target_shots`). At most one of the two.
     target_labeled: float = Field(0.0, ge=0, lt=0.9)
     target_shots: int | None = Field(None, ge=1, le=100000)
+    # Or the labelled target rows a person chose and labelled: a CSV with columns
+    # path (as in the manifest) and label (a class name), such as a filled
+    # `xfer suggest-labels` file; relative to the project root. Its rows must come
+    # from the unlabeled pool. Not with target_labeled / target_shots.
+    target_labels: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _leaves_training_rows(self) -> "SplitConfig":
@@ -54,6 +59,11 @@ class SplitConfig(_Strict):
             raise ValueError(
                 f"give the labelled target budget once: target_labeled (a fraction, got {self.target_labeled}) "
                 f"or target_shots (per class, got {self.target_shots}), and set the other to 0 / null"
+            )
+        if self.target_labels is not None and (self.target_labeled > 0 or self.target_shots is not None):
+            raise ValueError(
+                f"target_labels ({self.target_labels!r}) names the labelled target rows itself: set target_labeled to 0 "
+                f"(got {self.target_labeled}) and target_shots to null (got {self.target_shots}), or target_labels to null"
             )
         return self
 

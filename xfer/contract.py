@@ -48,6 +48,10 @@ class Stage:
     core: str
     # "module:function"s taking (params, root) that raise a ValueError naming the bad value.
     checks: tuple[str, ...] = ()
+    # Dotted params whose value, when set, is a file the stage reads (relative to the root):
+    # dvc.yaml lists it among the deps as params.yaml gives it, so editing the file reruns
+    # the stage; the stage's checks refuse a value dvc.yaml does not list.
+    param_deps: tuple[str, ...] = ()
 
     @property
     def task_module(self) -> str:
@@ -98,6 +102,9 @@ STAGES: dict[str, Stage] = {
             metrics=(),
             task="tasks.split:split",
             core="xfer.data.split:build_manifest",
+            checks=("xfer.data.split:check_params",),
+            # A filled `xfer suggest-labels` CSV: the labelled target rows.
+            param_deps=("data.split.target_labels",),
         ),
         Stage(
             "features",
@@ -230,6 +237,24 @@ def code_deps(root: Path, stage: Stage) -> list[str]:
     return import_closure(root, stage.entry_modules)
 
 
+def param_file_deps(root: Path, stage: Stage) -> list[str]:
+    """The files `stage.param_deps` name in root/params.yaml (those set, as written there)."""
+    import yaml
+
+    path = root / "params.yaml"
+    if not stage.param_deps or not path.is_file():
+        return []
+    data = yaml.safe_load(path.read_text()) or {}
+    found = []
+    for key in stage.param_deps:
+        value = data
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None:
+            found.append(str(value))
+    return found
+
+
 # ---- dvc.yaml ------------------------------------------------------------------
 
 
@@ -237,7 +262,7 @@ def dvc_stage(root: Path, stage: Stage) -> dict:
     """The dvc.yaml entry the table gives for `stage`."""
     entry: dict = {
         "cmd": f"python -m {ENTRY_MODULE} {stage.name}",
-        "deps": [*code_deps(root, stage), *stage.deps],
+        "deps": [*code_deps(root, stage), *stage.deps, *param_file_deps(root, stage)],
         "params": list(stage.params),
         "outs": [{out: {"persist": True}} for out in stage.outs],
     }

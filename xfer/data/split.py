@@ -7,6 +7,13 @@ train/unlabeled/val/test: `train` is the labelled target budget
 (semi-supervised; empty by default), `unlabeled` rows may be used for
 adaptation without their labels, and target `test` is never used for
 training or selection, not even as a content duplicate.
+
+The labelled target budget is either drawn per class (`target_labeled`,
+`target_shots`) or read from a CSV a person filled in (`target_labels`: path,
+label; `xfer suggest-labels` writes one). Those rows must come from the
+unlabeled pool: target val and test are drawn exactly as without the file, so
+figures with and without it are measured on the same images, and a listed
+row of val or test is refused (moving it out would change the evaluation set).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import pandas as pd
 
 from xfer.config import DataConfig, SplitConfig
 from xfer.data.validate import read_catalog
+from xfer.io import sha256_file
 
 MANIFEST_COLUMNS = ["path", "label", "class_name", "domain", "role", "split", "sha256"]
 SOURCE_SPLITS = ("train", "val", "test")
@@ -80,6 +88,103 @@ def assign_splits(labels: np.ndarray, role: str, cfg: SplitConfig, rng: np.rando
     return out
 
 
+# What a filled label file must hold; other columns (suggested_rank, predicted) are ignored.
+TARGET_LABEL_COLUMNS = ("path", "label")
+
+
+def labels_path(value: str, root: Path) -> Path:
+    """data.split.target_labels, relative to the project root unless absolute."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(root) / path
+
+
+def _listed(values, limit: int = 5) -> str:
+    values = list(values)
+    return ", ".join(map(repr, values[:limit])) + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def read_target_labels(path: Path) -> pd.DataFrame:
+    """The filled label file: one row per image, columns path and label (a class name), neither empty nor repeated."""
+    where = f"data.split.target_labels: {path}"
+    if not path.is_file():
+        raise SplitError(f"{where} not found (write one with `xfer suggest-labels N` and fill in its label column)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise SplitError(f"{where} is not a readable CSV: {err}") from None
+    missing = [c for c in TARGET_LABEL_COLUMNS if c not in df.columns]
+    if missing:
+        raise SplitError(f"{where} lacks column(s) {missing}; it needs {list(TARGET_LABEL_COLUMNS)} (has {list(df.columns)})")
+    df = df[list(TARGET_LABEL_COLUMNS)].apply(lambda col: col.str.strip())
+    if df.empty:
+        raise SplitError(f"{where} has no rows")
+    for column in TARGET_LABEL_COLUMNS:
+        empty = df.index[df[column] == ""]
+        if len(empty):
+            lines = [i + 2 for i in empty]  # line 1 is the header
+            raise SplitError(f"{where}: empty {column} on line(s) {_listed(lines)}: give every listed image a class name, or remove its line")
+    repeated = df.path[df.path.duplicated()].unique()
+    if len(repeated):
+        raise SplitError(f"{where}: path(s) listed more than once: {_listed(repeated)}")
+    return df.reset_index(drop=True)
+
+
+def check_target_labels(labels: pd.DataFrame, target: pd.DataFrame, others: pd.DataFrame, names: list[str], path: Path) -> None:
+    """Every listed path is an image of the target domain, every label a class of the dataset."""
+    where = f"data.split.target_labels: {path}"
+    unknown = labels.path[~labels.path.isin(target.path)]
+    if len(unknown):
+        elsewhere = unknown[unknown.isin(others.path)]
+        hint = f" ({_listed(elsewhere)} {'is' if len(elsewhere) == 1 else 'are'} of a source domain)" if len(elsewhere) else ""
+        example = target.path.iloc[0] if len(target) else "?"
+        raise SplitError(
+            f"{where}: {len(unknown)} path(s) not a target image of the dataset: {_listed(unknown)}{hint}; paths are as in the manifest, e.g. {example!r}"
+        )
+    bad = labels.label[~labels.label.isin(names)].unique()
+    if len(bad):
+        raise SplitError(f"{where}: unknown class name(s) {_listed(bad)}; the classes are {names}")
+
+
+def apply_target_labels(target: pd.DataFrame, labels: pd.DataFrame, label_of: dict[str, int], path: Path) -> pd.DataFrame:
+    """The listed rows of the unlabeled pool become the labelled target budget (split train), with the given labels."""
+    split_of = dict(zip(target.path, target.split))
+    held_out = [(p, split_of[p]) for p in labels.path if split_of[p] != "unlabeled"]
+    if held_out:
+        where = ", ".join(f"{p!r} (target {s})" for p, s in held_out[:5]) + (f" and {len(held_out) - 5} more" if len(held_out) > 5 else "")
+        raise SplitError(
+            f"data.split.target_labels: {path}: {len(held_out)} listed image(s) are held out for evaluation: {where}; "
+            "labelled rows must come from the unlabeled pool (`xfer suggest-labels` only suggests those): remove them"
+        )
+    given = dict(zip(labels.path, labels.label))
+    listed = target.path.isin(given).to_numpy()
+    target = target.copy()
+    target.loc[listed, "class_name"] = target.path[listed].map(given)
+    target.loc[listed, "label"] = target.class_name[listed].map(label_of).astype(int)
+    target.loc[listed, "split"] = "train"
+    return target
+
+
+def check_params(params, root: Path) -> None:
+    """Before any stage: the label file data.split.target_labels names is readable and whole, and,
+    where the project has a dvc.yaml, one of the split stage's deps (else DVC would not rerun the
+    split when the file is filled in or changed). Its paths and classes are checked by the split
+    itself, against the fetched dataset."""
+    value = params.data.split.target_labels
+    if value is None:
+        return
+    read_target_labels(labels_path(value, root))
+    dvc_file = Path(root) / "dvc.yaml"
+    if dvc_file.is_file():
+        import yaml
+
+        deps = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}).get("split", {}).get("deps", [])
+        if value not in deps:
+            raise SplitError(
+                f"data.split.target_labels: {value} is not a dep of the split stage in {dvc_file}, so DVC would not rerun the split "
+                "when the file changes: regenerate dvc.yaml with `python -m xfer.contract --write`"
+            )
+
+
 def drop_duplicates(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """Keep each image content once: within a domain the first path, across splits by SPLIT_PRECEDENCE."""
     # Vectorised (no per-row Python): DomainNet-sized manifests have 600k rows.
@@ -110,6 +215,8 @@ def build_manifest(dataset_dir: Path, cfg: DataConfig, seed: int, root: Path = P
     names = sorted(catalog.class_name.unique())
     label_of = {name: i for i, name in enumerate(names)}
     prefix = dataset_dir.relative_to(root).as_posix() if dataset_dir.is_relative_to(root) else dataset_dir.as_posix()
+    labels_file = None if cfg.split.target_labels is None else labels_path(cfg.split.target_labels, root)
+    labels = None if labels_file is None else read_target_labels(labels_file)
 
     parts = []
     roles = [(d, "source", i) for i, d in enumerate(cfg.source_domains)] + [(cfg.target_domain, "target", 0)]
@@ -121,13 +228,35 @@ def build_manifest(dataset_dir: Path, cfg: DataConfig, seed: int, root: Path = P
         df = df.assign(label=df.class_name.map(label_of).astype(int), role=role, path=prefix + "/" + df.path)
         df["split"] = assign_splits(df.label.to_numpy(), role, cfg.split, _domain_rng(seed, role, position), domain, names)
         parts.append(df)
+    given = None
+    if labels is not None:
+        target = parts[-1]
+        check_target_labels(labels, target, pd.concat(parts[:-1]), names, labels_file)
+        parts[-1] = apply_target_labels(target, labels, label_of, labels_file)
+        folder_class = dict(zip(target.path, target.class_name))
+        given = {
+            "file": cfg.split.target_labels,
+            "sha256": sha256_file(labels_file),
+            "rows": len(labels),
+            # The class folder an image sits in may be a placeholder: counted, not enforced.
+            "differ_from_folder": int(sum(folder_class[p] != c for p, c in zip(labels.path, labels.label))),
+        }
     manifest = pd.concat(parts, ignore_index=True)
     manifest, duplicates = drop_duplicates(manifest)
     manifest = manifest[MANIFEST_COLUMNS].reset_index(drop=True)
-    return manifest, split_report(manifest, duplicates, cfg)
+    if labels is not None:
+        kept = rows(manifest, "target", "train").path
+        lost = labels.path[~labels.path.isin(kept)]
+        if len(lost):
+            raise SplitError(
+                f"data.split.target_labels: {labels_file}: {_listed(lost)} copy the content of another image the split keeps "
+                "(in source train, or another listed row; it keeps one copy of each image): remove them"
+            )
+    return manifest, split_report(manifest, duplicates, cfg, given)
 
 
-def split_report(manifest: pd.DataFrame, duplicates: dict, cfg: DataConfig) -> dict:
+def split_report(manifest: pd.DataFrame, duplicates: dict, cfg: DataConfig, target_labels: dict | None = None) -> dict:
+    """`target_labels`: the label file read (its path, sha256, rows), so the report changes with its content."""
     counts = manifest.groupby(["domain", "role", "split", "class_name"]).size()
     per_split: dict = {}
     for (domain, role, split, name), n in counts.items():
@@ -135,7 +264,7 @@ def split_report(manifest: pd.DataFrame, duplicates: dict, cfg: DataConfig) -> d
     return {
         "source_domains": list(cfg.source_domains),
         "target_domain": cfg.target_domain,
-        "target_labeled": {"fraction": cfg.split.target_labeled, "shots": cfg.split.target_shots},
+        "target_labeled": {"fraction": cfg.split.target_labeled, "shots": cfg.split.target_shots, "labels_file": target_labels},
         "rows": {k: sum(sum(c.values()) for c in v.values()) for k, v in per_split.items()},
         "per_class": per_split,
         "duplicates_removed": duplicates,
