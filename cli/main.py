@@ -5,6 +5,7 @@
     xfer pipeline [--root .]              run the whole chain as one Prefect flow
     xfer summary [metrics/eval.json]      the evaluation as a small table
     xfer predict <images or folders>...   predictions of a registered model (default @champion)
+    xfer suggest-labels N [--root .]      the N unlabelled target images worth labelling, to a CSV
     xfer cache list|gc [--root .]         the feature cache's entries; remove those no output holds
 
 `xfer <command> --help` describes each command; `xfer --version` prints the
@@ -18,7 +19,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from cli import predict
+from cli import predict, suggest
 
 # The stage table imports nothing but the standard library: `--help` stays quick.
 from xfer.contract import STAGE_NAMES
@@ -181,6 +182,15 @@ def build_parser() -> Parser:
     )
     predict.add_arguments(predict_parser)
     predict_parser.set_defaults(run=predict.run)
+
+    suggest_parser = commands.add_parser(
+        "suggest-labels",
+        help="the N unlabelled target images whose labels would help most, to a CSV to fill in",
+        description=suggest.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    suggest.add_arguments(suggest_parser)
+    suggest_parser.set_defaults(run=suggest.run)
 
     cache = commands.add_parser(
         "cache",

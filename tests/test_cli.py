@@ -20,6 +20,7 @@ HELP = {
     "pipeline": ["usage: xfer pipeline", "--root"],
     "summary": ["usage: xfer summary", "EVAL_JSON"],
     "predict": ["usage: xfer predict", "IMAGE_OR_FOLDER", "--model", "--out", "--tracking-uri", "--batch-size"],
+    "suggest-labels": ["usage: xfer suggest-labels", "N", "--root", "--out", "--seed", "--force", "data.split.target_labels"],
     "cache": ["usage: xfer cache", "{list,gc}"],
     "cache list": ["usage: xfer cache list", "--root", "--verify"],
     "cache gc": ["usage: xfer cache gc", "--root", "--dry-run"],
@@ -48,7 +49,7 @@ def test_top_level_help_lists_every_command():
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.startswith("usage: xfer")
     for command in (c for c in HELP if " " not in c):
-        assert f"\n    {command} " in proc.stdout, command
+        assert f"\n    {command} " in proc.stdout or f"\n    {command}\n" in proc.stdout, command
 
 
 @pytest.mark.parametrize("command", sorted(HELP))
@@ -75,11 +76,13 @@ def test_no_command_prints_usage_and_exits_2():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["nope"], "invalid choice: 'nope' (choose from 'validate', 'stage', 'pipeline', 'summary', 'predict', 'cache')"),
+        (["nope"], "invalid choice: 'nope' (choose from 'validate', 'stage', 'pipeline', 'summary', 'predict', 'suggest-labels', 'cache')"),
         (["stage", "fech"], "invalid choice: 'fech' (choose from 'fetch', 'split', 'features', 'head', 'finetune', 'evaluate')"),
         (["stage"], "the following arguments are required: STAGE"),
         (["predict"], "the following arguments are required: IMAGE_OR_FOLDER"),
         (["predict", "a.png", "--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+        (["suggest-labels"], "the following arguments are required: N"),
+        (["suggest-labels", "three"], "argument N: invalid int value: 'three'"),
         (["summary", "a.json", "b.json"], "unrecognized arguments: b.json"),
         (["--verbose"], "unrecognized arguments: --verbose"),
     ],
@@ -138,3 +141,111 @@ def test_summary_says_how_the_head_was_chosen_and_warns_when_adapting_is_not_bac
     (tmp_path / "head.json").write_text(json.dumps(head | {"selection": "target_val", "uses_target_labels": True, "search": {"why": "x", "warning": None}}))
     out = xfer("summary", str(tmp_path / "eval.json")).stdout
     assert "an oracle: it reads target val labels" in out and "WARNING" not in out
+
+
+# ---- xfer suggest-labels ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_project(tmp_path_factory):
+    """A tiny project through split, features and head, by the stages' core functions (real images, a real head)."""
+    from xfer import features as feats
+    from xfer.backbones import create_backbone
+    from xfer.config import parse_params
+    from xfer.data.fetch import fetch_dataset
+    from xfer.data.sources import resolve_source
+    from xfer.data.split import build_manifest, class_names
+    from xfer.head_stage import head_data
+    from xfer.heads import save_head, train_head
+    from xfer.layout import Layout
+
+    root = tmp_path_factory.mktemp("suggest")
+    write_params(root, TINY_PARAMS)
+    params, layout = parse_params(TINY_PARAMS), Layout(root)
+    fetch_dataset(params.data, layout.raw, layout.downloads, root=root, progress=False)
+    manifest, _ = build_manifest(layout.raw / resolve_source(params.data).name, params.data, params.seed, root=root)
+    layout.manifest.parent.mkdir(parents=True)
+    manifest.to_csv(layout.manifest, index=False)
+    model, prep, weights = create_backbone(params.backbone, num_classes=0)
+    key = feats.cache_key(params.backbone.name, weights.digest, prep, manifest, params.features.dtype)
+    entry, _ = feats.get_or_compute(
+        layout.feature_cache, key, lambda: feats.extract(model, manifest, prep, 64, root=root, progress=False), manifest, {"backbone": params.backbone.name}
+    )
+    feats.publish_current(entry, layout.features_current)
+    fs = feats.load_current(layout.features_current)
+    names = class_names(manifest)
+    head, _ = train_head(params.head, head_data(fs), len(names), params.seed)
+    save_head(layout.head_dir, head, params.head, fs.features.shape[1], names, fs.meta["key"])
+    return root
+
+
+def test_suggest_labels_writes_the_csv_a_person_fills_in_and_the_split_reads_it(trained_project, tmp_path):
+    import pandas as pd
+
+    from xfer.config import parse_params
+    from xfer.data.split import build_manifest, read_manifest
+
+    out = tmp_path / "labels.csv"
+    proc = xfer("suggest-labels", "10", "--root", str(trained_project), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"10 images to label -> {out}" in proc.stdout and f"data.split.target_labels: {out}" in proc.stdout
+    got = pd.read_csv(out, dtype=str, keep_default_na=False)
+    manifest = read_manifest(trained_project / "data/splits/manifest.csv")
+    unlabeled = manifest[(manifest.role == "target") & (manifest.split == "unlabeled")]
+    assert list(got.columns) == ["path", "suggested_rank", "predicted", "label"]
+    assert got.path.is_unique and set(got.path) <= set(unlabeled.path) and len(got) == 10
+    assert got.suggested_rank.tolist() == [str(i) for i in range(1, 11)]
+    assert set(got.predicted) <= set(manifest.class_name) and (got.label == "").all()
+    # The same project and seed suggest the same images.
+    again = tmp_path / "again.csv"
+    assert xfer("suggest-labels", "10", "--root", str(trained_project), "--out", str(again)).returncode == 0
+    assert again.read_bytes() == out.read_bytes()
+    # A person fills it in (here with the true classes); the split takes exactly those rows.
+    truth = dict(zip(manifest.path, manifest.class_name))
+    got.assign(label=got.path.map(truth)).to_csv(out, index=False)
+    params = parse_params({**TINY_PARAMS, "data": {**TINY_PARAMS["data"], "split": {**TINY_PARAMS["data"]["split"], "target_labels": str(out)}}})
+    m, _ = build_manifest(trained_project / "data/raw/digits", params.data, params.seed, root=trained_project)
+    train = m[(m.role == "target") & (m.split == "train")]
+    assert dict(zip(train.path, train.class_name)) == {p: truth[p] for p in got.path}
+
+
+def test_suggest_labels_defaults_to_labels_csv_in_the_root_and_keeps_a_filled_file(trained_project):
+    out = trained_project / "labels.csv"
+    try:
+        assert xfer("suggest-labels", "3", "--root", str(trained_project)).returncode == 0
+        assert len(out.read_text().splitlines()) == 4
+        # Unfilled: a new suggestion replaces it. Filled: kept, unless --force.
+        assert xfer("suggest-labels", "2", "--root", str(trained_project)).returncode == 0
+        lines = out.read_text().splitlines()
+        assert len(lines) == 3
+        filled = "\n".join([lines[0], lines[1] + "3", lines[2]]) + "\n"
+        out.write_text(filled)
+        line = one_line_error(xfer("suggest-labels", "2", "--root", str(trained_project)))
+        assert f"{out} holds 1 labels: give another --out, or --force to overwrite it; nothing written" in line
+        assert out.read_text() == filled
+        assert xfer("suggest-labels", "2", "--root", str(trained_project), "--force").returncode == 0
+        assert out.read_text() != filled
+    finally:
+        out.unlink(missing_ok=True)
+
+
+def test_suggest_labels_refuses_bad_input_and_writes_nothing(trained_project, tmp_path):
+    out = tmp_path / "labels.csv"
+    # 10 classes x 6 unlabelled target images each in the tiny project.
+    line = one_line_error(xfer("suggest-labels", "61", "--root", str(trained_project), "--out", str(out)))
+    assert "N 61: the project has 60 unlabelled target images; ask for 1 to 60; nothing written" in line
+    line = one_line_error(xfer("suggest-labels", "0", "--root", str(trained_project), "--out", str(out)))
+    assert "N 0: ask for at least 1 image" in line
+    # A project without a head: the stage to run is named.
+    headless = tmp_path / "headless"
+    headless.mkdir()
+    (headless / "data").symlink_to(trained_project / "data")
+    line = one_line_error(xfer("suggest-labels", "3", "--root", str(headless), "--out", str(out)))
+    assert "models/head/head.pt not found (run the head stage); nothing written" in line
+    line = one_line_error(xfer("suggest-labels", "3", "--root", str(tmp_path), "--out", str(out)))
+    assert "manifest not found" in line and "(run the split stage first)" in line
+    (tmp_path / "data" / "splits").mkdir(parents=True)
+    (tmp_path / "data" / "splits" / "manifest.csv").write_bytes((trained_project / "data/splits/manifest.csv").read_bytes())
+    line = one_line_error(xfer("suggest-labels", "3", "--root", str(tmp_path), "--out", str(out)))
+    assert "features/current not found (run the features stage)" in line
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data", "headless"]

@@ -15,8 +15,10 @@ in; `data.split.target_labels` reads it back as the labelled target budget.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from xfer.validators.base import PCA_DIMS, entropy_rows
 
@@ -72,3 +74,51 @@ def suggest_labels(target_features: np.ndarray, probabilities: np.ndarray, n: in
         picks.extend(rest[np.lexsort((rest, -uncertainty[rest]))][: n - len(picks)])
     picks = np.asarray(picks, dtype=np.int64)
     return picks[np.lexsort((picks, -uncertainty[picks]))]
+
+
+# The file `xfer suggest-labels` writes: `label` is left empty for a person to fill
+# with a class name; `predicted` is the current head's guess, a hint only.
+SUGGESTION_COLUMNS = ("path", "suggested_rank", "predicted", "label")
+
+
+class SuggestError(ValueError):
+    """The project cannot give suggestions (a stage's output is missing or stale), or N is out of range."""
+
+
+def suggestions(manifest_path: Path, features_dir: Path, head_dir: Path, n: int, seed: int = 0) -> pd.DataFrame:
+    """The `n` unlabelled target images to label first, as the frame `xfer suggest-labels` writes.
+
+    Reads the split's manifest, the features stage's current features and the
+    head stage's head, and checks they belong together (else: which stage to run).
+    """
+    from xfer.data.split import class_names, read_manifest
+    from xfer.features import load_current
+    from xfer.heads import load_head, predict_proba
+
+    manifest = read_manifest(manifest_path)
+    fs = load_current(features_dir)
+    head, spec = load_head(head_dir)
+    if fs.index.path.tolist() != manifest.path.tolist() or fs.index.split.tolist() != manifest.split.tolist():
+        raise SuggestError(f"the features in {features_dir} were computed for another manifest than {manifest_path}: run the features stage")
+    if spec.get("features_key") != fs.meta.get("key"):
+        raise SuggestError(f"the head in {head_dir} was trained on other features than {features_dir} holds: run the head stage")
+    names = class_names(manifest)
+    if spec.get("class_names") != names:
+        raise SuggestError(f"the head in {head_dir} has classes {spec.get('class_names')}, the manifest {names}: run the head stage")
+    pool = ((fs.index.role == "target") & (fs.index.split == "unlabeled")).to_numpy()
+    if not pool.any():
+        raise SuggestError(f"{manifest_path} has no unlabelled target images to suggest")
+    x = np.asarray(fs.features[pool], dtype=np.float32)
+    if not isinstance(n, (int, np.integer)) or not 1 <= n <= len(x):
+        raise SuggestError(f"N {n}: the project has {len(x)} unlabelled target images; ask for 1 to {len(x)}")
+    probs = predict_proba(head, x, "target")
+    picks = suggest_labels(x, probs, int(n), seed)
+    return pd.DataFrame(
+        {
+            "path": fs.index.path.to_numpy()[pool][picks],
+            "suggested_rank": np.arange(1, len(picks) + 1),
+            "predicted": np.asarray(names)[probs[picks].argmax(1)],
+            "label": "",
+        },
+        columns=list(SUGGESTION_COLUMNS),
+    )
