@@ -44,6 +44,8 @@ def test_an_uncertain_row_beats_the_confident_row_nearest_the_centre():
     probs = confident(len(x))
     probs[far_row] = np.full(CLASSES, 1 / CLASSES)
     assert suggest_labels(x, probs, 1).tolist() == [far_row]
+    # The typical row instead, when asked.
+    assert suggest_labels(x, probs, 1, within="centre").tolist() == [centre_row]
     # With every row equally sure, the tie goes to the row nearest the centre.
     assert suggest_labels(x, confident(len(x)), 1).tolist() == [centre_row]
 

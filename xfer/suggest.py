@@ -34,7 +34,11 @@ def project(features: np.ndarray, seed: int, dims: int = PCA_DIMS) -> np.ndarray
     return PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(x)
 
 
-def suggest_labels(target_features: np.ndarray, probabilities: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+# Which row of a cluster is suggested: the most uncertain (the default), or the most typical.
+WITHIN = ("uncertain", "centre")
+
+
+def suggest_labels(target_features: np.ndarray, probabilities: np.ndarray, n: int, seed: int = 0, within: str = "uncertain") -> np.ndarray:
     """Indices of `n` rows of the unlabelled target pool to label, most useful first.
 
     `target_features` (rows, dim): the pool's backbone features; `probabilities`
@@ -43,7 +47,8 @@ def suggest_labels(target_features: np.ndarray, probabilities: np.ndarray, n: in
     nearest its centre, then the lower index); then most uncertain first.
     Clusters k-means leaves empty (fewer distinct rows than n) are made up by
     the most uncertain rows not yet taken. The same inputs and seed give the
-    same indices.
+    same indices. `within="centre"` takes each cluster's row nearest its centre
+    instead (a typical image; benchmarks/suggest_labels.py compares the two).
     """
     x = np.asarray(target_features)
     p = np.asarray(probabilities)
@@ -51,6 +56,8 @@ def suggest_labels(target_features: np.ndarray, probabilities: np.ndarray, n: in
         raise ValueError(f"target_features {x.shape} and probabilities {p.shape} must be 2-D with one row each per image")
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= len(x):
         raise ValueError(f"n must be an integer from 1 to the {len(x)} unlabelled target rows, got {n!r}")
+    if within not in WITHIN:
+        raise ValueError(f"within must be one of {WITHIN}, got {within!r}")
     uncertainty = entropy_rows(p)
     if n == len(x):
         return np.lexsort((np.arange(len(x)), -uncertainty))
@@ -68,7 +75,8 @@ def suggest_labels(target_features: np.ndarray, probabilities: np.ndarray, n: in
         members = np.flatnonzero(km.labels_ == cluster)
         if len(members):
             # lexsort: the last key sorts first. Most uncertain, then nearest the centre, then lowest index.
-            picks.append(members[np.lexsort((members, distance[members], -uncertainty[members]))[0]])
+            keys = (members, distance[members], -uncertainty[members]) if within == "uncertain" else (members, distance[members])
+            picks.append(members[np.lexsort(keys)[0]])
     if len(picks) < n:
         rest = np.setdiff1d(np.arange(len(x)), picks)
         picks.extend(rest[np.lexsort((rest, -uncertainty[rest]))][: n - len(picks)])
