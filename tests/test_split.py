@@ -123,7 +123,8 @@ def pool(m, split="unlabeled"):
 
 
 def test_a_filled_label_file_gives_exactly_those_labelled_target_rows(fetched, tmp_path):
-    before, _ = manifest(fetched, data_cfg())
+    before, plain = manifest(fetched, data_cfg())
+    assert plain["target_labeled"] == {"fraction": 0.0, "shots": None}  # without a file: the report as it always was
     unlabeled = pool(before)
     chosen = unlabeled.groupby("class_name").head(2)  # 2 of each class
     # The person's labels: as the folders say, except one cat they call an owl.

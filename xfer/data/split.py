@@ -264,7 +264,9 @@ def split_report(manifest: pd.DataFrame, duplicates: dict, cfg: DataConfig, targ
     return {
         "source_domains": list(cfg.source_domains),
         "target_domain": cfg.target_domain,
-        "target_labeled": {"fraction": cfg.split.target_labeled, "shots": cfg.split.target_shots, "labels_file": target_labels},
+        # The label file's entry only when one is read: without it the report stays byte for byte as before.
+        "target_labeled": {"fraction": cfg.split.target_labeled, "shots": cfg.split.target_shots}
+        | ({} if target_labels is None else {"labels_file": target_labels}),
         "rows": {k: sum(sum(c.values()) for c in v.values()) for k, v in per_split.items()},
         "per_class": per_split,
         "duplicates_removed": duplicates,
