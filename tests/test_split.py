@@ -145,6 +145,15 @@ def test_a_filled_label_file_gives_exactly_those_labelled_target_rows(fetched, t
     assert report["target_labeled"]["labels_file"] == {"file": str(csv), "sha256": sha256_file(csv), "rows": 6, "differ_from_folder": 1}
 
 
+def test_a_spreadsheet_saved_label_file_reads_the_same(fetched, tmp_path):
+    """A byte-order mark, spaces around names and labels, CRLF line ends: what a spreadsheet may save."""
+    row = pool(manifest(fetched, data_cfg())[0]).iloc[0]
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes(f"path , label\r\n{row.path}, dog \r\n".encode("utf-8-sig"))
+    m, _ = manifest(fetched, data_cfg(target_labels=str(csv)))
+    assert pool(m, "train")[["path", "class_name"]].values.tolist() == [[row.path, "dog"]]
+
+
 def test_a_relative_label_file_is_read_from_the_project_root(fetched):
     row = pool(manifest(fetched, data_cfg())[0]).iloc[0]
     write_labels(fetched / "labels.csv", [(row.path, row.class_name)])

@@ -109,9 +109,10 @@ def read_target_labels(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise SplitError(f"{where} not found (write one with `xfer suggest-labels N` and fill in its label column)")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)  # pandas drops a spreadsheet's byte-order mark
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise SplitError(f"{where} is not a readable CSV: {err}") from None
+    df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in TARGET_LABEL_COLUMNS if c not in df.columns]
     if missing:
         raise SplitError(f"{where} lacks column(s) {missing}; it needs {list(TARGET_LABEL_COLUMNS)} (has {list(df.columns)})")
