@@ -361,3 +361,45 @@ def test_a_local_two_domain_folder_runs_end_to_end(tmp_path, prefect_api):
     again = sh([dvc, "exp", "run", "-S", "seed=1"], root, env)
     ran = {line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage")}
     assert "fetch" not in ran and "split" in ran, again.stdout
+
+
+def test_a_filled_label_file_is_a_dep_of_the_split_once_dvc_yaml_lists_it(tmp_path, prefect_api):
+    """data.split.target_labels: refused until dvc.yaml lists the file, then filling it in or
+    editing it reruns the split, and the manifest holds exactly its rows and labels."""
+    import pandas as pd
+
+    root = tmp_path / "project"
+    root.mkdir()
+    env, dvc = make_repo(root, TINY_PARAMS, prefect_api)
+    sh([dvc, "repro", "split"], root, env)
+    manifest = pd.read_csv(root / "data/splits/manifest.csv")
+    pool = manifest[(manifest.role == "target") & (manifest.split == "unlabeled")]
+    chosen = pool.groupby("class_name").head(1).head(3)
+    (root / "labels.csv").write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in zip(chosen.path, chosen.class_name)))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["split"]["target_labels"] = "labels.csv"
+    write_params(root, params)
+    before = tree_digest(root, ["data/splits"])
+    bad = sh([dvc, "repro", "split"], root, env, check=False)
+    assert bad.returncode != 0 and "labels.csv is not a dep of the split stage" in bad.stdout + bad.stderr
+    assert tree_digest(root, ["data/splits"]) == before
+    sh([sys.executable, "-m", "xfer.contract", "--write"], root, env)
+    assert "labels.csv" in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["split"]["deps"]
+    assert "Running stage 'split'" in sh([dvc, "repro", "split"], root, env).stdout
+
+    def labelled():
+        m = pd.read_csv(root / "data/splits/manifest.csv", dtype={"class_name": str})
+        train = m[(m.role == "target") & (m.split == "train")]
+        return dict(zip(train.path, train.class_name))
+
+    assert labelled() == dict(zip(chosen.path, chosen.class_name.astype(str)))
+    assert "Running stage" not in sh([dvc, "repro", "split"], root, env).stdout
+    # The person corrects one label: the file's content changed, so the split reruns.
+    text = (root / "labels.csv").read_text().splitlines()
+    first_path = text[1].split(",")[0]
+    other = next(c for c in sorted(manifest.class_name.astype(str).unique()) if c != text[1].split(",")[1])
+    (root / "labels.csv").write_text("\n".join([text[0], f"{first_path},{other}", *text[2:]]) + "\n")
+    assert "Running stage 'split'" in sh([dvc, "repro", "split"], root, env).stdout
+    assert labelled()[first_path] == other
+    report = json.loads((root / "data/splits/report.json").read_text())
+    assert report["target_labeled"]["labels_file"]["differ_from_folder"] == 1
