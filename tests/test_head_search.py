@@ -110,6 +110,7 @@ def test_the_run_says_plainly_when_nothing_backs_adapting():
     from xfer.head_search import warning
 
     assert "disagree" in warning(np.array([0.0, 1.0]), fell_back=True, selection="bnm")
+    assert "xfer suggest-labels N" in warning(np.array([0.0, 1.0]), fell_back=True, selection="bnm")
     assert "ranks every adapted candidate below source-only" in warning(np.array([1.0, 0.5, 0.9]), fell_back=False, selection="bnm")
     assert warning(np.array([1.0, 0.5, 1.2]), fell_back=False, selection="bnm") is None
 

@@ -213,10 +213,16 @@ def why(candidates: list[Candidate], pick: int, kept: int, selection: str, verdi
     )
 
 
+# What a person can do when nothing label-free can be trusted: label the few images that help most.
+ASK_FOR_LABELS = "label the images `xfer suggest-labels N` lists and set data.split.target_labels to that file"
+
+
 def warning(ranking: np.ndarray, fell_back: bool, selection: str) -> str | None:
     """A plain sentence when nothing label-free backs adapting on this data; None when the pick is backed."""
     if fell_back:
-        return "the validators disagree on whether adapting helps on this data: source-only was kept; check with a few labelled target images"
+        return f"the validators disagree on whether adapting helps on this data: source-only was kept; {ASK_FOR_LABELS}"
     if len(ranking) > 1 and (ranking[1:] < ranking[0]).all():
-        return f"{selection} ranks every adapted candidate below source-only: adapting does not look helpful on this data; source-only was kept"
+        return (
+            f"{selection} ranks every adapted candidate below source-only: adapting does not look helpful on this data; source-only was kept; {ASK_FOR_LABELS}"
+        )
     return None
