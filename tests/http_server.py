@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -41,6 +42,7 @@ class FileServer:
         self._statuses: dict[str, list[int]] = {}  # path -> [status, times left]
         self._ignore_range: set[str] = set()
         self._redirects: dict[str, str] = {}
+        self._paces: dict[str, tuple[int, float]] = {}  # path -> (bytes per write, seconds between writes)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._httpd.daemon_threads = True
         # A short poll so stop() returns at once, not after serve_forever's default 0.5 s.
@@ -65,6 +67,10 @@ class FileServer:
     def redirect(self, name: str, location: str) -> None:
         """GETs of `name` answer 302 to `location` (any URL, any scheme)."""
         self._redirects[name.lstrip("/")] = location
+
+    def pace(self, name: str, chunk: int, delay: float) -> None:
+        """GETs of `name` send the body `chunk` bytes at a time, `delay` seconds apart (a slow link)."""
+        self._paces[name.lstrip("/")] = (chunk, delay)
 
     def ignore_range(self, name: str) -> None:
         """GETs of `name` always answer 200 with the whole file, as some servers do."""
@@ -137,8 +143,15 @@ def _handler_for(server: FileServer) -> type[BaseHTTPRequestHandler]:
             sent = body if limit is None else body[:limit]
             # Logged before the body goes out: the client cannot finish before its request is in the log.
             server._log(Request(path, range_header, status, len(sent)))
-            self.wfile.write(sent)
-            self.wfile.flush()
+            chunk, delay = server._paces.get(path, (len(sent) or 1, 0.0))
+            for i in range(0, len(sent), chunk):
+                if i:
+                    time.sleep(delay)
+                try:
+                    self.wfile.write(sent[i : i + chunk])
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client hung up
             if limit is not None:
                 self.close_connection = True
 

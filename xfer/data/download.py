@@ -4,7 +4,14 @@
     otherwise stream into <dest>.part  -> a dropped connection reconnects with
         `Range: bytes=<bytes so far>-` (206 appends; 200 means the server ignores
         Range: start over), up to `attempts` connections
-    complete -> sha256 checked -> os.replace(<dest>.part, dest)
+    complete -> sha256 of the .part as read back from disk checked
+             -> os.replace(<dest>.part, dest)
+
+The .part is locked (flock) while a call works on it: a second download of
+the same file, in another process, waits for the first, then finds `dest`
+published and verified and downloads nothing. Two calls never append to one
+.part, and what is published is checked against the bytes on disk, not the
+bytes this call meant to write.
 
 A .part that survives a failed call (network down for longer than the
 attempts last) is resumed by the next call, e.g. a Prefect task retry: a
@@ -14,10 +21,10 @@ Standard library only (urllib), so the core package needs no new dependency.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +35,7 @@ from tqdm.auto import tqdm
 
 from xfer import __version__
 from xfer.io import sha256_file
+from xfer.locks import locked_file
 
 USER_AGENT = f"xfer/{__version__} (dataset download; Python urllib)"
 SCHEMES = ("http", "https")
@@ -77,7 +85,20 @@ def download(
     if expected is not None and dest.is_file() and sha256_file(dest) == expected:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = _PartFile(part_path(dest), hashing=expected is not None)
+    part_file = part_path(dest)
+    with locked_file(part_file, on_wait=lambda: print(f"another process is downloading {part_file}: waiting for it to finish", file=sys.stderr, flush=True)):
+        try:
+            # Whoever held the .part may have published a verified dest meanwhile.
+            if expected is not None and dest.is_file() and sha256_file(dest) == expected:
+                return dest
+            return _download_locked(url, dest, expected, _PartFile(part_file), attempts, timeout, chunk_size, progress)
+        finally:
+            if part_file.is_file() and part_file.stat().st_size == 0:
+                part_file.unlink()  # created by the lock, nothing received: nothing to resume
+
+
+def _download_locked(url: str, dest: Path, expected: str | None, part: _PartFile, attempts: int, timeout: float, chunk_size: int, progress: bool) -> Path:
+    """download(), once this process holds the lock of the .part."""
     opener = urllib.request.build_opener(_HttpOnlyRedirects)
     failures = []
     for attempt in range(1, attempts + 1):
@@ -94,7 +115,7 @@ def download(
             f"the {part.size()} bytes received are kept in {part.path}, and the next call resumes from there"
         )
     if expected is not None:
-        actual = part.digest()
+        actual = sha256_file(part.path)  # the bytes on disk, whoever wrote them
         if actual != expected:
             part.path.unlink()
             raise ChecksumError(
@@ -130,16 +151,10 @@ def backoff(failures: int) -> float:
 
 
 class _PartFile:
-    """The .part on disk, and its sha256 computed while streaming when that covers every byte.
+    """The .part on disk."""
 
-    A .part left by an earlier call holds bytes this call never saw, so its
-    digest must then be read back from disk.
-    """
-
-    def __init__(self, path: Path, hashing: bool):
+    def __init__(self, path: Path):
         self.path = path
-        self.hashing = hashing
-        self.hasher = hashlib.sha256() if hashing and self.size() == 0 else None
 
     def size(self) -> int:
         return self.path.stat().st_size if self.path.exists() else 0
@@ -147,10 +162,6 @@ class _PartFile:
     def restart(self) -> None:
         """Empty the .part (the server sends the whole file again)."""
         self.path.write_bytes(b"")
-        self.hasher = hashlib.sha256() if self.hashing else None
-
-    def digest(self) -> str:
-        return self.hasher.hexdigest() if self.hasher is not None else sha256_file(self.path)
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
@@ -182,8 +193,6 @@ def _transfer(opener, url: str, part: _PartFile, timeout: float, chunk_size: int
                 if not block:
                     break
                 f.write(block)
-                if part.hasher is not None:
-                    part.hasher.update(block)
                 received += len(block)
                 bar.update(len(block))
     if length is not None and received < length:
