@@ -9,22 +9,21 @@ it reads target labels) or a validator's label-free score
 (`target_val.validators.<name>`, no target label read): the decision says
 which kind decided. The decision, with both figures, is logged to the
 evaluate run (tags, metrics and `promotion.json`) and to the version's tags.
+The rule, and how two evaluate runs at once take turns: tasks/promotion.py.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import asdict, dataclass
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import mlflow
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 import xfer
+from tasks.promotion import BY_TARGET_LABELS, BY_VALIDATOR, CHALLENGER, CHAMPION, Promotion, champion_figure, decide, promote  # noqa: F401  (this module's API too)
 from xfer.backbones import create_backbone
 from xfer.config import PROMOTION_VALIDATORS, BackboneConfig, Params, member_name
 from xfer.features import FeatureSet, load_member
@@ -32,46 +31,12 @@ from xfer.heads import MEMBERS_DIR, load_head
 from xfer.layout import Layout
 from xfer.predictor import CLASS_COLUMN, DEFAULT_BATCH_SIZE, PROBABILITY_COLUMN, FinetunePart, HeadPart, bundle_class_names, write_bundle
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 XFER_PACKAGE = Path(xfer.__file__).parent
 # What xfer.predictor imports, pinned to this environment; explicit, as MLflow's
 # import-scanning inference takes seconds.
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pandas", "pillow", "pydantic", "PyYAML", "tqdm")
 EVAL_SPLIT = "target_val"
-# Which kind of figure decided a promotion, as the run, its report and promotion.json say it.
-BY_TARGET_LABELS = "target val labels"
-BY_VALIDATOR = "a validator, no target label read"
-
-
-@dataclass(frozen=True)
-class Promotion:
-    model_name: str
-    version: str
-    metric: str
-    challenger: float
-    champion: float | None
-    champion_version: str | None
-    promoted: bool
-    reason: str
-    kind: str  # BY_TARGET_LABELS or BY_VALIDATOR
-
-    @property
-    def alias(self) -> str:
-        return CHAMPION if self.promoted else CHALLENGER
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "alias": self.alias}
-
-
-def decide(challenger: float, champion: float | None) -> tuple[bool, str]:
-    """Promote only a strictly better challenger; the first version is promoted."""
-    if champion is None:
-        return True, "no champion yet"
-    if challenger > champion:
-        return True, f"challenger {challenger:.4f} > champion {champion:.4f}"
-    return False, f"challenger {challenger:.4f} <= champion {champion:.4f} (ties keep the champion)"
 
 
 def head_part(head_dir: Path, backbone: BackboneConfig, features: FeatureSet) -> HeadPart:
@@ -132,17 +97,6 @@ def log_servable_model(layout: Layout, params: Params, features: FeatureSet) -> 
         )
 
 
-def champion_figure(client: MlflowClient, name: str, metric: str) -> tuple[float | None, str | None]:
-    """The current champion's figure for `metric` and its version; (None, None) if there is none."""
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:  # no such model yet, or no version holds the alias
-        return None, None
-    value = champion.tags.get(metric)
-    # A champion registered without this metric cannot be compared: it is replaced.
-    return (float(value) if value is not None else None), champion.version
-
-
 def version_tags(figures: dict) -> dict[str, str]:
     """A registered version's target val figures as tags: its metrics and its validators' scores."""
     tags = {f"{EVAL_SPLIT}.{k}": str(v) for k, v in figures.items() if isinstance(v, (int, float))}
@@ -163,15 +117,9 @@ def register_and_promote(layout: Layout, params: Params, results: dict, features
     figures = results[cfg.model][EVAL_SPLIT]
     metric, challenger, kind = promotion_figure(figures, cfg.metric)
     info = log_servable_model(layout, params, features)
-    client = MlflowClient()
-    champion, champion_version = champion_figure(client, cfg.name, metric)
     tags = version_tags(figures)
     tags.update({"model": cfg.model, "run_id": mlflow.active_run().info.run_id})
-    registered = mlflow.register_model(info.model_uri, cfg.name, tags=tags)
-    promoted, reason = decide(challenger, champion)
-    decision = Promotion(cfg.name, str(registered.version), metric, challenger, champion, champion_version, promoted, reason, kind)
-    client.set_registered_model_alias(cfg.name, decision.alias, decision.version)
-    client.set_model_version_tag(cfg.name, decision.version, "promotion", decision.alias)
+    decision = promote(cfg.name, info.model_uri, metric, challenger, kind, tags)
     log_decision(decision)
     return decision
 
