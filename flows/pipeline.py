@@ -16,14 +16,20 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import STAGE_FLOWS, STAGE_NAMES, check_params
+from flows.stages import BUSY_EXIT, STAGE_FLOWS, STAGE_NAMES, check_params
 from tasks import tracking
 from xfer.config import load_params
 from xfer.layout import Layout
+from xfer.locks import LockedError, project_lock
 
 
 @flow(name="xfer-pipeline")
 def pipeline(root: str = ".") -> dict:
+    with project_lock(root):
+        return _pipeline(root)
+
+
+def _pipeline(root: str) -> dict:
     layout = Layout(Path(root))
     params = load_params(layout.params)
     experiment_id = tracking.use_store(layout, params.mlflow.experiment)
@@ -52,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     except tracking.TrackingURIError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = pipeline(root=args.root)
+    try:
+        with project_lock(args.root):  # before Prefect starts: a busy project is refused in a second
+            result = pipeline(root=args.root)
+    except LockedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return BUSY_EXIT
     print(result["evaluate"])
     return 0
 

@@ -25,6 +25,11 @@ from tasks.tracking import team_tracking_uri
 from xfer.config import load_params
 from xfer.contract import STAGE_NAMES, STAGES
 from xfer.layout import Layout
+from xfer.locks import LockedError, project_lock
+
+# Exit status of a stage or pipeline refused because another run of the project holds
+# its lock (EX_TEMPFAIL: try again later); bad params exit 2.
+BUSY_EXIT = 75
 
 
 def resolve(target: str):
@@ -42,7 +47,8 @@ def _run_stage(stage: str, root: str) -> dict:
 def _stage_flow(stage: str):
     @flow(name=stage)
     def stage_flow(root: str = ".") -> dict:
-        return _run_stage(stage, root)
+        with project_lock(root):
+            return _run_stage(stage, root)
 
     stage_flow.__doc__ = f"The {stage} stage: {STAGES[stage].task} on the project at `root`."
     return stage_flow
@@ -92,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not check_params(args.root, (args.stage,)):
         return 2
-    result = STAGE_FLOWS[args.stage](root=args.root)
+    try:
+        with project_lock(args.root):  # before Prefect starts: a busy project is refused in a second
+            result = STAGE_FLOWS[args.stage](root=args.root)
+    except LockedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return BUSY_EXIT
     print(result)
     return 0
 

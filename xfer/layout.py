@@ -89,6 +89,11 @@ class Layout:
         return self.plots / stage
 
     @property
+    def run_lock(self) -> Path:
+        """Held (flock) by the run of a stage or of the pipeline in progress: one run of a project at a time (xfer.locks)."""
+        return self.root / ".xfer.lock"
+
+    @property
     def mlflow_db(self) -> Path:
         return self.root / "mlflow.db"
 
