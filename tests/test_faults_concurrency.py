@@ -252,3 +252,16 @@ def test_a_second_run_of_a_busy_project_is_refused_naming_the_run_in_progress(pr
     # Killed, its lock is gone with it: the next run is not refused.
     with project_lock(project):
         pass
+
+
+def test_the_project_lock_is_reentrant_in_its_process_and_exclusive_across_processes(tmp_path):
+    """The pipeline holds the lock and runs its stages, which take it again: no wait on itself; another process is refused."""
+    probe = "import sys\nfrom xfer.locks import LockedError, project_lock\ntry:\n    with project_lock(sys.argv[1]):\n        print('taken')\nexcept LockedError as e:\n    print(e)\n"
+    with project_lock(tmp_path):
+        with project_lock(str(tmp_path / "." / "sub" / "..")):  # the same project, spelt otherwise
+            out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert f"another run of this project is in progress (pid {os.getpid()})" in out.stdout, out.stdout + out.stderr
+        out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert "in progress" in out.stdout, "the inner release must not free the outer hold"
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], env=child_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert out.stdout.strip() == "taken", out.stdout + out.stderr
