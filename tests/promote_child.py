@@ -8,13 +8,14 @@ and prints the decision as JSON. It waits for <barrier>/go to start. To make
 the harmful interleaving certain rather than lucky, the champion read is
 followed by a wait until the rival has read it too, and the "late" process
 then pauses LATE_S: without a lock or a check, both read the same champion
-and the late one sets @champion last. Where promote() locks the store, the
-rival cannot read before this one is done, so the wait is cut to HOLD_S.
+and the late one sets @champion last. A rival that waits for a lock this one
+holds (a blocked request in /proc/locks) cannot read: then this one goes on.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,31 +24,38 @@ import mlflow
 
 from tasks import promotion
 
-HOLD_S = 5.0
-UNLOCKED_HOLD_S = 120.0
+HOLD_S = 120.0
 LATE_S = 1.0
 METRIC = "target_val.accuracy"
 
 
-def wait_for(path: Path, timeout: float) -> bool:
+def wait_for(path: Path, timeout: float, unless=lambda: False) -> bool:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or unless():
             return False
         time.sleep(0.02)
     return True
+
+
+def blocked_on_a_lock(pid_file: Path) -> bool:
+    """Whether the process whose pid `pid_file` holds waits for a file lock ("->" lines of /proc/locks)."""
+    if not pid_file.exists():
+        return False
+    pid = pid_file.read_text().strip()
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any(len(parts) > 5 and parts[1] == "->" and parts[5] == pid for parts in map(str.split, lines))
 
 
 def main(uri: str, figure: float, barrier: Path, role: str) -> None:
     mlflow.set_tracking_uri(uri)
     rival = "late" if role == "early" else "early"
     read_champion = promotion.champion_figure
-    hold = HOLD_S if promotion.store_lock_path(uri) else UNLOCKED_HOLD_S
 
     def champion_then_wait(client, name, metric):
         found = read_champion(client, name, metric)
         (barrier / f"read-{role}").write_text(json.dumps([found, time.time()]))
-        wait_for(barrier / f"read-{rival}", hold)
+        wait_for(barrier / f"read-{rival}", HOLD_S, unless=lambda: blocked_on_a_lock(barrier / f"pid-{rival}"))
         if role == "late":
             time.sleep(LATE_S)
         return found
@@ -55,6 +63,7 @@ def main(uri: str, figure: float, barrier: Path, role: str) -> None:
     promotion.champion_figure = champion_then_wait
     with mlflow.start_run(run_name=f"evaluate-{role}"):
         model = mlflow.create_external_model(name="model")
+        (barrier / f"pid-{role}").write_text(str(os.getpid()))
         (barrier / f"ready-{role}").touch()
         wait_for(barrier / "go", 300)
         decision = promotion.promote("xfer", model.model_uri, METRIC, figure, promotion.BY_TARGET_LABELS, {METRIC: str(figure)})
