@@ -4,7 +4,9 @@
 
 Runs the same stage flows, in the same order, as `dvc repro`, and writes the
 same files. One MLflow pipeline run groups this execution's stage runs, in
-the project's store or the one XFER_TRACKING_URI names.
+the project's store or the one XFER_TRACKING_URI names. It holds the project's
+lock (<root>/.xfer.lock) while it runs, as each `dvc repro` stage does: a
+second run of the project exits 75, naming the pid of the one in progress.
 """
 
 from __future__ import annotations

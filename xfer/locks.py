@@ -134,7 +134,7 @@ def project_lock(root: str | Path) -> contextlib.AbstractContextManager[None]:
     stage as its own process, so a pipeline started while it runs stops that
     `dvc repro` at its next stage, or is stopped itself, never both running.
     """
-    lock = Layout(Path(root)).run_lock
+    lock = Path(os.path.realpath(Layout(Path(root)).run_lock))
 
     def busy(pid: int | None) -> str:
         return (
