@@ -14,6 +14,7 @@ Issue 17's NaN, checkpoint-order and disk-full items, against real stages:
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import logging
 import os
@@ -237,3 +238,23 @@ def test_features_under_a_file_size_limit_name_the_cause_keep_the_finished_shard
     assert not result["cache_hit"]
     assert "resnet50: 2 shards of 192 rows, 1 to compute" in caplog.text
     assert (Layout(root).features_current / "features.npy").stat().st_size == 240 * 2048 * 4 + 128
+
+
+def test_an_atomic_write_under_a_file_size_limit_names_path_bytes_and_limit_and_leaves_nothing(tmp_path):
+    """The same for any atomic write (json, torch, bytes): a child process with a 10,000-byte limit writes 20,000."""
+    dest = tmp_path / "metrics" / "big.json"
+    code = "import sys; from xfer.io import write_bytes; write_bytes(sys.argv[1], b'x' * 20_000)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(dest)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_limited(10_000),
+    )
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"xfer.io.NoSpaceError: [Errno {errno.EFBIG}] no room to write {dest}: it needs 20,000 bytes, and stopped after 10,000;"), last
+    assert "bytes free" in last and "files of at most 10,000 bytes" in last and "EFBIG" in last
+    assert list(dest.parent.iterdir()) == [], "no partial file, no temporary file"
