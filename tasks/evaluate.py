@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.registry import register_and_promote
+from tasks.registry import ModelRefused, log_refusal, refusal, register_and_promote
 from tasks.report import publish_report
 from tasks.tracking import stage_run
 from xfer.config import Params
@@ -32,6 +32,14 @@ def evaluate(layout: Layout, params: Params) -> dict:
         run.log_artifact(layout.metrics("eval"))
         for path in scored.plots:
             run.log_artifact(path, "plots")
+        if params.registry.enabled:
+            # Refused before anything is logged to the registry: a NaN model never becomes a version.
+            rows = scored.results[params.registry.model]["target_val"]["n"]
+            reason = refusal(params.registry.model, scored.non_finite or {}, rows)
+            if reason is not None:
+                log_refusal(params.registry.model, reason)
+                get_run_logger().error("evaluate: %s", reason)
+                raise ModelRefused(reason)
         promotion = register_and_promote(layout, params, scored.results, scored.features) if params.registry.enabled else None
         publish_report(scored.results, promotion, run, scored.head_selection)
     return {m: {s: r["accuracy"] for s, r in v.items()} for m, v in scored.results.items()}

@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.tracking import stage_run
 from xfer import finetune_job
+from xfer.checkpoints import remove_checkpoint
 from xfer.config import Params
 from xfer.finetune import Classifier, ClassifierSpec, load_classifier, select_device
 from xfer.layout import Layout
@@ -56,7 +57,7 @@ def finetune(layout: Layout, params: Params) -> dict:
             shown = f"auto: the head's pick, {method}" if cfg.method == "auto" else method
             logger.info("fine-tuning (%s, %s) on %s x %d", cfg.strategy, shown, select_device(cfg.device), cfg.devices)
             if cfg.devices == 1:
-                result = finetune_job.run(layout, params, on_epoch=run.epoch_logger("finetune"))
+                result = finetune_job.run(layout, params, on_epoch=run.epoch_logger("finetune"), keep_checkpoint=True)
                 model, spec, summary, history = result.model, result.spec, result.summary, result.history
             else:
                 launch_workers(layout, cfg.devices)
@@ -78,6 +79,8 @@ def finetune(layout: Layout, params: Params) -> dict:
         started = time.perf_counter()
         log_model(model, spec)
         run.log_metrics({"time.log_model_s": time.perf_counter() - started})
+    # Only now: killed before this point, a rerun resumes at the last epoch rather than train again.
+    remove_checkpoint(finetune_job.checkpoint_dir(layout))
     return summary
 
 

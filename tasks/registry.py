@@ -111,6 +111,32 @@ def promotion_figure(figures: dict, metric: str) -> tuple[str, float, str]:
     return f"{EVAL_SPLIT}.{metric}", float(figures[metric]), BY_TARGET_LABELS
 
 
+class ModelRefused(RuntimeError):
+    """The evaluated model is not fit to register (a NaN or infinite output on target val)."""
+
+
+def refusal(model: str, non_finite: dict[str, dict[str, int]], rows: int) -> str | None:
+    """Why registry.model `model` must not be registered, or None: a non-finite output on any target val row.
+
+    `non_finite`: model -> split -> rows with a NaN or infinite output (xfer.evaluate.Evaluation);
+    `rows`: how many target val rows there are. Names every part with such rows.
+    """
+    bad = {name: counts.get(EVAL_SPLIT, 0) for name, counts in non_finite.items() if counts.get(EVAL_SPLIT, 0)}
+    if not bad.get(model):
+        return None
+    parts = ", ".join(f"{name} {n} of {rows}" for name, n in sorted(bad.items()))
+    return (
+        f"registry.model {model!r} gives a NaN or infinite output on {bad[model]} of {rows} {EVAL_SPLIT} rows "
+        f"({parts}): not registered, and @champion is unchanged; retrain the model(s) named, whose weights hold NaN or infinite values"
+    )
+
+
+def log_refusal(model: str, reason: str) -> None:
+    """The refusal on the evaluate run, where a promotion decision would be."""
+    mlflow.set_tags({"promotion.decision": "refused", "promotion.reason": reason, "promotion.model": model})
+    mlflow.log_dict({"decision": "refused", "model": model, "reason": reason}, "promotion.json")
+
+
 def register_and_promote(layout: Layout, params: Params, results: dict, features: FeatureSet) -> Promotion:
     """Register the evaluated model as a new version and apply the promotion rule."""
     cfg = params.registry

@@ -41,6 +41,17 @@ class Evaluation:
     plots: list[Path]
     features: feats.FeatureSet  # the main backbone's, which the registered head reads
     head_selection: dict | None = None  # how the head stage chose the head (its spec's `selection`)
+    # model -> split -> rows where the model's output (logits or probabilities) holds a NaN or an infinity;
+    # the registry never registers a model with any on target val (tasks/registry.py).
+    non_finite: dict[str, dict[str, int]] | None = None
+
+
+def non_finite_rows(*outputs: np.ndarray) -> int:
+    """Rows where any of `outputs` (each rows x classes) holds a NaN or an infinity."""
+    bad = np.zeros(len(outputs[0]), dtype=bool)
+    for out in outputs:
+        bad |= ~np.isfinite(out).all(axis=1)
+    return int(bad.sum())
 
 
 def fusion_members(member_features_dir: Path, head_dir: Path, params: Params) -> dict[str, tuple[HeadNet, feats.FeatureSet]]:
@@ -84,6 +95,7 @@ def evaluate_models(
     members = fusion_members(member_features_dir, head_dir, params)
     results: dict[str, dict] = {"head": {}, "finetune": {}, "fusion": {}, **{name: {} for name in members}}
     plots: list[Path] = []
+    non_finite: dict[str, dict[str, int]] = {model_name: {} for model_name in results}
 
     def probabilities_on(role: str, split: str, set_name: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Every model's class probabilities on one split (the fusion last), and its labels."""
@@ -102,6 +114,8 @@ def evaluate_models(
             probabilities[name] = head_probabilities(member_head, xm, role)
         # Fusion: the mean of every model's class probabilities.
         probabilities["fusion"] = fuse_probabilities(list(probabilities.values()))
+        for model_name, p in probabilities.items():
+            non_finite.setdefault(model_name, {})[set_name] = non_finite_rows(p, logits) if model_name == "finetune" else non_finite_rows(p)
         return probabilities, y
 
     target_val: dict[str, np.ndarray] = {}
@@ -139,7 +153,7 @@ def evaluate_models(
     for model_name, scores in label_free_scores(target_val, source_val, evidence).items():
         results[model_name][LABEL_FREE_SET]["validators"] = scores
     write_json(metrics_path, results)
-    return Evaluation(results, plots, fs, head_spec.get("selection"))
+    return Evaluation(results, plots, fs, head_spec.get("selection"), {m: c for m, c in non_finite.items() if m in results})
 
 
 def label_free_scores(target: dict[str, np.ndarray], source_val: dict[str, np.ndarray], evidence: Evidence) -> dict[str, dict[str, float]]:
@@ -149,7 +163,9 @@ def label_free_scores(target: dict[str, np.ndarray], source_val: dict[str, np.nd
     unread), `source_val` on source val. The validators' scores are per model, so
     a later run's figure compares with this one's (registry.metric may name one).
     """
-    models = list(target)
+    # A model with a NaN or infinite output has no score (NaN): the validators' linear algebra would fail on it.
+    models = [m for m in target if np.isfinite(target[m]).all() and np.isfinite(source_val[m]).all()]
     candidates = [Outputs(target=target[m], source_val=source_val[m]) for m in models]
-    scores = panel(candidates, evidence, PROMOTION_VALIDATORS)
-    return {m: {name: float(values[i]) for name, values in scores.items()} for i, m in enumerate(models)}
+    scores = panel(candidates, evidence, PROMOTION_VALIDATORS) if candidates else {}
+    scored = {m: {name: float(values[i]) for name, values in scores.items()} for i, m in enumerate(models)}
+    return {m: scored.get(m, dict.fromkeys(PROMOTION_VALIDATORS, float("nan"))) for m in target}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import multiprocessing
@@ -38,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from xfer.data.images import ImageRows, Preprocessing
-from xfer.io import atomic_dir, save_with, sha256_file, sha256_json, write_json
+from xfer.io import atomic_dir, naming_no_space, save_with, sha256_file, sha256_json, write_json
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
@@ -229,8 +230,10 @@ def write_entry(cache_root: Path, key: str, features: np.ndarray, manifest: pd.D
         raise FeatureCacheError(f"{stored.shape[0]} feature rows for {len(manifest)} manifest rows")
     dest = entry_dir(cache_root, key)
     with atomic_dir(dest) as tmp:
-        np.save(tmp / FEATURES_FILE, stored)
-        manifest[INDEX_COLUMNS].to_csv(tmp / INDEX_FILE, index=False)
+        with naming_no_space(dest / FEATURES_FILE, tmp / FEATURES_FILE, npy_bytes(stored)):
+            np.save(tmp / FEATURES_FILE, stored)
+        with naming_no_space(dest / INDEX_FILE, tmp / INDEX_FILE):
+            manifest[INDEX_COLUMNS].to_csv(tmp / INDEX_FILE, index=False)
         digests = {name: sha256_file(tmp / name) for name in DIGESTED_FILES}
         write_json(tmp / META_FILE, {**meta, "key": key, "rows": int(stored.shape[0]), "dim": int(stored.shape[1]), "dtype": dtype, DIGESTS: digests})
     return dest
@@ -365,7 +368,14 @@ def write_shard(path: Path, features: np.ndarray, rows: int) -> Path:
         with open(tmp, "wb") as f:
             np.save(f, features, allow_pickle=False)
 
-    return save_with(path, save)
+    return save_with(path, save, size=npy_bytes(features))
+
+
+def npy_bytes(array: np.ndarray) -> int:
+    """The size of `array` as a .npy file: its header, then its data."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    return header.tell() + array.nbytes
 
 
 def read_shard(path: Path, rows: int) -> np.ndarray | None:

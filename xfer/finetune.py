@@ -12,6 +12,7 @@ import contextlib
 import copy
 import itertools
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,12 +32,14 @@ from xfer.checkpoints import load_checkpoint, remove_checkpoint, rng_state, save
 from xfer.config import FinetuneConfig, HeadConfig
 from xfer.data.images import Preprocessing
 from xfer.features import worker_context
-from xfer.heads import build_head, selection_key
+from xfer.heads import build_head, check_loss, selection_key
 from xfer.io import save_torch, write_json
 from xfer.strategies import apply_freezing, backbone_groups, check_strategy, frozen_groups, param_groups
 
 WEIGHTS_FILE = "model.pt"
 SPEC_FILE = "model.json"
+
+log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 # An epoch's label-free scores: (the model, its class probabilities on source val) ->
@@ -141,6 +144,7 @@ def finetune(
     target: Dataset | None = None,
     target_plain: Dataset | None = None,
     judge: EpochJudge | None = None,
+    keep_checkpoint: bool = False,
 ) -> tuple[Classifier, list[dict[str, float]]]:
     """Fine-tune by `cfg.strategy`; keep the epoch (0 = the start) `cfg.selection` ranks first.
 
@@ -149,7 +153,10 @@ def finetune(
     selection by a validator needs `judge`, by target_val a `target_val` monitor.
 
     With `checkpoint_dir`, the state after every epoch is saved there, and a
-    checkpoint of the same `run_key` left by a killed run is resumed.
+    checkpoint of the same `run_key` left by a killed run is resumed. It is
+    removed at the end unless `keep_checkpoint`: then the caller removes it
+    once the model is saved, so a kill in between resumes at the last epoch
+    instead of training again.
     With `cfg.method` other than source_only, `target` (unlabelled target
     rows, augmented like `train`) feeds the adaptation loss; `target_plain`,
     the same rows unaugmented, is what self-training labels each epoch.
@@ -158,13 +165,27 @@ def finetune(
     torch.use_deterministic_algorithms(cfg.deterministic or previous_determinism)
     try:
         return _finetune(
-            model, train, val, cfg, device, seed, monitor or {}, on_epoch, progress, checkpoint_dir, run_key, target, target_plain or target, judge
+            model,
+            train,
+            val,
+            cfg,
+            device,
+            seed,
+            monitor or {},
+            on_epoch,
+            progress,
+            checkpoint_dir,
+            run_key,
+            target,
+            target_plain or target,
+            judge,
+            keep_checkpoint,
         )
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
 
 
-def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress, checkpoint_dir, run_key, target, target_plain, judge):
+def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress, checkpoint_dir, run_key, target, target_plain, judge, keep_checkpoint):
     if cfg.selection not in ("source_val", "last", "target_val") and judge is None:
         raise ValueError(f"finetune.selection {cfg.selection!r} is a validator: it needs unlabelled target rows to score each epoch on")
     if cfg.selection == "target_val" and "target_val" not in monitor:
@@ -225,6 +246,8 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
         history, best_state, best_score, since_best = resumed["history"], resumed["best_state"], resumed["best_score"], resumed["since_best"]
         set_rng_state(resumed["rng"], shuffle)
         first_epoch = resumed["epoch"] + 1
+        if is_main_process():
+            log.warning("finetune: resuming the checkpoint in %s after epoch %d of %d", checkpoint_dir, resumed["epoch"], cfg.epochs)
 
     for epoch in range(first_epoch, cfg.epochs + 1):
         if cfg.patience is not None and since_best >= cfg.patience:
@@ -250,6 +273,12 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
                     logits_s = model.head.classifier(features_s)
                     adapt_loss = adaptation.loss_on_batch(model, backbone_forward, features_s, logits_s, step / total_steps, memory_format)
                     loss = loss_fn(logits_s.float(), y) + cfg.adapt_weight * adapt_loss
+            value = loss.item()
+            check_loss(
+                value,
+                f"fine-tuning ({cfg.strategy}, method {cfg.method}), step {step} of {total_steps}, epoch {epoch} of {cfg.epochs}",
+                f"lower finetune.lr (now {cfg.lr}), finetune.weight_decay (now {cfg.weight_decay}) or finetune.adapt_weight (now {cfg.adapt_weight})",
+            )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             average_gradients(opt)
@@ -258,10 +287,10 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
             scheduler.step()
             if ema is not None:
                 ema.update(model)
-            total += loss.item() * len(y)
+            total += value * len(y)
             seen += len(y)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{value:.3f}")
         bar.close()
         if world_size() > 1:
             broadcast_state(model, buffers_only=True)  # BatchNorm statistics, if they train, from rank 0
@@ -295,7 +324,7 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
     for param in model.parameters():
         param.requires_grad_(True)
     model.load_state_dict(best_state)
-    if is_main_process():
+    if is_main_process() and not keep_checkpoint:
         remove_checkpoint(checkpoint_dir)
     return model.eval(), history
 

@@ -30,6 +30,7 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from xfer import features as feats
 from xfer.backbones import create_backbone
+from xfer.checkpoints import remove_checkpoint
 from xfer.config import LINEAR_PROBE, FinetuneConfig, HeadConfig, Params, load_params
 from xfer.contract import stage_params
 from xfer.data.augment import build_augmentation
@@ -56,13 +57,22 @@ class FinetuneResult:
     history: list[dict[str, float]]
 
 
+def checkpoint_dir(layout: Layout) -> Path:
+    return layout.checkpoints / "finetune"
+
+
 def history_path(layout: Layout) -> Path:
     """Where rank 0 of a torchrun job leaves the per-epoch records for the stage to log."""
-    return layout.checkpoints / "finetune" / HISTORY_FILE
+    return checkpoint_dir(layout) / HISTORY_FILE
 
 
-def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, progress: bool = True) -> FinetuneResult:
-    """Probe, build, fine-tune; on rank 0, write models/finetune/ and metrics/finetune.json."""
+def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, progress: bool = True, keep_checkpoint: bool = False) -> FinetuneResult:
+    """Probe, build, fine-tune; on rank 0, write models/finetune/ and metrics/finetune.json.
+
+    The checkpoint is removed only after both are written (never before: a kill
+    in between would train again from epoch 1); with `keep_checkpoint` it is
+    left for the caller (the stage, which still logs the model) to remove.
+    """
     requested = params.finetune.method
     cfg = resolve_method(params.finetune, layout.head_pick)
     params = params.model_copy(update={"finetune": cfg})
@@ -109,11 +119,12 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         monitor={"target_val": data("target", "val")},
         on_epoch=on_epoch,
         progress=progress and is_main_process(),
-        checkpoint_dir=layout.checkpoints / "finetune",
+        checkpoint_dir=checkpoint_dir(layout),
         run_key=run_key,
         target=data("target", "unlabeled", train=True) if adapting else None,
         target_plain=data("target", "unlabeled") if adapting else None,
         judge=epoch_judge(manifest, fs, prep, layout.root, cfg, device, len(names), params.seed),
+        keep_checkpoint=True,
     )
     spec = ClassifierSpec(
         backbone=params.backbone.name,
@@ -145,6 +156,8 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
     if is_main_process():
         save_classifier(layout.finetune_dir, model, spec)
         write_json(layout.metrics("finetune"), summary)
+        if not keep_checkpoint:
+            remove_checkpoint(checkpoint_dir(layout))
     return FinetuneResult(model, spec, summary, history)
 
 
@@ -230,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = "nccl" if select_device(params.finetune.device).type == "cuda" else "gloo"
         dist.init_process_group(backend)
     try:
-        result = run(layout, params, progress=True)
+        # The stage that launched this job removes the checkpoint once it has logged the model.
+        result = run(layout, params, progress=True, keep_checkpoint=True)
         if is_main_process():
             write_json(history_path(layout), result.history)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +29,18 @@ from xfer.validators import Evidence, Outputs, score
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 DOMAINS = ("source", "target")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN or infinite loss: it stops there rather than save a broken model."""
+
+
+def check_loss(value: float, where: str, advice: str) -> None:
+    """Raise NonFiniteLossError naming `where` (the step and epoch) and the loss, if `value` is NaN or infinite."""
+    if not math.isfinite(value):
+        raise NonFiniteLossError(f"{where}: the loss is {value}, so training stopped before any model was written; {advice}")
+
+
 Labelled = tuple[np.ndarray, np.ndarray]
 
 
@@ -288,10 +301,16 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
                 adapt_loss = adapt(f_s, f_t, logits_s, head.classifier(f_t), index_t=t_idx)
                 loss = loss + cfg.adapt_weight * adapt_loss
                 sums["adapt_loss"] += adapt_loss.item() * len(idx)
+            value = loss.item()
+            check_loss(
+                value,
+                f"head training (method {cfg.method}), step {step} of {total_steps}, epoch {epoch} of {cfg.epochs}",
+                f"lower head.lr (now {cfg.lr}), head.weight_decay (now {cfg.weight_decay}) or head.adapt_weight (now {cfg.adapt_weight})",
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sums["train_loss"] += loss.item() * len(idx)
+            sums["train_loss"] += value * len(idx)
         record = {"train_loss": sums["train_loss"] / len(x)}
         if adapt is not None:
             record["adapt_loss"] = sums["adapt_loss"] / len(x)

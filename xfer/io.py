@@ -7,6 +7,7 @@ is written to a temporary name in the destination folder, then renamed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -31,8 +32,64 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+# A write that fails for want of room: the disk is full, a quota is reached, or the
+# process's file-size limit (ulimit -f) is (with SIGXFSZ ignored, write() fails with EFBIG).
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class NoSpaceError(OSError):
+    """A write failed for want of space or under a file-size limit; the message names the path and the bytes."""
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _is_no_space(err: OSError) -> bool:
+    # numpy's tofile (np.save to a real file) reports a short write as "N requested and M written", without errno.
+    return err.errno in NO_SPACE_ERRNOS or (err.errno is None and " requested and " in str(err))
+
+
+@contextlib.contextmanager
+def naming_no_space(dest: str | Path, tmp: str | Path | None = None, size: int | None = None) -> Iterator[None]:
+    """Turn a failed write of `dest` (through `tmp`) for want of room into a NoSpaceError that says so.
+
+    The message names the path, the bytes needed (`size`; else at least what was
+    written before the failure), the bytes free on its file system and the
+    process's file-size limit if it has one. Other errors pass unchanged.
+    """
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, NoSpaceError) or not _is_no_space(err):
+            raise
+        dest = Path(dest)
+        written = None
+        with contextlib.suppress(OSError):
+            written = Path(tmp).stat().st_size if tmp is not None else None
+        needed = f"{size:,} bytes" if size is not None else f"more than {written or 0:,} bytes"
+        stopped = f", and stopped after {written:,}" if written is not None else ""
+        try:
+            free = f"{shutil.disk_usage(dest.parent).free:,} bytes free"
+        except OSError:
+            free = "an unknown number of bytes free"
+        limit = _file_size_limit()
+        cap = f"; this process may write files of at most {limit:,} bytes (its file-size limit, ulimit -f)" if limit is not None else ""
+        code = errno.errorcode.get(err.errno, "") if err.errno else ""
+        raise NoSpaceError(
+            err.errno,
+            f"no room to write {dest}: it needs {needed}{stopped}; its file system has {free}{cap} "
+            f"({code + ': ' if code else ''}{err.strerror or err}). Free some space or raise the limit and run again: what was finished is kept",
+        ) from err
+
+
 def write_bytes(dest: str | Path, data: bytes) -> Path:
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest) as tmp, naming_no_space(dest, tmp, len(data)):
         tmp.write_bytes(data)
     return Path(dest)
 
@@ -61,9 +118,9 @@ def save_torch(dest: str | Path, obj: Any) -> Path:
     return write_bytes(dest, buffer.getvalue())
 
 
-def save_with(dest: str | Path, save: Callable[[Path], None]) -> Path:
-    """Call `save(tmp_path)` (torch.save, np.save, fig.savefig...) atomically."""
-    with atomic_path(dest) as tmp:
+def save_with(dest: str | Path, save: Callable[[Path], None], size: int | None = None) -> Path:
+    """Call `save(tmp_path)` (torch.save, np.save, fig.savefig...) atomically; `size`: the bytes it will write, if known."""
+    with atomic_path(dest) as tmp, naming_no_space(dest, tmp, size):
         save(tmp)
     return Path(dest)
 
