@@ -40,6 +40,15 @@ def default_model_uri(layout: Layout) -> str:
     return f"models:/{load_params(layout.params).registry.name}@champion"
 
 
+def max_image_pixels(layout: Layout) -> int:
+    """data.max_image_pixels of the project's params.yaml, or its default where there is none."""
+    from xfer.config import DataConfig, load_params
+
+    if layout.params.is_file():
+        return load_params(layout.params).data.max_image_pixels
+    return DataConfig.model_fields["max_image_pixels"].default
+
+
 def load_model(uri: str, store: str):
     import mlflow
 
@@ -66,6 +75,7 @@ def predict_files(model, paths: list[Path], batch_size: int, progress: bool = Tr
 def run(args: argparse.Namespace) -> int:
     from tasks.tracking import TrackingURIError, tracking_uri
     from xfer.config import ConfigError
+    from xfer.data.formats import set_max_image_pixels
     from xfer.data.images import ImageReadError
     from xfer.io import write_text
     from xfer.layout import Layout
@@ -76,12 +86,17 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.batch_size < 1:
             raise PredictorError(f"--batch-size {args.batch_size}: must be at least 1")
-        paths = image_files(args.inputs)
+        skipped: list = []
+        paths = image_files(args.inputs, skipped)
         uri = args.model or default_model_uri(layout)
         store = args.tracking_uri or tracking_uri(layout)
+        set_max_image_pixels(max_image_pixels(layout))
     except (PredictorError, ConfigError, TrackingURIError) as err:
         print(f"xfer predict: {err}", file=sys.stderr)
         return 2
+    if skipped:
+        listed = ", ".join(f"{p} ({kind})" for p, kind in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"xfer predict: skipped {len(skipped)} file(s) that are not regular files, never opened: {listed}", file=sys.stderr)
     try:
         model = load_model(uri, store)
     except Exception as err:  # MLflow raises several types for a missing model or alias

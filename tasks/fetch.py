@@ -35,6 +35,7 @@ def fetch(layout: Layout, params: Params) -> dict:
         run.set_tags({"data_digest": raw_digest(layout, name), "dataset": name})
         run.log_metrics({d: v["images"] for d, v in summary["domains"].items()}, prefix="images.")
         run.log_metrics({d: v["corrupt"] for d, v in summary["domains"].items()}, prefix="corrupt.")
+        run.log_metrics({d: v["special_files"] for d, v in summary["domains"].items()}, prefix="special_files.")
         run.log_artifact(layout.raw / name / SUMMARY)
         run.log_artifact(layout.raw / name / REPORT)
     return {"images": {d: v["images"] for d, v in summary["domains"].items()}}

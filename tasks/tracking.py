@@ -19,8 +19,10 @@ git commit, created by whichever stage runs first.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -191,6 +193,41 @@ def resolve_pipeline_run(layout: Layout, params: Params, experiment_id: str, git
     return start_pipeline_run(layout, params, experiment_id, key, git)
 
 
+# What MLflow accepts in one dot-separated part of a metric key (mlflow.utils.validation).
+_METRIC_KEY_PART = re.compile(r"[\w\- :/]*")
+_METRIC_KEY_BAD = re.compile(r"[^\w\-]")
+
+
+def metric_key(key: str) -> str:
+    """`key` as a valid MLflow metric key: the one place class and domain names become keys.
+
+    A part (between dots) MLflow would refuse, such as the class `a+b`, keeps its
+    allowed characters, the rest as `_`, plus a digest of the part itself:
+    `a_b-<8 hex>`. Deterministic, so every run and stage names a class alike, and
+    two names that differ never share a key. Valid keys (`NA`, `café au lait`) are kept.
+    """
+    parts = key.split(".")
+    out = []
+    for part in parts:
+        if _METRIC_KEY_PART.fullmatch(part) and part.strip(" /") == part:
+            out.append(part)
+        else:
+            digest = hashlib.sha256(part.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            out.append(_METRIC_KEY_BAD.sub("_", part) + f"-{digest}")
+    return ".".join(out)
+
+
+def metric_keys(metrics: dict[str, float]) -> dict[str, float]:
+    """metrics with every key through metric_key; ValueError if two keys would become one."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        new = metric_key(key)
+        if new in out:
+            raise ValueError(f"metric keys {key!r} and another both become {new!r} in MLflow")
+        out[new] = value
+    return out
+
+
 class StageRun:
     """The active MLflow run of one stage, with the timings the benchmark reads."""
 
@@ -211,13 +248,13 @@ class StageRun:
 
     def epoch_logger(self, prefix: str):
         def log(epoch: int, record: dict[str, float]) -> None:
-            mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in record.items()}, step=epoch)
+            mlflow.log_metrics(metric_keys({f"{prefix}.{k}": float(v) for k, v in record.items()}), step=epoch)
 
         return log
 
     def log_metrics(self, metrics: dict[str, Any], prefix: str = "") -> None:
         flat = flatten(metrics)
-        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics(metric_keys({f"{prefix}{k}": float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)

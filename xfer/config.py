@@ -19,7 +19,17 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: .inf or .nan is never a setting (a limit of .inf overflows where it is used).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _check_names(kind: str, names) -> None:
+    """Domain and class names become folders under data/raw/: one plain path part each."""
+    from xfer.data.sources import name_problem
+
+    for name in names:
+        if (problem := name_problem(name)) is not None:
+            raise ValueError(f"{kind} {name!r} {problem}; give a plain folder name such as 'photos' or 'cafe au lait'")
 
 
 class DigitsConfig(_Strict):
@@ -76,6 +86,12 @@ class ClassesConfig(_Strict):
     # Classes left out everywhere (after renaming), e.g. ones some domains lack.
     drop: list[str] = []
 
+    @field_validator("rename")
+    @classmethod
+    def _plain_names(cls, rename: dict[str, str]) -> dict[str, str]:
+        _check_names("class name", rename.values())
+        return rename
+
 
 class DataConfig(_Strict):
     # digits (builtin) | a registry name (xfer/data/registry.yaml, e.g. office31) |
@@ -89,8 +105,18 @@ class DataConfig(_Strict):
     # registry's layout, or found: <domain>/[wrapper folders/]<class>/<image>.
     domains: dict[str, str] | None = None
     classes: ClassesConfig = ClassesConfig()
-    # Refuse archives that would unpack to more than this.
-    max_unpacked_gb: float = Field(100.0, gt=0)
+
+    @field_validator("domains")
+    @classmethod
+    def _plain_domain_names(cls, domains: dict[str, str] | None) -> dict[str, str] | None:
+        _check_names("domain", domains or {})
+        return domains
+
+    # Refuse archives that would unpack to more than this (at most a petabyte).
+    max_unpacked_gb: float = Field(100.0, gt=0, le=1e6)
+    # Images with more pixels are decompression bombs: counted as unreadable at fetch,
+    # refused by `xfer predict` (PIL.Image.MAX_IMAGE_PIXELS).
+    max_image_pixels: int = Field(100_000_000, ge=1, le=10**12)
     # Unreadable images are left out and counted; more than this share of a domain stops the fetch.
     max_corrupt_fraction: float = Field(0.01, ge=0, le=1)
     # One domain, or a list of domains that together form the labelled source.

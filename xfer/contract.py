@@ -84,6 +84,7 @@ STAGES: dict[str, Stage] = {
                 "data.domains",
                 "data.classes",
                 "data.max_unpacked_gb",
+                "data.max_image_pixels",
                 "data.max_corrupt_fraction",
                 "data.digits",
             ),

@@ -16,6 +16,7 @@ Images may be file paths or HxW / HxWxC arrays (uint8 0..255, or floats in 0..1)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from xfer.data.formats import IMAGE_SUFFIXES
+from xfer.data.formats import IMAGE_SUFFIXES, check_pixels, regular_file_problem
 from xfer.data.images import ImageReadError, Preprocessing, to_tensor
 from xfer.finetune import load_classifier
 from xfer.heads import load_head
@@ -131,11 +132,17 @@ class Predictor:
 def as_pil(image: Any) -> Image.Image:
     """A path, a PIL image or an array, decoded."""
     if isinstance(image, (str, Path)):
+        # Never opened unless a regular file: a FIFO would block the read forever.
+        if (problem := regular_file_problem(image)) is not None:
+            raise ImageReadError(f"cannot read image {image}: {problem}")
         try:
             with Image.open(image) as img:
+                check_pixels(img)
                 return img.copy()
         except (OSError, UnidentifiedImageError) as err:
             raise ImageReadError(f"cannot read image {image}: {err}") from None
+        except Image.DecompressionBombError as err:
+            raise ImageReadError(f"cannot read image {image}: DecompressionBombError: {err}") from None
     if isinstance(image, Image.Image):
         return image
     array = np.asarray(image)
@@ -193,18 +200,31 @@ def load_bundle(bundle_dir: Path) -> Predictor:
     return Predictor(info["model"], info["class_names"], members)
 
 
-def image_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """Image files named directly or found (recursively, sorted) under folders."""
+def image_files(inputs: Iterable[str | Path], skipped: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) under folders.
+
+    FIFOs, sockets, devices and dangling links are never opened: each is left
+    out, and appended to `skipped` as (path, what it is).
+    """
     found: list[Path] = []
+    skipped = [] if skipped is None else skipped
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            for p in sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+                problem = regular_file_problem(p)
+                if problem is None:
+                    found.append(p)
+                elif problem != "a folder":
+                    skipped.append((p, problem))
         elif item.is_file():
             found.append(item)
+        elif os.path.lexists(item):
+            skipped.append((item, regular_file_problem(item) or "not a regular file"))
         else:
             raise PredictorError(f"{item}: no such file or folder")
     if not found:
-        raise PredictorError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, inputs))}")
+        also = f" ({len(skipped)} skipped that are not regular files: {skipped[0][0]} is {skipped[0][1]})" if skipped else ""
+        raise PredictorError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, inputs))}{also}")
     return found
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 from xfer.config import DataConfig
 from xfer.data.archives import extract_archive
 from xfer.data.download import ChecksumError, download
+from xfer.data.formats import set_max_image_pixels
 from xfer.data.normalise import check_classes, find_domains, list_domain, place, plan_images
 from xfer.data.sources import Archive, DatasetSource, check_source, local_path, resolve_source
 from xfer.data.validate import CATALOG, CATALOG_COLUMNS, check_corrupt_fraction, inspect_images, validation_report
@@ -135,9 +136,10 @@ def merge_into(unpacked: Path, tree: Path) -> None:
 def normalise_and_validate(tree: Path, source: DatasetSource, cfg: DataConfig, out: Path, move: bool, progress: bool) -> dict:
     """Place the images under out/<domain>/<class>/, write images.csv and validation.json."""
     domains = find_domains(tree, source.domains)
-    listings = {domain: list_domain(folder) for domain, folder in domains.items()}
+    listings = {domain: list_domain(folder, tree) for domain, folder in domains.items()}
     classes = check_classes(listings, cfg.classes.rename, cfg.classes.drop)
     plan = plan_images(listings, domains, classes, cfg.classes.rename)
+    set_max_image_pixels(cfg.max_image_pixels)
     results = inspect_images([p.source for p in plan], progress=progress)
 
     good, rows, corrupt = [], [], defaultdict(list)
@@ -150,7 +152,8 @@ def normalise_and_validate(tree: Path, source: DatasetSource, cfg: DataConfig, o
     catalog = pd.DataFrame(rows, columns=CATALOG_COLUMNS).sort_values("path", ignore_index=True)
     other = {d: [shown(f, tree) for f in lst.other_files] for d, lst in listings.items()}
     empty = {d: lst.empty_class_folders for d, lst in listings.items()}
-    report = validation_report(catalog, dict(corrupt), other, empty)
+    special = {d: [(shown(f, tree), kind) for f, kind in lst.special_files] for d, lst in listings.items()}
+    report = validation_report(catalog, dict(corrupt), other, empty, special)
     check_corrupt_fraction(report, cfg.max_corrupt_fraction)
 
     place(good, out, move=move, progress=progress)
@@ -159,13 +162,13 @@ def normalise_and_validate(tree: Path, source: DatasetSource, cfg: DataConfig, o
     return {
         "dataset": source.name,
         "classes": classes,
-        "domains": {d: {"images": v["images"], "corrupt": v["corrupt"]} for d, v in report["domains"].items()},
+        "domains": {d: {"images": v["images"], "corrupt": v["corrupt"], "special_files": v["special_files"]} for d, v in report["domains"].items()},
     }
 
 
 def shown(path: Path, tree: Path) -> str:
-    """A path as the report names it: relative to the dataset as unpacked."""
-    return Path(path).relative_to(tree).as_posix()
+    """A path as the report names it: relative to the dataset as unpacked (bytes that are not UTF-8 escaped)."""
+    return os.fsencode(Path(path).relative_to(tree).as_posix()).decode("utf-8", "backslashreplace")
 
 
 def remove_other_datasets(raw_root: Path, keep: str) -> None:

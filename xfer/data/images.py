@@ -83,6 +83,6 @@ class ImageRows(Dataset):
         try:
             with Image.open(path) as img:
                 x = to_tensor(self.augment(img) if self.augment is not None else img, self.prep)
-        except (OSError, UnidentifiedImageError) as err:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
             raise ImageReadError(f"cannot read image {path}: {err}") from None
         return x, self.labels[i]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from xfer.data.formats import IMAGE_SUFFIXES
-from xfer.data.sources import slug
+from xfer.data.formats import IMAGE_SUFFIXES, regular_file_problem
+from xfer.data.sources import name_problem, shown_name, slug
 
 # Folders and files archivers leave behind; never data.
 JUNK_NAMES = {"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -87,14 +87,31 @@ class DomainListing:
     images: dict[str, list[Path]] = field(default_factory=dict)  # class folder -> image files
     empty_class_folders: list[str] = field(default_factory=list)
     other_files: list[Path] = field(default_factory=list)  # neither image nor folder
+    # FIFOs, sockets, devices, dangling links: (path, what it is), never opened.
+    special_files: list[tuple[Path, str]] = field(default_factory=list)
 
 
-def list_domain(folder: Path) -> DomainListing:
+def check_name(path: Path, tree: Path, what: str, name: str | None = None) -> None:
+    """LayoutError naming `path` if its name (or `name`, a part of it) cannot be a path part of the catalog."""
+    name = path.name if name is None else name
+    problem = name_problem(name)
+    if problem is not None:
+        where = shown_name(Path(path).relative_to(tree).as_posix())
+        raise LayoutError(
+            f"{what} {shown_name(name)} (at {where}) {problem}: rename it"
+            + (" (e.g. `convmv -f latin1 -t utf8 -r --notest <folder>`)" if "UTF-8" in problem else "")
+            + (", or leave it out with data.classes.drop" if what == "class folder" and "UTF-8" not in problem else "")
+        )
+
+
+def list_domain(folder: Path, tree: Path | None = None) -> DomainListing:
     listing = DomainListing()
+    tree = Path(tree) if tree is not None else Path(folder)
     for child in visible(folder):
         if not child.is_dir():
             listing.other_files.append(child)
             continue
+        check_name(child, tree, "class folder")
         images = []
         for dirpath, dirnames, filenames in os.walk(child):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in JUNK_NAMES)
@@ -102,7 +119,16 @@ def list_domain(folder: Path) -> DomainListing:
                 path = Path(dirpath) / name
                 if name.startswith(".") or name in JUNK_NAMES:
                     continue
-                (images if is_image(path) else listing.other_files).append(path)
+                # Never opened: a FIFO would block the read forever, a dangling link has nothing to read.
+                if (problem := regular_file_problem(path)) is not None:
+                    listing.special_files.append((path, problem))
+                    continue
+                if is_image(path):
+                    for part in path.relative_to(child).parts:
+                        check_name(path, tree, "image file" if part == name else "folder", part)
+                    images.append(path)
+                else:
+                    listing.other_files.append(path)
         if images:
             listing.images[child.name] = images
         else:

@@ -13,7 +13,9 @@ exists is checked by `check_source`, against the project root.
 from __future__ import annotations
 
 import functools
+import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -116,6 +118,39 @@ def slug(text: str) -> str:
     """A folder / domain name safe in paths, CSV and MLflow metric keys."""
     out = _NAME_CHARS.sub("_", text).strip("_.")
     return out or "dataset"
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be one path part (a domain, class or image name); None when it can.
+
+    Domain and class names become folders under data/raw/<name>/ and keys of
+    CSV files, JSON and MLflow: one plain path part of valid text, never a way
+    out of that folder.
+    """
+    if not isinstance(name, str) or not name:
+        return "is empty"
+    if any("\ud800" <= c <= "\udfff" for c in name):
+        return "is not valid UTF-8 text (a folder name in another encoding, such as Latin-1)"
+    if name in (".", ".."):
+        return f"is {name!r}, which names a folder, not a name inside one"
+    if name.startswith("/") or "/" in name or "\\" in name:
+        return "is a path (absolute, or with '/' or '\\'), not one folder name"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "contains a control character (a newline, tab, ...)"
+    if name.startswith("."):
+        return "starts with '.' (hidden folders are skipped)"
+    if len(os.fsencode(name)) > 255:
+        return "is longer than 255 bytes"
+    return None
+
+
+def shown_name(name: str) -> str:
+    """`name` quoted for a message, with bytes that are not UTF-8 written as escapes."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return repr(os.fsencode(name))[1:]
+    return repr(name)
 
 
 def archive_stem(filename: str) -> str:

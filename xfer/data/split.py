@@ -278,7 +278,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise SplitError(f"manifest not found: {path} (run the split stage first)")
-    df = pd.read_csv(path, dtype={"class_name": str, "sha256": str})
+    # Text as written: pandas would read classes named NA, None or null as missing.
+    text = {c: str for c in MANIFEST_COLUMNS if c != "label"}
+    df = pd.read_csv(path, dtype=text, keep_default_na=False)
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise SplitError(f"manifest {path} lacks columns {missing}")

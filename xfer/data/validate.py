@@ -18,6 +18,8 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from xfer.data.formats import check_pixels
+
 CATALOG = "images.csv"
 CATALOG_COLUMNS = ["path", "domain", "class_name", "sha256"]
 # Lists in the report stop here; the counts beside them are always complete.
@@ -29,11 +31,16 @@ class ValidationError(ValueError):
 
 
 def inspect_image(path: Path) -> tuple[str, str | None]:
-    """(sha256 of the file, None) if it decodes fully, else (sha256, why not)."""
+    """(sha256 of the file, None) if it decodes fully, else (sha256, why not).
+
+    An image with more pixels than data.max_image_pixels (set_max_image_pixels)
+    is a decompression bomb: unreadable, like a corrupt one, and never decoded.
+    """
     data = Path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as img:
+            check_pixels(img)
             img.load()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return digest, f"{type(err).__name__}: {err}"
@@ -68,13 +75,19 @@ def duplicate_groups(catalog: pd.DataFrame) -> dict:
 
 
 def validation_report(
-    catalog: pd.DataFrame, corrupt: dict[str, list[tuple[str, str]]], other_files: dict[str, list[str]], empty_folders: dict[str, list[str]]
+    catalog: pd.DataFrame,
+    corrupt: dict[str, list[tuple[str, str]]],
+    other_files: dict[str, list[str]],
+    empty_folders: dict[str, list[str]],
+    special_files: dict[str, list[tuple[str, str]]] | None = None,
 ) -> dict:
     """The report fetch writes beside the images (and logs to MLflow)."""
     domains = {}
+    special_files = special_files or {}
     for domain in sorted(set(catalog.domain) | set(corrupt)):
         rows = catalog[catalog.domain == domain]
         bad = corrupt.get(domain, [])
+        special = special_files.get(domain, [])
         seen = len(rows) + len(bad)
         domains[domain] = {
             "images": len(rows),
@@ -85,6 +98,9 @@ def validation_report(
             "non_image_files": len(other_files.get(domain, [])),
             "non_image_examples": _listed(other_files.get(domain, [])),
             "empty_class_folders": empty_folders.get(domain, []),
+            # FIFOs, sockets, devices and dangling links: skipped without being opened.
+            "special_files": len(special),
+            "special_examples": [{"path": p, "kind": k} for p, k in _listed(special)],
         }
     return {
         "images": len(catalog),
