@@ -64,7 +64,7 @@ def predict_files(model, paths: list[Path], batch_size: int, progress: bool = Tr
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.tracking import TrackingURIError, tracking_uri
+    from tasks.tracking import TrackingURIError, tracking_uri, without_credentials
     from xfer.config import ConfigError
     from xfer.data.images import ImageReadError
     from xfer.io import write_text
@@ -78,14 +78,16 @@ def run(args: argparse.Namespace) -> int:
             raise PredictorError(f"--batch-size {args.batch_size}: must be at least 1")
         paths = image_files(args.inputs)
         uri = args.model or default_model_uri(layout)
-        store = args.tracking_uri or tracking_uri(layout)
+        store = without_credentials(args.tracking_uri) if args.tracking_uri else tracking_uri(layout)
     except (PredictorError, ConfigError, TrackingURIError) as err:
         print(f"xfer predict: {err}", file=sys.stderr)
         return 2
     try:
         model = load_model(uri, store)
     except Exception as err:  # MLflow raises several types for a missing model or alias
-        print(f"xfer predict: cannot load model {uri}: {err}", file=sys.stderr)
+        from xfer.redact import redact
+
+        print(redact(f"xfer predict: cannot load model {uri}: {err}"), file=sys.stderr)
         return 2
     try:
         frame = predict_files(model, paths, args.batch_size)
