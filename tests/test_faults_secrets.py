@@ -298,9 +298,12 @@ def test_secrets_reach_no_output_of_a_dvc_repro_fetch(tmp_path, mlflow_behind_a_
     project = tmp_path / "project"
     project.mkdir()
     home = tmp_path / "prefect-home"
-    netrc = write_netrc(tmp_path / "netrc", "127.0.0.1", "bob", NETRC_PASSWORD)
+    # The dataset host is named `localhost`, MLflow's 127.0.0.1: requests (under MLflow) would send a
+    # netrc entry for MLflow's own host in place of MLFLOW_TRACKING_USERNAME / _PASSWORD.
+    netrc = write_netrc(tmp_path / "netrc", "localhost", "bob", NETRC_PASSWORD)
     with Gate("bob", NETRC_PASSWORD, {"token": DATASET_TOKEN, "X-Amz-Signature": DATASET_SIGNATURE}, folder=tmp_path / "www") as data_gate:
-        url = f"{data_gate.url}/shop.zip?X-Amz-Date=20260101"  # harmless query values may stay in params.yaml
+        # Harmless query values may stay in params.yaml.
+        url = f"{data_gate.url.replace('127.0.0.1', 'localhost')}/shop.zip?X-Amz-Date=20260101"
         data = {"dataset": url, "sha256": sha256_file(tmp_path / "www/shop.zip"), "name": "shop", "source_domain": "a", "target_domain": "b"}
         params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], **data}}
         env, dvc = make_repo(project, params, prefect_api="")
