@@ -350,3 +350,20 @@ def test_the_same_fetch_with_the_token_in_params_yaml_stops_before_any_work(tmp_
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "XFER_DOWNLOAD_QUERY" in proc.stderr and DATASET_TOKEN not in proc.stdout + proc.stderr
     assert sorted(p.name for p in project.iterdir()) == ["params.yaml"]
+
+
+def test_xfer_predict_with_a_password_in_tracking_uri_prints_no_password(tmp_path, mlflow_behind_a_gate):
+    """`xfer predict --tracking-uri http://user:pw@...` sends the credentials and never prints them,
+    even in the error for a model the store does not hold."""
+    gate, _ = mlflow_behind_a_gate
+    (tmp_path / "img.png").write_bytes(b"")
+    uri = gate.url.replace("http://", f"http://alice:{TRACKING_PASSWORD}@")
+    seen_before = len(gate.seen)
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    for leak in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "XFER_TRACKING_URI"):
+        env.pop(leak, None)
+    command = [sys.executable, "-m", "cli", "predict", str(tmp_path / "img.png"), "--model", "models:/absent@champion", "--tracking-uri", uri]
+    proc = subprocess.run(command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "cannot load model models:/absent@champion" in proc.stderr, proc.stderr[-2000:]
+    assert TRACKING_PASSWORD not in proc.stdout + proc.stderr
+    assert gate.seen[seen_before:] and all(allowed for _, allowed in gate.seen[seen_before:]), "the registry was asked with the credentials"
