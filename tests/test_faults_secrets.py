@@ -367,3 +367,8 @@ def test_xfer_predict_with_a_password_in_tracking_uri_prints_no_password(tmp_pat
     assert proc.returncode == 2 and "cannot load model models:/absent@champion" in proc.stderr, proc.stderr[-2000:]
     assert TRACKING_PASSWORD not in proc.stdout + proc.stderr
     assert gate.seen[seen_before:] and all(allowed for _, allowed in gate.seen[seen_before:]), "the registry was asked with the credentials"
+    # A store that does not answer: MLflow's error names the URL it tried, which must not hold the password.
+    command[-1] = f"http://alice:{TRACKING_PASSWORD}@127.0.0.1:{free_port()}"
+    proc = subprocess.run(command, cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and ("http://alice:***@127.0.0.1" in proc.stderr or "http://127.0.0.1" in proc.stderr), proc.stderr[-2000:]
+    assert TRACKING_PASSWORD not in proc.stdout + proc.stderr
