@@ -73,7 +73,7 @@ def predict_files(model, paths: list[Path], batch_size: int, progress: bool = Tr
 
 
 def run(args: argparse.Namespace) -> int:
-    from tasks.tracking import TrackingURIError, tracking_uri
+    from tasks.tracking import TrackingURIError, tracking_uri, without_credentials
     from xfer.config import ConfigError
     from xfer.data.formats import set_max_image_pixels
     from xfer.data.images import ImageReadError
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         skipped: list = []
         paths = image_files(args.inputs, skipped)
         uri = args.model or default_model_uri(layout)
-        store = args.tracking_uri or tracking_uri(layout)
+        store = without_credentials(args.tracking_uri) if args.tracking_uri else tracking_uri(layout)
         set_max_image_pixels(max_image_pixels(layout))
     except (PredictorError, ConfigError, TrackingURIError) as err:
         print(f"xfer predict: {err}", file=sys.stderr)
@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = load_model(uri, store)
     except Exception as err:  # MLflow raises several types for a missing model or alias
-        print(f"xfer predict: cannot load model {uri}: {err}", file=sys.stderr)
+        from xfer.redact import redact
+
+        print(redact(f"xfer predict: cannot load model {uri}: {err}"), file=sys.stderr)
         return 2
     try:
         frame = predict_files(model, paths, args.batch_size)

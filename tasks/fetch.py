@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -12,6 +14,8 @@ from xfer.data.fetch import REPORT, SUMMARY, fetch_dataset
 from xfer.data.sources import resolve_source
 from xfer.io import sha256_file, sha256_json
 from xfer.layout import Layout
+
+DOWNLOAD_QUERY_ENV = "XFER_DOWNLOAD_QUERY"
 
 
 def raw_digest(layout: Layout, dataset: str) -> str:
@@ -31,7 +35,9 @@ def fetch(layout: Layout, params: Params) -> dict:
     name = resolve_source(params.data).name
     with stage_run("fetch", layout, params) as run:
         with run.work():
-            summary = fetch_dataset(params.data, layout.raw, layout.downloads, root=layout.root)
+            # Secret query parameters for data.dataset's URL come from the environment, never params.yaml (xfer/redact.py).
+            query = os.environ.get(DOWNLOAD_QUERY_ENV) or None
+            summary = fetch_dataset(params.data, layout.raw, layout.downloads, root=layout.root, download_query=query)
         run.set_tags({"data_digest": raw_digest(layout, name), "dataset": name})
         run.log_metrics({d: v["images"] for d, v in summary["domains"].items()}, prefix="images.")
         run.log_metrics({d: v["corrupt"] for d, v in summary["domains"].items()}, prefix="corrupt.")

@@ -38,6 +38,7 @@ from xfer.config import Params, flatten
 from xfer.contract import stage_params
 from xfer.io import sha256_file, sha256_json
 from xfer.layout import Layout
+from xfer.redact import redact_url, split_userinfo
 
 PIPELINE_RUN_ENV = "XFER_PIPELINE_RUN_ID"
 TRACKING_URI_ENV = "XFER_TRACKING_URI"
@@ -52,14 +53,8 @@ class TrackingURIError(ValueError):
 
 
 def redacted(uri: str) -> str:
-    """`uri` with any password replaced by ***, for messages and logs."""
-    try:
-        parts = urlparse(uri)
-        if parts.password is None:
-            return uri
-        return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
-    except ValueError:
-        return uri
+    """`uri` with any password or token replaced by ***, for messages and logs (xfer.redact)."""
+    return redact_url(uri)
 
 
 def check_tracking_uri(uri: str) -> str:
@@ -113,9 +108,35 @@ def driver_hint(database: str, driver: str) -> str:
 
 
 def team_tracking_uri() -> str | None:
-    """XFER_TRACKING_URI, checked, or None when it is unset or empty (the project's own store)."""
+    """XFER_TRACKING_URI, checked, or None when it is unset or empty (the project's own store).
+
+    An http(s) URI's user name and password are moved into MLflow's own
+    variables (without_credentials) and the URI comes back without them.
+    """
     value = os.environ.get(TRACKING_URI_ENV, "").strip()
-    return check_tracking_uri(value) if value else None
+    return without_credentials(check_tracking_uri(value)) if value else None
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` without its user:password@, which go to MLFLOW_TRACKING_USERNAME / _PASSWORD instead
+    (a user name alone, https://TOKEN@host, to MLFLOW_TRACKING_TOKEN).
+
+    MLflow sends those as HTTP basic auth; a URI that carried them would be
+    printed ("View run ... at: <uri>"), written into report links and logged.
+    The variables live in this process (and its children) only, never in a file.
+    Database URIs keep theirs: the driver needs it (use ~/.pgpass or PGPASSWORD instead).
+    """
+    if urlparse(uri).scheme.lower() not in ("http", "https"):
+        return uri
+    bare, user, password = split_userinfo(uri)
+    if user is None:
+        return uri
+    if password is None:  # https://TOKEN@host: a bearer token
+        os.environ["MLFLOW_TRACKING_TOKEN"] = user
+    else:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = user
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+    return bare
 
 
 def tracking_uri(layout: Layout) -> str:

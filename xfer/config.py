@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from xfer.redact import redact, redact_url, url_secrets
+
 
 class ConfigError(ValueError):
     """params.yaml is missing, unreadable or invalid."""
@@ -124,6 +126,20 @@ class DataConfig(_Strict):
     target_domain: str = "handwritten"
     digits: DigitsConfig = DigitsConfig()
     split: SplitConfig = SplitConfig()
+
+    @field_validator("dataset")
+    @classmethod
+    def _no_secrets_in_url(cls, value: str) -> str:
+        # params.yaml is recorded in dvc.lock (committed to git), MLflow params and dataset.json.
+        if url_secrets(value):
+            raise ValueError(
+                f"{redact_url(value)!r} carries credentials (the *** parts), and params.yaml is copied into dvc.lock, "
+                "MLflow and data/raw/<name>/dataset.json. Give the URL without them and supply them at download time: "
+                "a user name and password in ~/.netrc (`machine <host> login <user> password <secret>`), or secret "
+                "query parameters in the environment variable XFER_DOWNLOAD_QUERY (e.g. 'token=...&sig=...'), "
+                "which fetch appends to this URL for the request only"
+            )
+        return value
 
     @property
     def source_domains(self) -> tuple[str, ...]:
@@ -493,7 +509,8 @@ def _format_errors(source: str, err: ValidationError) -> str:
             continue
         got = e.get("input")
         # A check across sections (loc is the root) names its values itself: not the whole file.
-        lines.append(f"  {path}: {e['msg']}" + (f" (got {got!r})" if e["loc"] else ""))
+        # Any URL in the value is shown redacted: an error message must not print a token.
+        lines.append(redact(f"  {path}: {e['msg']}" + (f" (got {got!r})" if e["loc"] else "")))
     return "\n".join(lines)
 
 
@@ -525,7 +542,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(redact(f"{path}: not valid YAML: {err}")) from None
     return parse_params(raw, str(path))
 
 

@@ -17,11 +17,20 @@ A .part that survives a failed call (network down for longer than the
 attempts last) is resumed by the next call, e.g. a Prefect task retry: a
 multi-gigabyte archive is never fetched twice because a connection dropped.
 Standard library only (urllib), so the core package needs no new dependency.
+
+Credentials never appear in the URL a caller passes (params.yaml refuses
+them, see xfer/redact.py): a user name and password come from ~/.netrc (or
+the file $NETRC names) for the URL's host, sent as basic auth that no
+redirect carries on; secret query parameters (a token, a signature) come as
+`query` and are appended for the request only. Every message names the URL
+redacted.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
+import netrc
 import os
 import re
 import sys
@@ -36,6 +45,7 @@ from tqdm.auto import tqdm
 from xfer import __version__
 from xfer.io import sha256_file
 from xfer.locks import locked_file
+from xfer.redact import redact, redact_url, with_query
 
 USER_AGENT = f"xfer/{__version__} (dataset download; Python urllib)"
 SCHEMES = ("http", "https")
@@ -69,13 +79,15 @@ def download(
     attempts: int = 5,
     timeout: float = 30.0,
     chunk_size: int = 1 << 20,
+    query: str | None = None,
 ) -> Path:
     """Make `dest` a copy of `url` whose sha256 is `sha256`; returns `dest`.
 
     sha256=None skips the check (the caller decides whether that is allowed) but
     still publishes atomically. Raises DownloadError when every attempt failed
     (the .part is kept for the next call), ChecksumError on a wrong digest (the
-    .part is deleted; an earlier `dest` is left as it was).
+    .part is deleted; an earlier `dest` is left as it was). `query` (``token=...``)
+    is appended to the URL of each request and appears nowhere else.
     """
     check_url(url)
     expected = check_sha256(sha256)
@@ -84,6 +96,7 @@ def download(
     dest = Path(dest)
     if expected is not None and dest.is_file() and sha256_file(dest) == expected:
         return dest
+    target = _Target(with_query(url, query), redact_url(url), netrc_authorization(url))
     dest.parent.mkdir(parents=True, exist_ok=True)
     part_file = part_path(dest)
     with locked_file(part_file, on_wait=lambda: print(f"another process is downloading {part_file}: waiting for it to finish", file=sys.stderr, flush=True)):
@@ -91,21 +104,24 @@ def download(
             # Whoever held the .part may have published a verified dest meanwhile.
             if expected is not None and dest.is_file() and sha256_file(dest) == expected:
                 return dest
-            return _download_locked(url, dest, expected, _PartFile(part_file), attempts, timeout, chunk_size, progress)
+            return _download_locked(target, dest, expected, _PartFile(part_file), attempts, timeout, chunk_size, progress)
         finally:
             if part_file.is_file() and part_file.stat().st_size == 0:
                 part_file.unlink()  # created by the lock, nothing received: nothing to resume
 
 
-def _download_locked(url: str, dest: Path, expected: str | None, part: _PartFile, attempts: int, timeout: float, chunk_size: int, progress: bool) -> Path:
+def _download_locked(
+    target: _Target, dest: Path, expected: str | None, part: _PartFile, attempts: int, timeout: float, chunk_size: int, progress: bool
+) -> Path:
     """download(), once this process holds the lock of the .part."""
     opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    url = target.shown
     failures = []
     for attempt in range(1, attempts + 1):
         if attempt > 1:
             time.sleep(backoff(attempt - 1))
         try:
-            _transfer(opener, url, part, timeout, chunk_size, progress, dest.name)
+            _transfer(opener, target, part, timeout, chunk_size, progress, dest.name)
             break
         except _Retry as e:
             failures.append(f"attempt {attempt}: {e}")
@@ -129,7 +145,7 @@ def _download_locked(url: str, dest: Path, expected: str | None, part: _PartFile
 def check_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme.lower() not in SCHEMES or not parts.netloc:
-        raise ValueError(f"cannot download {url!r}: only http:// and https:// URLs are allowed (a local file is given by its path)")
+        raise ValueError(f"cannot download {redact_url(url)!r}: only http:// and https:// URLs are allowed (a local file is given by its path)")
 
 
 def check_sha256(sha256: str | None) -> str | None:
@@ -164,19 +180,43 @@ class _PartFile:
         self.path.write_bytes(b"")
 
 
+class _Target:
+    """What one download asks for: the URL sent (with any secret query), the URL shown, the Authorization header."""
+
+    def __init__(self, url: str, shown: str, authorization: str | None):
+        self.url, self.shown, self.authorization = url, shown, authorization
+
+
+def netrc_authorization(url: str) -> str | None:
+    """A basic-auth header value from ~/.netrc (or $NETRC) for the URL's host, or None if it has no entry."""
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    if not os.path.isfile(path):
+        return None
+    try:
+        entry = netrc.netrc(path).authenticators(urlsplit(url).hostname or "")
+    except (netrc.NetrcParseError, OSError) as err:
+        # The message names the file and line, never a password.
+        raise DownloadError(f"cannot read the credentials for {redact_url(url)} from {path}: {err}") from None
+    if entry is None:
+        return None
+    login, _, password = entry
+    return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode("ascii")
+
+
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     """urllib would follow a redirect to ftp://; only http(s) is allowed, redirected or not."""
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         if urlsplit(newurl).scheme.lower() not in SCHEMES:
-            raise DownloadError(f"{req.full_url} redirects to {newurl!r}: only http:// and https:// URLs are allowed")
+            raise DownloadError(f"{redact_url(req.full_url)} redirects to {redact_url(newurl)!r}: only http:// and https:// URLs are allowed")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def _transfer(opener, url: str, part: _PartFile, timeout: float, chunk_size: int, progress: bool, desc: str) -> None:
+def _transfer(opener, target: _Target, part: _PartFile, timeout: float, chunk_size: int, progress: bool, desc: str) -> None:
     """One connection: append what the server sends to the .part; _Retry if it stops short."""
     offset = part.size()
-    response = _open(opener, url, offset, timeout)
+    url = target.shown
+    response = _open(opener, target, offset, timeout)
     with response:
         if response.status == 416:
             return _unsatisfiable(response, part, offset)
@@ -189,7 +229,7 @@ def _transfer(opener, url: str, part: _PartFile, timeout: float, chunk_size: int
                 try:
                     block = response.read(chunk_size)
                 except (OSError, http.client.HTTPException) as e:
-                    raise _Retry(f"connection lost after {offset + received} bytes: {e!r}") from e
+                    raise _Retry(redact(f"connection lost after {offset + received} bytes: {e!r}")) from e
                 if not block:
                     break
                 f.write(block)
@@ -199,23 +239,28 @@ def _transfer(opener, url: str, part: _PartFile, timeout: float, chunk_size: int
         raise _Retry(f"connection closed after {offset + received} of {offset + length} bytes")
 
 
-def _open(opener, url: str, offset: int, timeout: float):
+def _open(opener, target: _Target, offset: int, timeout: float):
     """The server's response (416 included); _Retry for what may pass, DownloadError for what will not."""
     headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(target.url, headers=headers)
+    if target.authorization:
+        request.add_unredirected_header("Authorization", target.authorization)  # never sent on to a redirect's host
+    url = target.shown
     try:
-        return opener.open(urllib.request.Request(url, headers=headers), timeout=timeout)
+        return opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and offset:
             return e  # the .part may already be whole: the caller reads Content-Range
         e.close()
         if e.code in RETRYABLE_STATUS:
             raise _Retry(f"HTTP {e.code} {e.reason}") from e
-        raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (not retried)") from e
+        hint = " (give credentials in ~/.netrc or XFER_DOWNLOAD_QUERY)" if e.code in (401, 403) else ""
+        raise DownloadError(f"{url}: HTTP {e.code} {e.reason} (not retried){hint}") from e
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
-        raise _Retry(f"cannot connect: {reason!r}") from e
+        raise _Retry(redact(f"cannot connect: {reason!r}")) from e
 
 
 def _unsatisfiable(response, part: _PartFile, offset: int) -> None:

@@ -34,8 +34,13 @@ REPORT = "validation.json"
 SUMMARY = "dataset.json"
 
 
-def fetch_dataset(cfg: DataConfig, raw_root: Path, downloads: Path, root: Path = Path("."), progress: bool = True) -> dict:
-    """Materialise the dataset `cfg` names under raw_root/<name>; returns dataset.json's content."""
+def fetch_dataset(cfg: DataConfig, raw_root: Path, downloads: Path, root: Path = Path("."), progress: bool = True, download_query: str | None = None) -> dict:
+    """Materialise the dataset `cfg` names under raw_root/<name>; returns dataset.json's content.
+
+    download_query: secret query parameters (``token=...``) for the URL in
+    `cfg.dataset` (not for registry archives, whose hosts must not see them),
+    appended to its requests only, never written.
+    """
     source = resolve_source(cfg)
     check_source(source, root)
     raw_root, downloads = Path(raw_root), Path(downloads)
@@ -43,7 +48,7 @@ def fetch_dataset(cfg: DataConfig, raw_root: Path, downloads: Path, root: Path =
     downloads.mkdir(parents=True, exist_ok=True)
     # Staging beside the downloads (same filesystem: unpacked files are moved, not copied).
     with tempfile.TemporaryDirectory(prefix=".staging-", dir=downloads) as staging, atomic_dir(dest) as out:
-        tree, owned = materialise(source, cfg, root, downloads, Path(staging), progress)
+        tree, owned = materialise(source, cfg, root, downloads, Path(staging), progress, download_query)
         summary = normalise_and_validate(tree, source, cfg, out, move=owned, progress=progress)
         summary["source"] = source.describe()
         write_json(out / SUMMARY, summary)
@@ -51,7 +56,9 @@ def fetch_dataset(cfg: DataConfig, raw_root: Path, downloads: Path, root: Path =
     return summary
 
 
-def materialise(source: DatasetSource, cfg: DataConfig, root: Path, downloads: Path, staging: Path, progress: bool) -> tuple[Path, bool]:
+def materialise(
+    source: DatasetSource, cfg: DataConfig, root: Path, downloads: Path, staging: Path, progress: bool, download_query: str | None = None
+) -> tuple[Path, bool]:
     """The unpacked dataset as a folder, and whether it is ours to move files out of."""
     if source.kind == "digits":
         from xfer.data.digits import write_digits
@@ -69,14 +76,15 @@ def materialise(source: DatasetSource, cfg: DataConfig, root: Path, downloads: P
     tree = staging / "tree"
     tree.mkdir()
     for i, archive in enumerate(source.archives):
-        path = obtain_archive(archive, root, downloads, progress)
+        # Only the user's own URL (not a registry entry's) gets the secret query.
+        path = obtain_archive(archive, root, downloads, progress, download_query if source.entry is None else None)
         unpacked = extract_archive(path, staging / f"archive{i}", max_bytes=max_bytes, progress=progress)
         max_bytes -= tree_size(unpacked)
         merge_into(unpacked, tree)
     return tree, True
 
 
-def obtain_archive(archive: Archive, root: Path, downloads: Path, progress: bool) -> Path:
+def obtain_archive(archive: Archive, root: Path, downloads: Path, progress: bool, query: str | None = None) -> Path:
     """A verified local copy of `archive`: downloaded (resumably) or the user's own file."""
     if not archive.is_url:
         path = local_path(archive.location, root)
@@ -86,12 +94,12 @@ def obtain_archive(archive: Archive, root: Path, downloads: Path, progress: bool
     # Named by digest, so two datasets' `train.tar` never overwrite each other.
     dest = downloads / f"{digest[:16]}-{archive.filename}"
     if archive.sha256 is not None:
-        return download(archive.location, dest, archive.sha256, progress=progress)
+        return download(archive.location, dest, archive.sha256, progress=progress, query=query)
     # md5 only (the publisher gives nothing stronger): download under a name that
     # cannot be mistaken for a verified copy, check, then rename.
     if dest.is_file():
         return dest
-    unverified = download(archive.location, dest.with_name(dest.name + ".unverified"), None, progress=progress)
+    unverified = download(archive.location, dest.with_name(dest.name + ".unverified"), None, progress=progress, query=query)
     try:
         verify(unverified, archive)
     except ChecksumError:

@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from xfer.redact import redact_url
+
 REGISTRY_FILE = Path(__file__).with_name("registry.yaml")
 LOADERS = ("digits", "archive", "torchvision")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar", ".zip")
@@ -67,7 +69,7 @@ class DatasetSource:
         """What dataset.json records about where the data came from."""
         out: dict[str, Any] = {"kind": self.kind, "name": self.name}
         if self.archives:
-            out["archives"] = [{"location": a.location, "sha256": a.sha256} for a in self.archives]
+            out["archives"] = [{"location": redact_url(a.location), "sha256": a.sha256} for a in self.archives]
         if self.folder:
             out["folder"] = self.folder
         return out
