@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.tracking import team_tracking_uri
+from tasks.tracking import check_local_store, team_tracking_uri
 from xfer.config import load_params
 from xfer.contract import STAGE_NAMES, STAGES
 from xfer.layout import Layout
@@ -76,7 +76,9 @@ def check_params(root: str, stages: tuple[str, ...] = STAGE_NAMES) -> bool:
         checks = dict.fromkeys(check for stage in stages for check in STAGES[stage].checks)
         for check in checks:
             resolve(check)(params, Path(root))
-        team_tracking_uri()
+        if team_tracking_uri() is None:
+            # Empty or damaged: stop here, before any stage work (an old schema is migrated by the stage).
+            check_local_store(Layout(Path(root)).mlflow_db, migrate=False)
     except ValueError as err:  # ConfigError and every check's error name the bad value
         print(f"error: {err}", file=sys.stderr)
         return False

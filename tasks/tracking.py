@@ -10,6 +10,12 @@ MLFLOW_TRACKING_URI is deliberately not read: `mlflow.set_tracking_uri`
 exports it to every child process, so it would leak one project's store into
 another's.
 
+The project's sqlite file is checked before MLflow opens it (check_local_store):
+an empty or damaged file stops the stage with what to do, since MLflow would
+otherwise create a fresh store in an empty one and every run and registered
+model would be gone; a store of an older MLflow schema is copied to
+`mlflow.db.schema-<revision>.bak` and then migrated.
+
 Grouping: `flows.pipeline` creates a fresh pipeline run and hands its id to
 the stages through XFER_PIPELINE_RUN_ID. Under `dvc repro` each stage is its
 own process; then the pipeline run is the one keyed by the params and the
@@ -21,8 +27,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -48,8 +56,17 @@ TAG_STAGE = "xfer.stage"
 PARENT_TAG = "mlflow.parentRunId"
 
 
+log = logging.getLogger(__name__)
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 class TrackingURIError(ValueError):
     """XFER_TRACKING_URI names no store MLflow can track to; the message says what is wrong."""
+
+
+class TrackingStoreError(ValueError):
+    """The project's MLflow store file exists but cannot be used as it is; the message says what to do."""
 
 
 def redacted(uri: str) -> str:
@@ -139,9 +156,100 @@ def without_credentials(uri: str) -> str:
     return bare
 
 
+def store_revision(path: Path) -> str | None:
+    """The schema revision of the MLflow sqlite store at `path` (None: no file, or no MLflow tables yet).
+
+    TrackingStoreError, naming the file and what to do, when it exists but is empty,
+    not SQLite or damaged (PRAGMA quick_check: a few ms for a store of a few MB).
+    MLflow would create a new, empty store in a zero-length file: every run and the
+    registry would be gone without a word.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    keep = f"restore it from a backup, or move it away to start a new, empty store (mv {path} {path}.broken); xfer does not touch it until then"
+    if not path.is_file():
+        raise TrackingStoreError(f"the MLflow store {path} is not a file; {keep}")
+    if path.stat().st_size == 0:
+        raise TrackingStoreError(f"the MLflow store {path} is empty (0 bytes): its runs and registered models are gone from it; {keep}")
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise TrackingStoreError(f"the MLflow store {path} is not an SQLite database; {keep}")
+    try:
+        con = sqlite3.connect(str(path))
+        try:
+            check = [row[0] for row in con.execute("PRAGMA quick_check")]
+            if check != ["ok"]:
+                raise TrackingStoreError(f"the MLflow store {path} is damaged ({'; '.join(map(str, check[:3]))}); {keep}")
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as err:
+        raise TrackingStoreError(f"the MLflow store {path} is damaged ({err}); {keep}") from None
+    return row[0] if row else None
+
+
+def check_local_store(path: Path, migrate: bool = True) -> None:
+    """Stop (TrackingStoreError) if the project's store at `path` is empty or damaged; migrate an old schema.
+
+    Before a migration the store is copied whole (SQLite's backup API) to
+    `<name>.schema-<revision>.bak` beside it. A schema this MLflow does not know
+    (written by a newer MLflow) is an error. With `migrate=False` (flows.stages --check)
+    only the file itself is checked: the schema needs alembic, seconds to import.
+    """
+    path = Path(path)
+    revision = store_revision(path)
+    if revision is None or not migrate:
+        return
+    from mlflow.store.db.utils import _get_alembic_config, _get_latest_schema_revision
+
+    head = _get_latest_schema_revision()
+    if revision == head:
+        return
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        known = ScriptDirectory.from_config(_get_alembic_config(db_url="")).get_revision(revision) is not None
+    except CommandError:
+        known = False
+    if not known:
+        raise TrackingStoreError(
+            f"the MLflow store {path} has schema revision {revision}, which this MLflow ({mlflow.__version__}, schema {head}) does not know: "
+            "it was written by a newer MLflow; install that version, or move the store away to start a new one"
+        )
+    backup = path.with_name(f"{path.name}.schema-{revision}.bak")
+    if not backup.exists():
+        tmp = backup.with_name(f".{backup.name}.tmp")
+        tmp.unlink(missing_ok=True)
+        with contextlib.closing(sqlite3.connect(str(path))) as src, contextlib.closing(sqlite3.connect(str(tmp))) as dst:
+            src.backup(dst)
+        os.replace(tmp, backup)
+    log.warning(
+        "the MLflow store %s has schema %s, MLflow %s needs %s: migrating it; the store as it was is kept in %s",
+        path,
+        revision,
+        mlflow.__version__,
+        head,
+        backup,
+    )
+    from mlflow.store.db.utils import _upgrade_db, create_sqlalchemy_engine_with_retry
+
+    engine = create_sqlalchemy_engine_with_retry(f"sqlite:///{path.resolve()}")
+    try:
+        _upgrade_db(engine)
+    finally:
+        engine.dispose()
+
+
 def tracking_uri(layout: Layout) -> str:
-    """The MLflow store every stage writes: XFER_TRACKING_URI if set, else the project's sqlite file."""
-    return team_tracking_uri() or f"sqlite:///{layout.mlflow_db.resolve()}"
+    """The MLflow store every stage writes: XFER_TRACKING_URI if set, else the project's sqlite file (checked first)."""
+    team = team_tracking_uri()
+    if team:
+        return team
+    check_local_store(layout.mlflow_db)
+    return f"sqlite:///{layout.mlflow_db.resolve()}"
 
 
 def use_store(layout: Layout, experiment: str) -> str:
@@ -152,7 +260,7 @@ def use_store(layout: Layout, experiment: str) -> str:
     store's default artifact root (a server's --artifacts-destination).
     """
     team = team_tracking_uri()
-    mlflow.set_tracking_uri(team or tracking_uri(layout))
+    mlflow.set_tracking_uri(tracking_uri(layout))
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
