@@ -353,8 +353,8 @@ def test_killed_finetune_stage_takes_torchrun_and_its_workers_with_it(built, hom
 
         def workers_listening():
             tree = descendants(proc.pid)
-            workers = {p for p in tree if "xfer.finetune_job" in cmdline(p) and "torchrun" not in cmdline(p)}
-            agent = {p for p in tree if "xfer.torchrun" in cmdline(p)}
+            agent = {p for p in tree if "torchrun" in cmdline(p) or "torch.distributed.run" in cmdline(p)}
+            workers = {p for p in tree if "xfer.finetune_job" in cmdline(p)} - agent
             return (tree, agent, workers) if len(workers) >= 2 and agent and listeners(agent) else None
 
         tree, agent, workers = wait_for(workers_listening, 300, "torchrun and two workers", proc)
@@ -387,11 +387,11 @@ def test_temporary_prefect_server_dies_with_its_command_runner(home):
             command = {p for p in tree if "time.sleep(600)" in cmdline(p)}
             return (server, command) if server and command else None
 
-        server, _ = wait_for(server_and_command, 180, "the temporary server and the command", proc)
+        server, command = wait_for(server_and_command, 180, "the temporary server and the command", proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        wait_for(lambda: not any(alive(p) for p in server), 20, "the temporary server to die")
     finally:
         proc.kill()
-    wait_for(lambda: not any(alive(p) for p in server), 20, "the temporary server to die")
-    for pid in naming("time.sleep(600)"):
-        os.kill(pid, signal.SIGKILL)
+        for pid in descendants(proc.pid) | naming("time.sleep(600)"):
+            os.kill(pid, signal.SIGKILL)
