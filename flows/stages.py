@@ -10,6 +10,13 @@ the checks the contract names for that stage, so a bad value fails in well
 under a second, before any output is touched; `--check` (run first by `make
 run` and by the pipeline flow) applies every stage's checks, so a typo in a
 later stage's params stops the first one.
+
+A stage killed by SIGKILL leaves no trace its next run keeps: that run first
+removes the temporary files and staging folders left in its outputs
+(xfer/io.py), marks CRASHED the Prefect flow runs of the stage whose process
+has died (each flow run carries its process in an `xfer.owner:` tag), and
+tasks.tracking marks its orphaned MLflow runs FAILED. The temporary Prefect
+server a stage process starts dies with it.
 """
 
 from __future__ import annotations
@@ -21,15 +28,20 @@ from pathlib import Path
 
 from prefect import flow
 
+from servers.temporary_prefect import start_temporary_server
 from tasks.tracking import check_local_store, team_tracking_uri
 from xfer.config import load_params
 from xfer.contract import STAGE_NAMES, STAGES
+from xfer.io import remove_leftovers
 from xfer.layout import Layout
 from xfer.locks import LockedError, project_lock
+from xfer.procs import is_dead, process_identity
 
 # Exit status of a stage or pipeline refused because another run of the project holds
 # its lock (EX_TEMPFAIL: try again later); bad params exit 2.
 BUSY_EXIT = 75
+# A flow run's tag naming its process: "xfer.owner:<host>:<pid>:<start time>".
+OWNER_TAG = "xfer.owner:"
 
 
 def resolve(target: str):
@@ -41,7 +53,46 @@ def resolve(target: str):
 def _run_stage(stage: str, root: str) -> dict:
     layout = Layout(Path(root))
     params = load_params(layout.params)
+    claim_and_crash_orphans(stage)
+    remove_leftovers([layout.root / out for out in (*STAGES[stage].outs, *STAGES[stage].metrics)])
     return resolve(STAGES[stage].task)(layout, params)
+
+
+def owner_tag() -> str:
+    me = process_identity()
+    return f"{OWNER_TAG}{me['host']}:{me['pid']}:{me['start']}"
+
+
+def claim_and_crash_orphans(stage: str) -> list[str]:
+    """Tag this flow run with its process; mark CRASHED the RUNNING runs of `stage` whose process died.
+
+    Returns the ids of the flow runs marked. A run without the tag (or of
+    another host, or of a live process) is left alone.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import flow_run
+    from prefect.states import Crashed
+
+    crashed = []
+    with get_client(sync_client=True) as client:
+        if flow_run.id:
+            current = client.read_flow_run(flow_run.id)
+            client.update_flow_run(flow_run.id, tags=[*current.tags, owner_tag()])
+        running = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[stage])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
+        )
+        for run in running:
+            owner = next((t.removeprefix(OWNER_TAG) for t in run.tags if t.startswith(OWNER_TAG)), None)
+            if owner is None or str(run.id) == str(flow_run.id):
+                continue
+            host, pid, start = ([""] * 2 + owner.rsplit(":", 2))[-3:]
+            if is_dead(host, pid, start):
+                client.set_flow_run_state(run.id, Crashed(message=f"its process {pid} died (found by the next {stage} run)"), force=True)
+                crashed.append(str(run.id))
+    return crashed
 
 
 def _stage_flow(stage: str):
@@ -102,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with project_lock(args.root):  # before Prefect starts: a busy project is refused in a second
+            start_temporary_server()
             result = STAGE_FLOWS[args.stage](root=args.root)
     except LockedError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from xfer.config import Params
 from xfer.finetune import Classifier, ClassifierSpec, load_classifier, select_device
 from xfer.layout import Layout
 from xfer.plots import save_learning_curves
+from xfer.procs import lifeline, owner_env
 
 
 def log_model(model: Classifier, spec: ClassifierSpec) -> None:
@@ -85,12 +87,23 @@ def finetune(layout: Layout, params: Params) -> dict:
 
 
 def launch_workers(layout: Layout, processes: int) -> None:
-    """torchrun on this machine: `processes` workers of xfer.finetune_job; raises if any fails."""
+    """torchrun on this machine: `processes` workers of xfer.finetune_job; raises if any fails.
+
+    The rendezvous listens on 127.0.0.1 only (xfer/torchrun.py), as do gloo's
+    and NCCL's sockets unless the environment names an interface. torchrun
+    dies with this process (parent-death signal), its workers with torchrun,
+    and a worker whose stage has died writes nothing (xfer/procs.py).
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     command = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
-        "--standalone",
+        "xfer.torchrun",
+        "--nnodes=1",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
         f"--nproc_per_node={processes}",
         "-m",
         "xfer.finetune_job",
@@ -100,4 +113,8 @@ def launch_workers(layout: Layout, processes: int) -> None:
     # Workers are fresh interpreters: they must not start a Prefect server or an MLflow run.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_RUN"))}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
-    subprocess.run(command, check=True, env=env)
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    env.update(owner_env())
+    subprocess.run(command, check=True, env=env, preexec_fn=lifeline())

@@ -46,6 +46,7 @@ from xfer.config import Params, flatten
 from xfer.contract import stage_params
 from xfer.io import sha256_file, sha256_json
 from xfer.layout import Layout
+from xfer.procs import is_dead, process_identity
 from xfer.redact import redact_url, split_userinfo
 
 PIPELINE_RUN_ENV = "XFER_PIPELINE_RUN_ID"
@@ -54,6 +55,12 @@ TAG_KIND = "xfer.kind"
 TAG_PIPELINE_KEY = "xfer.pipeline_key"
 TAG_STAGE = "xfer.stage"
 PARENT_TAG = "mlflow.parentRunId"
+# Who runs a stage's MLflow runs (host, pid, process start time), and for which stage:
+# a run left RUNNING by a killed process is marked FAILED by the next run of that stage.
+TAG_OWNER_STAGE = "xfer.owner.stage"
+TAG_OWNER_HOST = "xfer.owner.host"
+TAG_OWNER_PID = "xfer.owner.pid"
+TAG_OWNER_START = "xfer.owner.start"
 
 
 log = logging.getLogger(__name__)
@@ -360,8 +367,9 @@ def metric_keys(metrics: dict[str, float]) -> dict[str, float]:
 class StageRun:
     """The active MLflow run of one stage, with the timings the benchmark reads."""
 
-    def __init__(self, run: mlflow.ActiveRun):
+    def __init__(self, run: mlflow.ActiveRun, stage: str = ""):
         self.run = run
+        self.stage = stage
         self.run_id = run.info.run_id
         self.work_seconds = 0.0
         self.tags: dict[str, str] = {}
@@ -395,7 +403,8 @@ class StageRun:
     def child_run(self, name: str, params: dict[str, Any], metrics: dict[str, Any]) -> None:
         """A finished child run under this stage's run (one candidate of a search): its params and numbers."""
         # In the stage run's experiment: without it MLflow files the child under the default one.
-        with mlflow.start_run(experiment_id=self.run.info.experiment_id, run_name=name, nested=True, tags={TAG_KIND: "candidate"}):
+        tags = {TAG_KIND: "candidate", **owner_tags(self.stage)}
+        with mlflow.start_run(experiment_id=self.run.info.experiment_id, run_name=name, nested=True, tags=tags):
             mlflow.log_params(params)
             self.log_metrics(metrics)
 
@@ -417,6 +426,35 @@ def loggable_params(section: dict[str, Any]) -> dict[str, Any]:
     return flatten(section)
 
 
+def owner_tags(stage: str) -> dict[str, str]:
+    """Tags naming this process as the owner of a run of `stage`."""
+    me = process_identity()
+    return {TAG_OWNER_STAGE: stage, TAG_OWNER_HOST: me["host"], TAG_OWNER_PID: me["pid"], TAG_OWNER_START: me["start"]}
+
+
+def fail_orphaned_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark FAILED the runs of `stage` left RUNNING by a process that has died; return their ids.
+
+    Only runs whose owner tags name a process on this host that is gone (or whose
+    pid now belongs to another process): a run of a concurrent live process, or
+    one from another machine, is left alone.
+    """
+    client = MlflowClient()
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{TAG_OWNER_STAGE}` = '{stage}'",
+        max_results=1000,
+    )
+    failed = []
+    for run in found:
+        tags = run.data.tags
+        if is_dead(tags.get(TAG_OWNER_HOST), tags.get(TAG_OWNER_PID), tags.get(TAG_OWNER_START)):
+            client.set_tag(run.info.run_id, "xfer.failed_reason", f"its process {tags.get(TAG_OWNER_PID)} died (found by the next {stage} run)")
+            client.set_terminated(run.info.run_id, "FAILED")
+            failed.append(run.info.run_id)
+    return failed
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, layout: Layout, params: Params) -> Iterator[StageRun]:
     """An MLflow run for `stage`, nested under the pipeline run, with the params the
@@ -424,11 +462,12 @@ def stage_run(stage: str, layout: Layout, params: Params) -> Iterator[StageRun]:
     entered = time.perf_counter()
     experiment_id = use_store(layout, params.mlflow.experiment)
     git = git_state(layout.root)
+    fail_orphaned_runs(experiment_id, stage)
     parent = resolve_pipeline_run(layout, params, experiment_id, git)
-    tags = {TAG_KIND: "stage", TAG_STAGE: stage, PARENT_TAG: parent, **git}
+    tags = {TAG_KIND: "stage", TAG_STAGE: stage, PARENT_TAG: parent, **git, **owner_tags(stage)}
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
         mlflow.log_params(loggable_params(stage_params(params, stage)))
-        handle = StageRun(run)
+        handle = StageRun(run, stage)
         yield handle
         # Read after the work: the split stage's own manifest, not the one it replaced.
         if "data_digest" not in handle.tags and (digest := data_digest(layout)):

@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from xfer.heads import EPOCH_VALIDATORS, VALIDATOR_PREFIX, HeadData, build_head,
 from xfer.io import sha256_file, sha256_json, write_json
 from xfer.layout import Layout
 from xfer.metrics import softmax
+from xfer.procs import OWNER_ENV, check_owner, set_parent_death_signal
 from xfer.strategies import PROBE_STARTED
 from xfer.validators import Evidence, Outputs, score
 
@@ -154,6 +156,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
     if device.type == "cuda":
         summary["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if is_main_process():
+        check_owner("write models/finetune")  # a torchrun worker outliving its stage writes nothing
         save_classifier(layout.finetune_dir, model, spec)
         write_json(layout.metrics("finetune"), summary)
         if not keep_checkpoint:
@@ -238,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(Path(args.root))
     params = load_params(layout.params)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if os.environ.get(OWNER_ENV):
+        # A worker of the finetune stage: die with torchrun (which dies with the stage).
+        set_parent_death_signal(signal.SIGKILL)
+        check_owner("start")
     if distributed:
         # gloo on CPUs (and in tests), NCCL between GPUs.
         backend = "nccl" if select_device(params.finetune.device).type == "cuda" else "gloo"
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         # The stage that launched this job removes the checkpoint once it has logged the model.
         result = run(layout, params, progress=True, keep_checkpoint=True)
         if is_main_process():
+            check_owner("write the history")
             write_json(history_path(layout), result.history)
     finally:
         if distributed:

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +28,9 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        fsync_file(tmp_path)
         os.replace(tmp_path, dest)
+        fsync_dir(dest.parent)
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -88,6 +91,38 @@ def naming_no_space(dest: str | Path, tmp: str | Path | None = None, size: int |
         ) from err
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush `path`'s bytes to the disk, so a rename never publishes a file whose data is not there yet."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and folder under `path` (a staged folder, before it is renamed in)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                fsync_file(Path(folder) / name)
+        fsync_dir(folder)
+
+
 def write_bytes(dest: str | Path, data: bytes) -> Path:
     with atomic_path(dest) as tmp, naming_no_space(dest, tmp, len(data)):
         tmp.write_bytes(data)
@@ -133,16 +168,53 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
+        fsync_tree(tmp)
         old = None
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
             os.replace(dest, old / dest.name)
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
         if old is not None:
             shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+# What atomic_path / atomic_dir leave behind when the process is killed mid-write:
+# `.<name>.<8 random characters>.tmp` (a file or a staging folder) or `.old`.
+LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")
+
+
+def remove_leftovers(outputs: list[str | Path] | tuple[str | Path, ...]) -> list[Path]:
+    """Remove what a killed writer left in and beside `outputs`; return what was removed.
+
+    Beside each output only its own temporaries (`.<output name>.*.tmp|old`);
+    inside an output folder, any leftover at any depth. Call it before a stage
+    writes, never while another run of the same stage is writing.
+    """
+    removed: list[Path] = []
+
+    def drop(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+
+    for out in map(Path, outputs):
+        if out.parent.is_dir():
+            for entry in out.parent.iterdir():
+                if entry.name.startswith(f".{out.name}.") and LEFTOVER.match(entry.name):
+                    drop(entry)
+        if out.is_dir() and not out.is_symlink():
+            for folder, dirs, files in os.walk(out):
+                for name in [*dirs, *files]:
+                    if LEFTOVER.match(name):
+                        drop(Path(folder) / name)
+                dirs[:] = [d for d in dirs if not LEFTOVER.match(d)]
+    return removed
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
