@@ -28,7 +28,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from servers.temporary_prefect import start_temporary_server
+from tasks.prefect_server import start_temporary_server
 from tasks.tracking import check_local_store, team_tracking_uri
 from xfer.config import load_params
 from xfer.contract import STAGE_NAMES, STAGES

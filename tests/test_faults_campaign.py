@@ -5,14 +5,12 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY_PARAMS
+from helpers import REPO
 
 DOC = REPO / "docs" / "security.md"
 
@@ -143,31 +141,3 @@ def test_campaign_checker_finds_each_kind_of_damage(faults, tmp_path):
     # A training stage may differ in the last bits: within tolerance it passes, beyond it does not.
     assert faults.close({"acc": [0.5, 1.0]}, {"acc": [0.5 + 1e-12, 1.0]})
     assert not faults.close({"acc": [0.5, 1.0]}, {"acc": [0.51, 1.0]})
-
-
-# About 3 min on a busy 2-core machine (fetch once, split three times, a Prefect server): over
-# this suite's budget, so it runs only when asked; `benchmarks/faults.py --kills 2` is the full check.
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("XFER_FAULTS_CAMPAIGN") != "1", reason="set XFER_FAULTS_CAMPAIGN=1 (about 1-3 min)")
-def test_campaign_kills_split_once_and_the_rerun_matches(faults, tmp_path, prefect_api):
-    """The campaign itself, on the split stage with one kill: the uninterrupted run (fetch, split),
-    a SIGKILL at a seeded point of split's flow, a rerun, every output compared byte for byte. The stages talk to
-    the session's Prefect server, as the script's do to its one server (a temporary server per
-    stage process costs 30-50 s each on a busy 2-core machine)."""
-    root = tmp_path / "project"
-    root.mkdir()
-    faults.copy_project(root, TINY_PARAMS)
-    prefect_home = tmp_path / "prefect"
-    prefect_home.mkdir()
-    env = faults.stage_env(prefect_home, prefect_api)
-    result = faults.campaign(root, env, ["split"], kills=1, seed=3, log=tmp_path / "stages.log", origin="flow")
-    row = result["rows"]["split"]
-    assert set(result["walls_s"]) == {"fetch", "split"}
-    # Seed 3 puts the kill about a quarter into split's flow: the stage was at work when it died.
-    assert row["kills"] == 1 and 0 <= row["delays_s"][0] < result["flow_s"]["split"]
-    assert row["killed_mid_run"] == 1 and row["killed_in_flow"] == 1
-    assert row["failures"] == [], row["failures"]
-    assert row["survived"] == 1 and row["byte_equal"] == 1
-    # The killed process group is gone: no stage process of this project is left running.
-    left = subprocess.run(["pgrep", "-f", f"flows.stages split --root {root}"], capture_output=True, text=True).stdout
-    assert left.strip() == ""
