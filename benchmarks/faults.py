@@ -271,8 +271,9 @@ def running_mlflow_runs(root: Path) -> int:
         return conn.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]
 
 
-def campaign(root: Path, env: dict, stages: list[str], kills: int, seed: int, log: Path, origin: str = "start") -> dict:
-    """The uninterrupted run, then `kills` kill-and-rerun rounds per stage in `stages`."""
+def campaign(root: Path, env: dict, stages: list[str], kills: int, seed: int, log: Path, origin: str = "start", on_stage=None) -> dict:
+    """The uninterrupted run, then `kills` kill-and-rerun rounds per stage in `stages`; `on_stage(result so far)`
+    after each stage's rounds (the results file then holds every finished stage if the campaign is stopped)."""
     ref_root = root.parent / (root.name + "-reference")
     walls, flow_walls, references = {}, {}, {}
     print("uninterrupted run:", file=sys.stderr)
@@ -314,7 +315,9 @@ def campaign(root: Path, env: dict, stages: list[str], kills: int, seed: int, lo
             )
         row["mlflow_running_after"] = running_mlflow_runs(root)
         rows[stage] = row
-    return {"walls_s": walls, "flow_s": flow_walls, "origin": origin, "rows": rows}
+        if on_stage is not None:
+            on_stage({"walls_s": walls, "flow_s": flow_walls, "origin": origin, "rows": rows, "stages": stages})
+    return {"walls_s": walls, "flow_s": flow_walls, "origin": origin, "rows": rows, "stages": stages}
 
 
 def print_table(rows: dict) -> None:
@@ -326,14 +329,16 @@ def print_table(rows: dict) -> None:
         print(f"{stage:<10}{r['kills']:>6}{r['killed_mid_run']:>9}{r['killed_in_flow']:>9}{r['survived']:>10}{r['byte_equal']:>9}  {fails}")
 
 
-def write_results(result: dict, args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(result: dict, args: argparse.Namespace, out: Path = RESULTS) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    unfinished = [s for s in result["stages"] if s not in result["rows"]]
     lines = [
         "# Kill campaign: SIGKILL each stage at a random point, rerun, compare with an uninterrupted run",
         "",
+        *([f"**Partial**: the campaign was stopped before it reached {', '.join(unfinished)}.", ""] if unfinished else []),
         f"`python benchmarks/faults.py --kills {args.kills} --seed {args.seed} --from {args.origin}`, tiny params (tests/helpers.py TINY_PARAMS), "
         f"OMP_NUM_THREADS=1, one shared temporary Prefect server, project-local MLflow sqlite store; "
-        f"campaign wall time {result['campaign_s']:.0f} s on {os.cpu_count()} cores (shared).",
+        f"campaign wall time {result['campaign_s']:.0f} s on {os.cpu_count()} cores.",
         "",
         "Uninterrupted wall time per stage, and in brackets from its flow's start to its exit (the kill delay is uniform "
         f"in [0, {'the first' if args.origin == 'start' else 'the bracketed'} figure) after "
@@ -359,8 +364,8 @@ def write_results(result: dict, args: argparse.Namespace) -> None:
         "MLflow runs left RUNNING: in the store after that stage's last rerun, cumulative over the campaign.",
         "",
     ]
-    (RESULTS / "faults.md").write_text("\n".join(lines))
-    (RESULTS / "faults.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "faults.md").write_text("\n".join(lines))
+    (out / "faults.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -404,8 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     server.start(timeout=120)
     log = base / "stages.log"
     started = time.perf_counter()
+
+    def write_so_far(partial: dict) -> None:
+        if not args.no_write:
+            write_results({**partial, "campaign_s": time.perf_counter() - started, "kills_per_stage": args.kills, "seed": args.seed}, args)
+
     try:
-        result = campaign(root, stage_env(prefect_home, server.api_url), stages, args.kills, args.seed, log, args.origin)
+        result = campaign(root, stage_env(prefect_home, server.api_url), stages, args.kills, args.seed, log, args.origin, write_so_far)
     finally:
         server.stop()
         if not args.keep:

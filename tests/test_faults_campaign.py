@@ -141,3 +141,20 @@ def test_campaign_checker_finds_each_kind_of_damage(faults, tmp_path):
     # A training stage may differ in the last bits: within tolerance it passes, beyond it does not.
     assert faults.close({"acc": [0.5, 1.0]}, {"acc": [0.5 + 1e-12, 1.0]})
     assert not faults.close({"acc": [0.5, 1.0]}, {"acc": [0.51, 1.0]})
+
+
+def test_a_stopped_campaign_writes_its_finished_stages_and_says_it_is_partial(faults, tmp_path):
+    """The results file is written after each stage's rounds: a campaign stopped early leaves a file
+    that holds the finished stages and names the ones it never reached; a finished one says nothing of the kind."""
+    import argparse
+
+    args = argparse.Namespace(kills=3, seed=0, origin="flow")
+    row = {"kills": 3, "killed_mid_run": 3, "killed_in_flow": 3, "survived": 3, "byte_equal": 3, "failures": [], "mlflow_running_after": 0}
+    partial = {"walls_s": {"fetch": 1.0, "split": 2.0}, "flow_s": {"fetch": 0.5, "split": 1.0}, "origin": "flow",
+               "rows": {"fetch": row}, "stages": ["fetch", "split"], "campaign_s": 9.0}  # fmt: skip
+    faults.write_results(partial, args, tmp_path)
+    text = (tmp_path / "faults.md").read_text()
+    assert "**Partial**: the campaign was stopped before it reached split." in text and "| fetch | 3 | 3 | 3 | 3 | 3 | 0 | - |" in text
+    assert json.loads((tmp_path / "faults.json").read_text())["rows"].keys() == {"fetch"}
+    faults.write_results({**partial, "rows": {"fetch": row, "split": row}}, args, tmp_path)
+    assert "Partial" not in (tmp_path / "faults.md").read_text()
