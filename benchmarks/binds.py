@@ -14,7 +14,7 @@ tcp6), prints them, and stops it. docs/security.md states the results.
   model_server       `mlflow models serve` as the README runs it, and without --host
   torchrun           tasks/finetune.py launch_workers' command, workers replaced by a sleep
   dask               tasks/runners.py's local Dask cluster (its cluster_kwargs)
-  ray                tasks/runners.py's local Ray instance (its init_kwargs)
+  ray                tasks/runners.py's local Ray instance (shard_runner, its init_kwargs)
 
 Linux only. Needs the dask and ray extras for the last two.
 """
@@ -210,9 +210,9 @@ def dask(tmp: Path) -> dict:
 
 def ray(tmp: Path) -> dict:
     code = (
-        "from tasks.runners import task_runner\nfrom xfer.config import RunnerConfig\n"
-        "r = task_runner(RunnerConfig(kind='ray', workers=1))\n"
-        "import ray, time\nray.init(**r.init_kwargs)\ntime.sleep(600)\n"
+        "from tasks.runners import shard_runner\nfrom xfer.config import RunnerConfig\n"
+        "import ray, time\nwith shard_runner(RunnerConfig(kind='ray', workers=1)) as r:\n"
+        "    ray.init(**r.init_kwargs)\n    time.sleep(600)\n"
     )
     return probe(_py(code), wait_for=4, timeout=180)
 

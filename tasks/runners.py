@@ -111,6 +111,9 @@ def shard_runner(cfg: RunnerConfig) -> Iterator[TaskRunner]:
             os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
             with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
                 yield task_runner(cfg)
+        elif cfg.kind == "ray" and not cfg.address:
+            loopback_only_ray()
+            yield task_runner(cfg)
         else:
             yield task_runner(cfg)
     finally:
@@ -154,3 +157,21 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
             "runtime_env": {"env_vars": env},
         }
     )
+
+
+def loopback_only_ray() -> None:
+    """Make a local Ray instance started from this process listen on 127.0.0.1 only.
+
+    Ray turns a loopback `_node_ip_address` into the machine's own address, then
+    its GCS, raylet and agents listen there and on all interfaces. With Ray's
+    "clusters" switch off (the variable is named for macOS and Windows, where
+    it is off by default) the node's address is 127.0.0.1 and every daemon binds
+    loopback, as benchmarks/binds.py measures (docs/security.md). A local
+    instance is one machine, so nothing is lost. The daemons inherit the
+    variable (shard_runner removes it afterwards); Ray's constant is set too,
+    for this process, in case Ray was imported before the variable was set.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -77,19 +78,24 @@ def test_loopback_claims_match_the_commands_the_code_runs():
 
 
 def test_runner_addresses_match_the_page():
-    """tasks/runners.py's local clusters: Dask's host is loopback as the page says; Ray's node address is
-    127.0.0.1, which the page must not present as loopback-only (measured: Ray binds all interfaces)."""
-    from tasks.runners import task_runner
+    """tasks/runners.py's local clusters are started as the page says: Dask with a loopback host; Ray with
+    a loopback node address and its cluster switch off while the shards run (else Ray binds all interfaces)."""
+    from tasks.runners import shard_runner, task_runner
     from xfer.config import RunnerConfig
 
     rows = bind_table()
     dask = task_runner(RunnerConfig(kind="dask", workers=1))
     assert dask.cluster_kwargs["host"] == "127.0.0.1" and dask.cluster_kwargs["dashboard_address"] is None
     assert loopback_only(rows["local Dask cluster"]) and "127.0.0.1:8787" in rows["local Dask cluster"]
-    ray = task_runner(RunnerConfig(kind="ray", workers=1))
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    with shard_runner(RunnerConfig(kind="ray", workers=1)) as ray:
+        assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+        import ray._private.ray_constants as ray_constants
+
+        assert ray_constants.ENABLE_RAY_CLUSTER is False
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ, "the stage's environment is as it was"
     assert ray.init_kwargs["_node_ip_address"] == "127.0.0.1" and ray.init_kwargs["include_dashboard"] is False
-    assert "_node_ip_address" in rows["local Ray instance"] and not loopback_only(rows["local Ray instance"])
-    assert "`::`" in rows["local Ray instance"] and "`0.0.0.0`" in rows["local Ray instance"]
+    assert loopback_only(rows["local Ray instance"]) and "`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`" in DOC.read_text()
 
 
 def test_torchrun_row_follows_the_launch_command():

@@ -87,8 +87,8 @@ def listeners(pids: set[int]) -> set[tuple[str, int]]:
             cols = line.split()
             if cols[3] == "0A" and cols[9] in inodes:
                 addr, port = cols[1].split(":")
-                if len(addr) == 8:
-                    shown = ".".join(str(b) for b in bytes.fromhex(addr)[::-1])
+                if len(addr) == 8 or addr.startswith("0000000000000000FFFF0000"):  # IPv4, or IPv4-mapped IPv6
+                    shown = ".".join(str(b) for b in bytes.fromhex(addr[-8:])[::-1])
                 else:
                     shown = "::" if set(addr) == {"0"} else "ipv6:" + addr
                 found.add((shown, int(port, 16)))
@@ -395,3 +395,41 @@ def test_temporary_prefect_server_dies_with_its_command_runner(home):
         proc.kill()
         for pid in descendants(proc.pid) | naming("time.sleep(600)"):
             os.kill(pid, signal.SIGKILL)
+
+
+# When each local cluster is up, by what its processes run: Dask's two worker processes (spawned by
+# its nannies, which live inside the stage process); Ray's daemons (started by ray.init) and a worker
+# (started by the raylet).
+CLUSTER_UP = {
+    "dask": lambda names: sum("multiprocessing.spawn" in n for n in names) >= 2,
+    "ray": lambda names: all(any(m in n for n in names) for m in ("gcs_server", "raylet")) and any("ray::" in n or "default_worker" in n for n in names),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CLUSTER_UP))
+def test_killed_features_stage_takes_its_local_cluster_with_it(built, home, tmp_path, tiny_params, kind):
+    """As the OOM killer would: SIGKILL the features stage process only, while its local Dask cluster
+    or Ray instance is up: it listened on 127.0.0.1 only; every process below it dies too, and no
+    features output appears afterwards."""
+    tiny_params["features"].update(batch_size=8, shard_rows=8, runner={"kind": kind, "workers": 2})
+    root = copy_project(built, tmp_path / "project", tiny_params)
+    for out in ("data/features", "data/feature-cache"):
+        shutil.rmtree(root / out)
+
+    proc = start_stage("features", root, home)
+    try:
+
+        def cluster_up():
+            return CLUSTER_UP[kind]([cmdline(p) for p in descendants(proc.pid)])
+
+        wait_for(cluster_up, 300, f"the local {kind} cluster", proc)
+        tree = descendants(proc.pid)  # as late as possible: whatever the cluster started by now
+        # Every listener of the stage and its cluster: loopback only (docs/security.md).
+        assert {addr for addr, _ in listeners(tree | {proc.pid})} == {"127.0.0.1"}, listeners(tree | {proc.pid})
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    wait_for(lambda: not any(alive(p) for p in tree), 60, f"orphans {[cmdline(p)[:200] for p in tree if alive(p)]}")
+    time.sleep(2)
+    assert not (root / "data" / "features").exists(), "nothing is published after the stage died"
