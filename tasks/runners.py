@@ -140,7 +140,8 @@ def task_runner(cfg: RunnerConfig) -> TaskRunner:
                 "threads_per_worker": 1,
                 "processes": True,
                 "host": "127.0.0.1",
-                # No dashboard: nothing to look at in a batch job, and no port to collide on.
+                # No dashboard pages: nothing to look at in a batch job. The scheduler still serves its
+                # health and metrics routes on 127.0.0.1:8787, or a random port if taken (docs/security.md).
                 "dashboard_address": None,
                 "env": env,
             },
