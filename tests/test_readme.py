@@ -42,7 +42,19 @@ def test_a_default_run_reproduces_the_committed_one(tmp_path, prefect_api):
 
 @pytest.mark.parametrize(
     "name",
-    ["default_run", "startup", "adaptation", "selection", "selection_linear", "suggest_labels", "head_search", "features", "finetune", "finetune_throughput", "faults"],
+    [
+        "default_run",
+        "startup",
+        "adaptation",
+        "selection",
+        "selection_linear",
+        "suggest_labels",
+        "head_search",
+        "features",
+        "finetune",
+        "finetune_throughput",
+        "faults",
+    ],
 )
 def test_readme_benchmark_tables_are_the_ones_the_scripts_wrote(name):
     """benchmarks/<name>.py writes results/<name>.md; the README shows that file, unedited."""
