@@ -398,11 +398,12 @@ def test_temporary_prefect_server_dies_with_its_command_runner(home):
 
 
 # When each local cluster is up, by what its processes run: Dask's two worker processes (spawned by
-# its nannies, which live inside the stage process); Ray's daemons (started by ray.init) and a worker
-# (started by the raylet).
+# its nannies, which live inside the stage process); Ray's daemons (started by ray.init), a worker
+# and the two agents (started by the raylet; the agents are the last to exit, so they must be there).
+RAY_PROCESSES = ("gcs_server", "raylet", "dashboard/agent.py", "runtime_env/agent")
 CLUSTER_UP = {
     "dask": lambda names: sum("multiprocessing.spawn" in n for n in names) >= 2,
-    "ray": lambda names: all(any(m in n for n in names) for m in ("gcs_server", "raylet")) and any("ray::" in n or "default_worker" in n for n in names),
+    "ray": lambda names: all(any(m in n for n in names) for m in RAY_PROCESSES) and any("ray::" in n or "default_worker" in n for n in names),
 }
 
 
