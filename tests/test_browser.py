@@ -204,9 +204,13 @@ def test_prefect_ui_lists_the_flow_run(browser, ui):
         page.goto(ui["prefect"] + "/runs", wait_until="domcontentloaded")
         link = page.get_by_role("link", name=run["name"], exact=True)
         link.wait_for()
-        # The list names the flow beside the run, and its state.
-        text = page.locator(".state-list-item").filter(has=link).inner_text()
-        assert "fetch" in text and "Completed" in text and "1 Task run" in text, text
+        # The list names the flow beside the run, its state and its task runs. The row appears
+        # before its flow name and task-run count arrive (each its own request): wait for them.
+        from playwright.sync_api import expect
+
+        item = page.locator(".state-list-item").filter(has=link)
+        for shown in ("fetch", "Completed", "1 Task run"):
+            expect(item).to_contain_text(shown, timeout=30_000)
         shot(page, "prefect-flow-runs.png")
 
 
