@@ -319,6 +319,7 @@ def logistic_regression_accuracy(fs: feats.FeatureSet) -> float:
 
 
 REFERENCE_METHODS = ("dann", "cdan", "mcc")
+REFERENCE_STEPS = 1500
 BOTTLENECK_DIM = 256
 BATCH_PER_DOMAIN = 32
 
@@ -358,7 +359,7 @@ def _standardised_over_both(fs: feats.FeatureSet) -> tuple[tuple[torch.Tensor, t
     return (scale(xs), torch.as_tensor(ys, dtype=torch.long)), scale(xt), (scale(x_test), y_test)
 
 
-def reference_recipe_accuracy(fs: feats.FeatureSet, method: str, seed: int, steps: int = 1500) -> float:
+def reference_recipe_accuracy(fs: feats.FeatureSet, method: str, seed: int, steps: int = REFERENCE_STEPS) -> float:
     """The usual adaptation recipe on frozen features, with xfer's loss for `method`; target test accuracy.
 
     Bottleneck + linear classifier, SGD (momentum 0.9, weight decay 1e-3) at

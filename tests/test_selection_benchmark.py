@@ -1,0 +1,64 @@
+"""benchmarks/selection.py's reference comparison: xfer's head on the reference's step budget, gaps paired by seed."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+sys.path.insert(0, str(REPO))
+from benchmarks.selection import epochs_for_steps, paired_gap  # noqa: E402
+from xfer.config import HeadConfig  # noqa: E402
+from xfer.heads import HeadData, head_epochs  # noqa: E402
+
+
+@pytest.mark.parametrize(("rows", "batch", "steps", "epochs"), [(1540, 32, 1500, 31), (1259, 32, 1500, 38), (64, 32, 1500, 750), (10, 32, 3, 3)])
+def test_epochs_for_steps_is_the_fewest_that_reach_the_budget(rows, batch, steps, epochs):
+    assert epochs_for_steps(rows, batch, steps) == epochs
+
+
+def test_a_head_trained_for_those_epochs_takes_at_least_the_reference_steps_and_one_epoch_fewer_does_not():
+    """Counted on xfer's own training loop, by a global optimizer step hook."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(100, 4)).astype(np.float32), rng.integers(0, 2, 100)
+    data = HeadData(source_train=(x, y), source_val=(x[:10], y[:10]))
+    budget = 20
+    epochs = epochs_for_steps(len(x), 32, budget)
+
+    def steps(n_epochs: int) -> int:
+        cfg = HeadConfig(
+            kind="linear",
+            method="source_only",
+            feature_norm="none",
+            epochs=n_epochs,
+            batch_size=32,
+            optimizer="sgd",
+            lr_schedule="inverse_decay",
+            selection="last",
+        )
+        calls = 0
+
+        def count(*_):
+            nonlocal calls
+            calls += 1
+
+        hook = register_optimizer_step_post_hook(count)
+        try:
+            for _ in head_epochs(cfg, data, 2, seed=0):
+                pass
+        finally:
+            hook.remove()
+        return calls
+
+    assert steps(epochs) >= budget > steps(epochs - 1)
+
+
+def test_paired_gap_is_the_mean_seed_difference_and_its_standard_error():
+    per_seed = {"0": {"xfer_mcc": 0.70, "reference_mcc": 0.72}, "1": {"xfer_mcc": 0.75, "reference_mcc": 0.74}, "2": {"xfer_mcc": 0.80, "reference_mcc": 0.78}}
+    gap, se = paired_gap({"per_seed": per_seed}, "mcc")
+    diffs = np.array([-0.02, 0.01, 0.02])
+    assert gap == pytest.approx(diffs.mean())
+    assert se == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
