@@ -62,3 +62,47 @@ def test_paired_gap_is_the_mean_seed_difference_and_its_standard_error():
     diffs = np.array([-0.02, 0.01, 0.02])
     assert gap == pytest.approx(diffs.mean())
     assert se == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+
+
+def constructed_result(xfer_rows: str | None) -> dict:
+    """One task, two seeds: what benchmarks/selection.py writes, with numbers chosen here."""
+    from xfer.config import VALIDATOR_NAMES
+
+    seeds = {
+        str(s): {
+            "xfer_dann": 0.60 + s / 100,
+            "reference_dann": 0.61,
+            "xfer_cdan": 0.70,
+            "reference_cdan": 0.69,
+            "xfer_mcc": 0.80,
+            "reference_mcc": 0.80 - s / 50,
+        }
+        for s in (0, 1)
+    }
+    validator = {"kept": 0.7, "raw": 0.7, "fell_back": 0.0, "spearman": 0.5}
+    task = {
+        "source_only": 0.5,
+        "default": 0.7,
+        "oracle": 0.8,
+        "logistic_regression": 0.51,
+        "validators": dict.fromkeys(VALIDATOR_NAMES, validator),
+        "per_seed": seeds,
+    }
+    task |= {k: float(np.mean([r[k] for r in seeds.values()])) for k in seeds["0"]}
+    meta = {"backbone": "b", "seeds": [0, 1], "candidates": 7, "head": HeadConfig().model_dump(), "machine": "m", "seconds": 1.0}
+    if xfer_rows is not None:
+        meta["xfer_rows"] = xfer_rows
+    return {"meta": meta, "tasks": {"digits": task}}
+
+
+def test_the_reference_table_shows_xfer_rows_with_their_paired_gap_only_when_written_under_the_current_definition():
+    from benchmarks.selection import XFER_ROWS, markdown
+
+    row = next(line for line in markdown(constructed_result(XFER_ROWS)).splitlines() if line.startswith("| digits | 0.500 | 0.510 |"))
+    # dann: xfer 0.605 (0.60, 0.61) vs 0.61: -0.005 ± 0.005; mcc: 0.80 vs 0.79: +0.010 ± 0.010.
+    assert "| 0.605 | 0.610 | -0.005 ± 0.005 |" in row and "| 0.800 | 0.790 | +0.010 ± 0.010 |" in row, row
+
+    old = markdown(constructed_result(None))
+    row = next(line for line in old.splitlines() if line.startswith("| digits | 0.500 | 0.510 |"))
+    assert "0.605" not in row and "| - | 0.610 | - |" in row, row
+    assert "written before xfer's rows took the reference's terms" in old
