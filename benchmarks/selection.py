@@ -294,10 +294,12 @@ def markdown(result: dict) -> str:
 def rules_of(result: dict, params: Params) -> dict:
     """Recompute `pick` and `default` for params.yaml's head.method and head.selection from the stored
     per-validator figures: valid only while the candidates (the rest of the head section) are the ones trained."""
-    trained = {k: v for k, v in result["meta"]["head"].items() if k not in ("method", "selection")}
-    now = {k: v for k, v in params.head.model_dump().items() if k not in ("method", "selection")}
+    # search_processes only says how many candidates train side by side: not what they are.
+    free = ("method", "selection", "search_processes")
+    trained = {k: v for k, v in result["meta"]["head"].items() if k not in free}
+    now = {k: v for k, v in params.head.model_dump().items() if k not in free}
     if trained != now:
-        changed = sorted(k for k in now if now[k] != trained.get(k))
+        changed = sorted(k for k in now.keys() | trained.keys() if now.get(k) != trained.get(k))
         raise SystemExit(f"--render: params.yaml's head section differs from the trained candidates' in {changed}: run the benchmark again")
     for task in result["tasks"].values():
         for row in [task, *task["per_seed"].values()]:
