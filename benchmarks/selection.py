@@ -184,9 +184,9 @@ def epochs_for_steps(rows: int, batch_size: int, steps: int) -> int:
     return -(-steps // -(-rows // batch_size))
 
 
-def paired_gap(task: dict, method: str) -> tuple[float, float]:
-    """xfer minus reference for `method`, mean over seeds and its standard error (paired by seed)."""
-    diffs = np.array([r[f"xfer_{method}"] - r[f"reference_{method}"] for r in task["per_seed"].values()])
+def paired_gap(task: dict, key: str, minus: str) -> tuple[float, float]:
+    """Row `key` minus row `minus`, paired by seed: the mean over seeds and its standard error."""
+    diffs = np.array([r[key] - r[minus] for r in task["per_seed"].values()])
     return float(diffs.mean()), float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
 
 
@@ -222,7 +222,8 @@ def run_task(name: str, params: Params, seeds: list[int], reference: bool) -> di
 
 def markdown(result: dict) -> str:
     meta, tasks = result["meta"], result["tasks"]
-    names = list(tasks)
+    order = list(shift_tasks.TASKS)  # the json's keys are sorted; the tables keep the tasks' own order
+    names = sorted(tasks, key=lambda n: order.index(n) if n in order else len(order))
     lines = [
         f"Target test accuracy of a head on frozen {meta['backbone']} features, mean over seeds {', '.join(map(str, meta['seeds']))}, "
         f"{len(names)} two-domain tasks (benchmarks/shift_tasks.py). `head.method: auto` searches {meta['candidates']} candidates; "
@@ -269,18 +270,21 @@ def markdown(result: dict) -> str:
             "Reference rows on the same features (seed means): xfer's source-only head against a scikit-learn logistic regression, "
             "and xfer's head per method (params.yaml's head section with that method, as many epochs as make the reference's "
             "1,500 steps, its last epoch) against the reference recipe "
-            "(bottleneck + BatchNorm, SGD, 1,500 steps, last iterate; shift_tasks.py). Under each method, xfer minus reference "
-            "paired by seed: mean ± standard error over the seeds; the seed-to-seed spread of either recipe is often larger than the gap.",
+            "(bottleneck + BatchNorm, SGD, 1,500 steps, last iterate; shift_tasks.py). Each difference column is paired by seed: "
+            "mean ± standard error over the seeds (logistic regression has no seed; the head's seeds make its spread). "
+            "A difference within two standard errors of zero is within seed noise.",
             "",
-            "| task | source-only | logistic regression | " + " | ".join(f"xfer {m} | reference {m} | xfer - reference" for m in methods) + " |",
-            "|---|---:|---:|" + "---:|---:|---:|" * len(methods),
+            "| task | source-only | logistic regression | source-only - logistic regression | "
+            + " | ".join(f"xfer {m} | reference {m} | xfer - reference" for m in methods) + " |",
+            "|---|---:|---:|---:|" + "---:|---:|---:|" * len(methods),
         ]
         for n in names:
             r = tasks[n]
-            cells = [f"{r['source_only']:.3f}", f"{r['logistic_regression']:.3f}"]
+            gap, se = paired_gap(r, "source_only", "logistic_regression")
+            cells = [f"{r['source_only']:.3f}", f"{r['logistic_regression']:.3f}", f"{gap:+.3f} ± {se:.3f}"]
             for m in methods:
                 if current:
-                    gap, se = paired_gap(r, m)
+                    gap, se = paired_gap(r, f"xfer_{m}", f"reference_{m}")
                     cells += [f"{r[f'xfer_{m}']:.3f}", f"{r[f'reference_{m}']:.3f}", f"{gap:+.3f} ± {se:.3f}"]
                 else:
                     cells += ["-", f"{r[f'reference_{m}']:.3f}", "-"]

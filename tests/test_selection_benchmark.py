@@ -58,7 +58,7 @@ def test_a_head_trained_for_those_epochs_takes_at_least_the_reference_steps_and_
 
 def test_paired_gap_is_the_mean_seed_difference_and_its_standard_error():
     per_seed = {"0": {"xfer_mcc": 0.70, "reference_mcc": 0.72}, "1": {"xfer_mcc": 0.75, "reference_mcc": 0.74}, "2": {"xfer_mcc": 0.80, "reference_mcc": 0.78}}
-    gap, se = paired_gap({"per_seed": per_seed}, "mcc")
+    gap, se = paired_gap({"per_seed": per_seed}, "xfer_mcc", "reference_mcc")
     diffs = np.array([-0.02, 0.01, 0.02])
     assert gap == pytest.approx(diffs.mean())
     assert se == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
@@ -76,15 +76,15 @@ def constructed_result(xfer_rows: str | None) -> dict:
             "reference_cdan": 0.69,
             "xfer_mcc": 0.80,
             "reference_mcc": 0.80 - s / 50,
+            "source_only": 0.49 + s / 50,
+            "logistic_regression": 0.51,
         }
         for s in (0, 1)
     }
     validator = {"kept": 0.7, "raw": 0.7, "fell_back": 0.0, "spearman": 0.5}
     task = {
-        "source_only": 0.5,
         "default": 0.7,
         "oracle": 0.8,
-        "logistic_regression": 0.51,
         "validators": dict.fromkeys(VALIDATOR_NAMES, validator),
         "per_seed": seeds,
     }
@@ -99,10 +99,12 @@ def test_the_reference_table_shows_xfer_rows_with_their_paired_gap_only_when_wri
     from benchmarks.selection import XFER_ROWS, markdown
 
     row = next(line for line in markdown(constructed_result(XFER_ROWS)).splitlines() if line.startswith("| digits | 0.500 | 0.510 |"))
-    # dann: xfer 0.605 (0.60, 0.61) vs 0.61: -0.005 ± 0.005; mcc: 0.80 vs 0.79: +0.010 ± 0.010.
+    # source-only 0.50 (0.49, 0.51) vs 0.51: -0.010 ± 0.010; dann: xfer 0.605 (0.60, 0.61) vs 0.61: -0.005 ± 0.005;
+    # mcc: 0.80 vs 0.79: +0.010 ± 0.010.
+    assert row.startswith("| digits | 0.500 | 0.510 | -0.010 ± 0.010 |"), row
     assert "| 0.605 | 0.610 | -0.005 ± 0.005 |" in row and "| 0.800 | 0.790 | +0.010 ± 0.010 |" in row, row
 
     old = markdown(constructed_result(None))
     row = next(line for line in old.splitlines() if line.startswith("| digits | 0.500 | 0.510 |"))
-    assert "0.605" not in row and "| - | 0.610 | - |" in row, row
+    assert "0.605" not in row and "| - | 0.610 | - |" in row and "| -0.010 ± 0.010 |" in row, row
     assert "written before xfer's rows took the reference's terms" in old
