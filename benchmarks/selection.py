@@ -48,7 +48,7 @@ from benchmarks import shift_tasks  # noqa: E402
 from xfer.config import VALIDATOR_NAMES, HeadConfig, Params, load_params  # noqa: E402
 from xfer.head_search import Candidate, candidate_grid, judge  # noqa: E402
 from xfer.head_stage import head_data  # noqa: E402
-from xfer.heads import add_ensv, head_epochs, pick_epoch, predict_proba, selection_evidence, train_head  # noqa: E402
+from xfer.heads import add_ensv, head_epochs, pick_epoch, predict_proba, selection_evidence, steps_per_epoch, train_head  # noqa: E402
 from xfer.io import write_json, write_text  # noqa: E402
 from xfer.validators import Outputs  # noqa: E402
 
@@ -180,8 +180,8 @@ XFER_ROWS = "params head, method set, reference steps, last epoch"
 
 
 def epochs_for_steps(rows: int, batch_size: int, steps: int) -> int:
-    """The fewest epochs of a head (xfer.heads: a short last batch is a step too) that take at least `steps` steps."""
-    return -(-steps // -(-rows // batch_size))
+    """The fewest epochs of a head that take at least `steps` steps."""
+    return -(-steps // steps_per_epoch(rows, batch_size))
 
 
 def paired_gap(task: dict, key: str, minus: str) -> tuple[float, float]:

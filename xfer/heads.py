@@ -119,6 +119,11 @@ def build_head(cfg: HeadConfig, in_dim: int, num_classes: int) -> HeadNet:
     return HeadNet(in_dim, num_classes, cfg.kind, cfg.hidden_dim, cfg.dropout, cfg.domain_norm, cfg.feature_norm)
 
 
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    """Optimizer steps in one epoch of a head: a short last batch is a step too."""
+    return -(-rows // batch_size)
+
+
 def scheduled_lr(cfg: HeadConfig, step: int, total_steps: int) -> float:
     """The learning rate of 1-based step `step` of `total_steps`: constant, or inverse_decay
     lr * (1 + 10 p) ** -0.75 with p = step / total_steps (lr * 11 ** -0.75 at the last step)."""
@@ -252,8 +257,7 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
     opt = build_optimizer(cfg, params)
     weight = class_weights(data.source_train[1], num_classes) if cfg.class_balanced else None
     gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = -(-len(x) // cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch(len(x), cfg.batch_size)
 
     # Without target rows (a source-only head from the Python API) there is nothing to validate on.
     if evidence is None and xt is not None:
