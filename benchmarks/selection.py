@@ -275,7 +275,8 @@ def markdown(result: dict) -> str:
             "A difference within two standard errors of zero is within seed noise.",
             "",
             "| task | source-only | logistic regression | source-only - logistic regression | "
-            + " | ".join(f"xfer {m} | reference {m} | xfer - reference" for m in methods) + " |",
+            + " | ".join(f"xfer {m} | reference {m} | xfer - reference" for m in methods)
+            + " |",
             "|---|---:|---:|---:|" + "---:|---:|---:|" * len(methods),
         ]
         for n in names:
