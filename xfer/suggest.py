@@ -20,18 +20,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xfer.validators.base import PCA_DIMS, entropy_rows
+from xfer.validators.base import PCA_DIMS, entropy_rows, pca_for
 
 
 def project(features: np.ndarray, seed: int, dims: int = PCA_DIMS) -> np.ndarray:
     """The first `dims` principal components of `features` (fewer when there are fewer rows)."""
     x = np.asarray(features, dtype=np.float64)
-    dims = min(dims, len(x) - 1)
-    if x.shape[1] <= dims or dims < 1:
-        return x
-    from sklearn.decomposition import PCA
-
-    return PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(x)
+    pca = pca_for(x, seed, dims)
+    return x if pca is None else pca.fit_transform(x)
 
 
 # Which row of a cluster is suggested: the most uncertain (the default), or the most typical.

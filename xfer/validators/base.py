@@ -17,6 +17,17 @@ import numpy as np
 PCA_DIMS = 64
 
 
+def pca_for(x: np.ndarray, seed: int, dims: int = PCA_DIMS):
+    """An unfitted PCA keeping the first `dims` components of rows `x` (as many as there are rows,
+    less one, on a small set), or None when that would keep every column anyway."""
+    dims = min(dims, len(x) - 1)
+    if x.shape[1] <= dims or dims < 1:
+        return None
+    from sklearn.decomposition import PCA
+
+    return PCA(dims, svd_solver="randomized", random_state=seed)
+
+
 @dataclass(frozen=True)
 class Outputs:
     """One candidate's class probabilities on the unlabelled target rows and on source val."""
@@ -68,15 +79,10 @@ class Evidence:
         1,000+-wide backbone features, and the leading components carry the
         domain and class structure both look for.
         """
-        from sklearn.decomposition import PCA
-
         rows = [self.source_val_features if self.source_train_features is None else self.source_train_features, self.target_features]
         x = np.concatenate(rows).astype(np.float64)
-        # A small dataset (fewer rows than PCA_DIMS) keeps as many components as it has rows.
-        dims = min(PCA_DIMS, len(x) - 1)
-        if x.shape[1] <= dims or dims < 1:
-            return Projection(None)
-        return Projection(PCA(dims, svd_solver="randomized", random_state=self.seed).fit(x))
+        pca = pca_for(x, self.seed)
+        return Projection(None if pca is None else pca.fit(x))
 
     @cached_property
     def importance_weights(self) -> np.ndarray:
