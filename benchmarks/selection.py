@@ -163,13 +163,28 @@ def evaluate_seed(params: Params, fs, seed: int, reference: bool) -> dict:
     return row
 
 
-def xfer_method_accuracy(params: Params, fs, method: str, seed: int) -> float:
+def xfer_method_config(head: dict, method: str, epochs: int | None = None) -> HeadConfig | None:
+    """The head section `head` with `head.method: <method>`, validated like params.yaml; None where
+    that section refuses the method (DANN and CDAN align hidden features, which a linear head lacks)."""
+    from pydantic import ValidationError
+
+    update = {"method": method, "selection": "last"} | ({"epochs": epochs} if epochs else {})
+    try:
+        return HeadConfig(**(head | update))
+    except ValidationError:
+        return None
+
+
+def xfer_method_accuracy(params: Params, fs, method: str, seed: int) -> float | None:
     """xfer's head as params.yaml has it with `head.method: <method>`, on the reference recipe's terms:
     as many epochs as make its step count (shift_tasks.REFERENCE_STEPS), the last epoch kept (the
-    reference keeps its last iterate). What is compared is the training, not a budget or a selection rule."""
+    reference keeps its last iterate). What is compared is the training, not a budget or a selection rule.
+    None where the head section cannot take the method."""
     data = head_data(fs)
     epochs = epochs_for_steps(len(data.source_train[1]), params.head.batch_size, shift_tasks.REFERENCE_STEPS)
-    cfg = params.head.model_copy(update={"method": method, "selection": "last", "epochs": epochs})
+    cfg = xfer_method_config(params.head.model_dump(), method, epochs)
+    if cfg is None:
+        return None
     head, _ = train_head(cfg, data, shift_tasks._num_classes(fs), seed)
     x, y = shift_tasks.target_test(fs)
     return float((predict_proba(head, x, "target").argmax(1) == y).mean())
@@ -197,6 +212,8 @@ def mean_over_seeds(rows: list[dict]) -> dict:
     for key, value in first.items():
         if isinstance(value, dict):
             out[key] = mean_over_seeds([r[key] for r in rows])
+        elif value is None:
+            out[key] = None  # a row this head cannot have (see xfer_method_config)
         elif isinstance(value, bool):
             out[key] = float(np.mean([r[key] for r in rows]))  # the fraction of seeds
         elif isinstance(value, (int, float)):
@@ -284,12 +301,16 @@ def markdown(result: dict) -> str:
             gap, se = paired_gap(r, "source_only", "logistic_regression")
             cells = [f"{r['source_only']:.3f}", f"{r['logistic_regression']:.3f}", f"{gap:+.3f} ± {se:.3f}"]
             for m in methods:
-                if current:
+                if xfer_method_config(meta["head"], m) is None:
+                    cells += ["n/a", f"{r[f'reference_{m}']:.3f}", "n/a"]
+                elif current:
                     gap, se = paired_gap(r, f"xfer_{m}", f"reference_{m}")
                     cells += [f"{r[f'xfer_{m}']:.3f}", f"{r[f'reference_{m}']:.3f}", f"{gap:+.3f} ± {se:.3f}"]
                 else:
                     cells += ["-", f"{r[f'reference_{m}']:.3f}", "-"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        if refused := [m for m in methods if xfer_method_config(meta["head"], m) is None]:
+            lines += ["", f"n/a: this head section refuses head.method {' and '.join(refused)} (kind {meta['head']['kind']}: no hidden features to align)."]
         if not current:
             lines += ["", "`-`: these results were written before xfer's rows took the reference's terms; run the benchmark again for them."]
     lines += ["", f"Machine: {meta['machine']}; {meta['seconds']:.0f} s in all. Written by `benchmarks/selection.py`."]

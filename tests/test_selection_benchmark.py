@@ -64,7 +64,7 @@ def test_paired_gap_is_the_mean_seed_difference_and_its_standard_error():
     assert se == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
 
 
-def constructed_result(xfer_rows: str | None) -> dict:
+def constructed_result(xfer_rows: str | None, **head) -> dict:
     """One task, two seeds: what benchmarks/selection.py writes, with numbers chosen here."""
     from xfer.config import VALIDATOR_NAMES
 
@@ -89,7 +89,7 @@ def constructed_result(xfer_rows: str | None) -> dict:
         "per_seed": seeds,
     }
     task |= {k: float(np.mean([r[k] for r in seeds.values()])) for k in seeds["0"]}
-    meta = {"backbone": "b", "seeds": [0, 1], "candidates": 7, "head": HeadConfig().model_dump(), "machine": "m", "seconds": 1.0}
+    meta = {"backbone": "b", "seeds": [0, 1], "candidates": 7, "head": HeadConfig().model_dump() | head, "machine": "m", "seconds": 1.0}
     if xfer_rows is not None:
         meta["xfer_rows"] = xfer_rows
     return {"meta": meta, "tasks": {"digits": task}}
@@ -108,3 +108,17 @@ def test_the_reference_table_shows_xfer_rows_with_their_paired_gap_only_when_wri
     row = next(line for line in old.splitlines() if line.startswith("| digits | 0.500 | 0.510 |"))
     assert "0.605" not in row and "| - | 0.610 | - |" in row and "| -0.010 ± 0.010 |" in row, row
     assert "written before xfer's rows took the reference's terms" in old
+
+
+def test_rows_a_head_section_refuses_render_as_not_applicable():
+    """A linear head has no hidden features for DANN or CDAN to align: params.yaml refuses those
+    methods on it, so their xfer cells say so instead of showing a head that did not adapt."""
+    from benchmarks.selection import XFER_ROWS, markdown, xfer_method_config
+
+    assert xfer_method_config(HeadConfig().model_dump() | {"kind": "linear"}, "dann") is None
+    assert xfer_method_config(HeadConfig().model_dump() | {"kind": "linear"}, "mcc").method == "mcc"
+    assert xfer_method_config(HeadConfig().model_dump(), "cdan", epochs=31).epochs == 31
+    text = markdown(constructed_result(XFER_ROWS, kind="linear"))
+    row = next(line for line in text.splitlines() if line.startswith("| digits | 0.500 | 0.510 |"))
+    assert "| n/a | 0.610 | n/a | n/a | 0.690 | n/a | 0.800 | 0.790 | +0.010 ± 0.010 |" in row, row
+    assert "refuses head.method dann and cdan" in text
