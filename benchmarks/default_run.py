@@ -46,6 +46,12 @@ METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 # its figures as far as fine-tuning's (the candidates' kept accuracies on the digits
 # span 0.50 to 0.75, benchmarks/results/selection.md); not yet measured across CPUs.
 TOLERANCE = {"head": 0.12, "finetune": 0.12, "fusion": 0.12}
+# oneDNN, which runs the backbone's convolutions, picks its kernels by the CPU's instruction
+# set: on a CPU with AVX-512 (an AMD EPYC Zen 5 among these machines) it runs other kernels
+# than on an AVX2 one, and the features differ in their last bits. Held to AVX2, which every
+# x86 CPU these runs meet has, the features are the same bytes on any of them; this script and
+# tests/test_readme.py run the chain so.
+ONEDNN_ISA = "AVX2"
 
 
 def sha256(path: Path) -> str:
@@ -76,12 +82,14 @@ def machine() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "not set"),
     }
 
 
 def exact_outputs(root: Path) -> dict:
     """Digests of the outputs that are the same bytes on any x86 CPU: the manifest (which
-    names every image's own sha256) and the cached features of the main backbone."""
+    names every image's own sha256) and the cached features of the main backbone (with
+    oneDNN held to ONEDNN_ISA)."""
     from xfer import features as feats
     from xfer.layout import Layout
 
@@ -118,8 +126,10 @@ def markdown(result: dict, other: dict | None) -> str:
         "```",
         "",
         "Reproduced bit for bit on any x86 CPU, and checked so by `tests/test_readme.py`: the images of "
-        "`data/raw`, the manifest (sha256 `{}`) and the cached features (sha256 `{}`).".format(
-            result["exact"]["manifest_sha256"][:12], result["exact"]["features_sha256"][:12]
+        "`data/raw`, the manifest (sha256 `{}`) and, with oneDNN held to {} (`ONEDNN_MAX_CPU_ISA`, as this "
+        "script and the test run the chain), the cached features (sha256 `{}`); without that, a CPU with "
+        "AVX-512 computes features that differ in their last bits.".format(
+            result["exact"]["manifest_sha256"][:12], ONEDNN_ISA, result["exact"]["features_sha256"][:12]
         ),
         "Reproduced within a tolerance on another CPU kind: every figure above, within "
         + ", ".join(f"±{t:.2f} ({model})" for model, t in TOLERANCE.items())
@@ -145,6 +155,7 @@ def markdown(result: dict, other: dict | None) -> str:
 def run(root: Path) -> dict:
     from flows.pipeline import pipeline
 
+    os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISA  # the stage processes inherit it
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     pipeline(root=str(root))
     eval_json = json.loads((root / "metrics" / "eval.json").read_text())
