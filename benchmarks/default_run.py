@@ -1,6 +1,8 @@
 """The default run: the pipeline on params.yaml, and what of it reproduces on another CPU.
 
     .venv/bin/python benchmarks/default_run.py [--root DIR] [--other results/default_run_other_cpu.json]
+    .venv/bin/python benchmarks/default_run.py --out-json results/default_run_other_cpu.json   # on another CPU kind
+    .venv/bin/python benchmarks/default_run.py --render --other results/default_run_other_cpu.json
 
 Runs the whole chain (flows/pipeline.py, the stages `make run` runs) on the
 project's params.yaml in a scratch folder (or --root), then writes
@@ -143,7 +145,8 @@ def markdown(result: dict, other: dict | None) -> str:
         lines += [
             "",
             f"Measured: this run against the same params on {other['machine']['cpu']} "
-            f"(its kernels: {other['machine'].get('cpu_capability', 'not recorded')}); the largest difference per model over every split and metric:",
+            f"(its kernels: {other['machine'].get('cpu_capability', 'not recorded')}, oneDNN held to "
+            f"{other['machine'].get('onednn_max_cpu_isa', 'not recorded')}); the largest difference per model over every split and metric:",
             "",
             "| model | largest difference | tolerance |",
             "|---|---:|---:|",
@@ -162,17 +165,21 @@ def run(root: Path) -> dict:
     return {"machine": machine(), "eval": figures(eval_json), "exact": exact_outputs(root), "tolerance": TOLERANCE}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, help="run in this folder (kept); default: a scratch folder")
     parser.add_argument("--other", type=Path, help="the .json this script wrote on another CPU kind, for the table of differences")
-    parser.add_argument("--render", action="store_true", help="run nothing: write the .md again from the committed .json")
-    args = parser.parse_args()
+    parser.add_argument("--render", action="store_true", help="run nothing: write the .md again from the committed .json (and --other's differences into it)")
+    parser.add_argument("--out-json", type=Path, help="write this run's .json here and nothing else: the file --other reads, made on another CPU kind")
+    args = parser.parse_args(argv)
     other = json.loads(args.other.read_text()) if args.other else None
     if args.render:
-        from xfer.io import write_text
+        from xfer.io import write_json, write_text
 
         result = json.loads((RESULTS / "default_run.json").read_text())
+        if other is not None:
+            result["other_cpu"] = {"machine": other["machine"], "largest_difference": differences(result["eval"], other["eval"])}
+            write_json(RESULTS / "default_run.json", result)
         other = other or ({"machine": result["other_cpu"]["machine"], "eval": None} if "other_cpu" in result else None)
         write_text(RESULTS / "default_run.md", markdown(result, other))
         return 0
@@ -184,6 +191,10 @@ def main() -> int:
             result = run(Path(tmp))
     from xfer.io import write_json, write_text
 
+    if args.out_json:
+        write_json(args.out_json, result)
+        print(f"wrote {args.out_json}: pass it as --other where the committed run's CPU kind is")
+        return 0
     if other is not None:
         result["other_cpu"] = {"machine": other["machine"], "largest_difference": differences(result["eval"], other["eval"])}
     write_json(RESULTS / "default_run.json", result)

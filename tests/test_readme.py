@@ -82,3 +82,29 @@ def test_the_selection_benchmark_covers_six_shifts_and_the_shipped_rule():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     assert params["head"]["selection"] != "target_val" and params["finetune"].get("selection") != "target_val"
     assert result["meta"]["head"]["selection"] == params["head"]["selection"]
+
+
+def test_render_with_another_cpus_run_writes_the_differences_into_both_files(tmp_path, monkeypatch):
+    """`default_run.py --render --other F`: the committed .json gains other_cpu (the largest difference
+    per model, F's machine) and the .md its table; nothing is trained."""
+    import default_run
+
+    committed = json.loads((REPO / "benchmarks" / "results" / "default_run.json").read_text())
+    committed.pop("other_cpu", None)
+    other = json.loads(json.dumps(committed))
+    other["machine"] = {"cpu": "Another CPU", "cpu_capability": "AVX512", "onednn_max_cpu_isa": "AVX2"}
+    other["eval"]["finetune"]["target_test"]["accuracy"] -= 0.05
+    other["eval"]["fusion"]["target_val"]["macro_f1"] += 0.02
+    monkeypatch.setattr(default_run, "RESULTS", tmp_path)
+    (tmp_path / "default_run.json").write_text(json.dumps(committed))
+    (tmp_path / "other.json").write_text(json.dumps(other))
+
+    assert default_run.main(["--render", "--other", str(tmp_path / "other.json")]) == 0
+    written = json.loads((tmp_path / "default_run.json").read_text())
+    assert written["other_cpu"]["machine"]["cpu"] == "Another CPU"
+    assert written["other_cpu"]["largest_difference"] == pytest.approx({"finetune": 0.05, "fusion": 0.02, "head": 0.0})
+    assert written["eval"] == committed["eval"], "the committed figures stay the committed run's"
+    md = (tmp_path / "default_run.md").read_text()
+    assert "on Another CPU (its kernels: AVX512, oneDNN held to AVX2)" in md
+    assert "| finetune | 0.050 | 0.12 |" in md and "| head | 0.000 | 0.12 |" in md
+    assert "Not yet measured" not in md
