@@ -25,7 +25,9 @@ Rows per task (means over seeds):
   reference method, xfer's head with that method, the reference's step
   count and its last epoch.
 Also each validator's Spearman correlation with target test accuracy over
-the candidates (each at the epoch that validator keeps).
+the candidates (each at the epoch that validator keeps), and the temperature
+sweep of soft_info_max with its leave-one-task-out choice
+(benchmarks/soft_temperature.py).
 
 Writes benchmarks/results/selection.{md,json}.
 """
@@ -44,7 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks import shift_tasks  # noqa: E402
+from benchmarks import shift_tasks, soft_temperature  # noqa: E402
 from xfer.config import VALIDATOR_NAMES, HeadConfig, Params, load_params  # noqa: E402
 from xfer.head_search import Candidate, candidate_grid, judge  # noqa: E402
 from xfer.head_stage import head_data  # noqa: E402
@@ -147,6 +149,7 @@ def evaluate_seed(params: Params, fs, seed: int, reference: bool) -> dict:
         "source_only": source_only.test_accuracy[pick_epoch("source_val", source_only.history) - 1],
         "oracle": max(max(r.test_accuracy) for r in runs),
         "validators": {v: replay(runs, evidence, v) for v in VALIDATOR_NAMES},
+        "soft_temperature": soft_temperature.sweep([[o.target for o in r.outputs] for r in runs], [r.test_accuracy for r in runs]),
         "search_seconds": trained,
     }
     default = next((r for r in runs if same_config(r.candidate.config, params.head.model_copy(update={"selection": base.selection}))), None)
@@ -278,6 +281,8 @@ def markdown(result: dict) -> str:
         fell = np.mean([r["validators"][v]["fell_back"] for r in rows])
         rho = np.mean([r["validators"][v]["spearman"] for r in rows])
         lines.append(f"| {v} | {worst:+.3f} | {worst_raw:+.3f} | {gap:.3f} | {fell:.0%} | {rho:+.2f} |")
+    if all("soft_temperature" in tasks[n] for n in names):
+        lines += ["", *soft_temperature.markdown({n: tasks[n]["soft_temperature"] for n in names})]
     if all("logistic_regression" in tasks[n] for n in names):
         methods = shift_tasks.REFERENCE_METHODS
         # Older results hold xfer rows of another definition (best knob on target test): not shown as these.

@@ -30,10 +30,13 @@ def test_the_grid_is_source_only_then_each_searched_method_with_its_knobs_grid()
 def test_the_guard_needs_a_majority_of_target_aware_validators():
     names = list(GUARD_VALIDATORS)
     assert "source_val" not in names  # blind to the shift: it would always vote for source-only
+    assert "info_max" in names and "soft_info_max" not in names  # one criterion, one vote
     for wins, trusted in ((len(names) // 2, False), (len(names) // 2 + 1, True)):
         scores = {n: np.array([0.0, 1.0 if i < wins else -1.0]) for i, n in enumerate(names)}
         verdict = guard_verdict(scores, pick=1, baseline=0)
         assert verdict["for_adapted"] == wins and verdict["adapted_trusted"] is trusted
+    one_short = {n: np.array([0.0, 1.0 if i < len(names) // 2 else -1.0]) for i, n in enumerate(names)}
+    assert not guard_verdict(one_short | {"soft_info_max": np.array([0.0, 1.0])}, pick=1, baseline=0)["adapted_trusted"]
     tie = guard_verdict({n: np.zeros(2) for n in names}, pick=1, baseline=0)
     assert tie["for_adapted"] == 0 and not tie["adapted_trusted"]
 

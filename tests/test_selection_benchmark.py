@@ -122,3 +122,40 @@ def test_rows_a_head_section_refuses_render_as_not_applicable():
     row = next(line for line in text.splitlines() if line.startswith("| digits | 0.500 | 0.510 |"))
     assert "| n/a | 0.610 | n/a | n/a | 0.690 | n/a | 0.800 | 0.790 | +0.010 ± 0.010 |" in row, row
     assert "refuses head.method dann and cdan" in text
+
+
+def test_leave_one_task_out_chooses_each_temperature_on_the_other_tasks_only():
+    """Task c alone would choose T=2; held out, it gets the T the others choose (1) and its own accuracy there."""
+    from benchmarks.soft_temperature import leave_one_task_out
+
+    acc = {"a": {1.0: 0.6, 2.0: 0.5}, "b": {1.0: 0.7, 2.0: 0.7}, "c": {1.0: 0.1, 2.0: 0.9}}
+    loo = leave_one_task_out(acc)
+    assert loo["c"] == {"chosen": 1.0, "held_out": 0.1}
+    assert loo["a"] == {"chosen": 2.0, "held_out": 0.5}  # b and c: 0.4 at T=1, 0.8 at T=2
+    assert loo["b"] == {"chosen": 2.0, "held_out": 0.7}  # a and c: 0.35 against 0.7
+
+
+def test_the_temperature_pick_takes_each_candidates_best_epoch_then_the_best_candidate():
+    from benchmarks.soft_temperature import pick
+
+    def rows(margin, n=50, classes=4):
+        logits = np.zeros((n, classes))
+        logits[np.arange(n), np.arange(n) % classes] = margin
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True)
+
+    # Candidate 0's best epoch is its first (margin 6); candidate 1 reaches margin 8 at its second
+    # epoch and keeps it at the third: ties go to the later epoch.
+    targets = [[rows(6), rows(3)], [rows(2), rows(8), rows(8)]]
+    assert pick(targets, 1.0) == (1, 2)
+    assert pick([[rows(5)], [rows(5)]], 2.0) == (0, 0)  # a tie between candidates goes to the earlier
+
+
+def test_the_temperature_table_names_what_the_other_tasks_choose():
+    from benchmarks.soft_temperature import markdown
+
+    tasks = {"a": {"1.0": 0.6, "2.0": 0.5}, "b": {"1.0": 0.7, "2.0": 0.7}, "c": {"1.0": 0.1, "2.0": 0.9}}
+    rows = {line.split(" | ")[0].strip("| *"): line for line in markdown(tasks) if line.startswith("| ")}
+    assert rows["c"].endswith("| 1 | 0.100 |") and rows["a"].endswith("| 2 | 0.500 |")
+    assert rows["mean"].endswith("| | 0.433 |")  # (0.5 + 0.7 + 0.1) / 3
+    assert any("Chosen on all 3 tasks together: T = 2" in line for line in markdown(tasks))

@@ -55,7 +55,7 @@ def test_entropy_prefers_confident_target_predictions():
     assert s[1] > s[0]
 
 
-@pytest.mark.parametrize("name", ["info_max", "bnm"])
+@pytest.mark.parametrize("name", ["info_max", "soft_info_max", "bnm"])
 def test_diversity_aware_validators_rank_a_collapsed_model_last(name):
     """All rows in one class with certainty has the lowest entropy; these two must see through it."""
     e = evidence()
@@ -64,6 +64,47 @@ def test_diversity_aware_validators_rank_a_collapsed_model_last(name):
     diverse = Outputs(target=onehot(y, 0.95), source_val=onehot(e.source_val_labels))
     assert score("entropy", [diverse, collapsed], e).argmax() == 1  # the trap
     assert score(name, [diverse, collapsed], e).argmax() == 0
+
+
+def margin_rows(labels, margin, classes=10):
+    """Probabilities whose labelled class leads every other by `margin` logits."""
+    logits = np.zeros((len(labels), classes))
+    logits[np.arange(len(labels)), labels] = margin
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+def test_soft_info_max_sees_margins_where_info_max_has_saturated():
+    """Two balanced models, every target row at margin 12 or every row at 20: info_max can hardly
+    tell them apart (row entropies 7e-4 and 4e-7), the softened reading prefers the wider margins
+    clearly."""
+    e = evidence()
+    y = np.arange(200) % 10
+    sv = margin_rows(e.source_val_labels, 5)
+    narrow = Outputs(target=margin_rows(y, 12), source_val=sv)
+    wide = Outputs(target=margin_rows(y, 20), source_val=sv)
+    plain, soft = score("info_max", [narrow, wide], e), score("soft_info_max", [narrow, wide], e)
+    assert plain[1] - plain[0] < 1e-3
+    assert soft[1] - soft[0] > 0.05
+    # The trade it reads differently: every row at margin 8, against nine rows in ten at 20 and the
+    # tenth barely decided (margin 1). info_max sees only the undecided rows; the softened reading
+    # also sees how far the other nine sit from the boundary.
+    moderate = Outputs(target=margin_rows(y, 8), source_val=sv)
+    torn = margin_rows(y, 20)
+    torn[::10] = margin_rows(y[::10], 1)
+    mixed = Outputs(target=torn, source_val=sv)
+    assert score("info_max", [moderate, mixed], e).argmax() == 0
+    assert score("soft_info_max", [moderate, mixed], e).argmax() == 1
+
+
+def test_softening_divides_each_margin_by_the_temperature():
+    from xfer.validators.soft_info_max import soften
+
+    p = margin_rows(np.array([3, 7]), 9.0)
+    q = soften(p, 2.0)
+    assert np.allclose(np.log(q[[0, 1], [3, 7]]) - np.log(q[:, 0]), 4.5)
+    assert np.allclose(q.sum(1), 1) and (q.argmax(1) == p.argmax(1)).all()
+    assert np.allclose(soften(p, 1.0), p)
 
 
 def test_snd_prefers_predictions_that_form_dense_neighbourhoods():

@@ -257,14 +257,14 @@ ADAPTATION_METHODS = ("source_only", "coral", "mmd", "dann", "cdan", "mcc", "sel
 FEATURE_ALIGNING_METHODS = ("coral", "mmd", "dann", "cdan")
 AdaptationMethod = Literal["source_only", "coral", "mmd", "dann", "cdan", "mcc", "self_training"]
 # Label-free validators (xfer/validators/, one file each; a test checks the two lists agree).
-VALIDATOR_NAMES = ("source_val", "entropy", "info_max", "bnm", "snd", "dev", "class_ami", "ensv")
+VALIDATOR_NAMES = ("source_val", "entropy", "info_max", "soft_info_max", "bnm", "snd", "dev", "class_ami", "ensv")
 # What registry.metric may name: a classification metric on target val (reads its labels), or
 # a validator with one figure per model (ensv has none: it scores candidates against their mean).
 PROMOTION_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 PROMOTION_VALIDATORS = tuple(name for name in VALIDATOR_NAMES if name != "ensv")
 # Which epoch (or search candidate) is kept: a validator, the `last` epoch, or the oracle
 # `target_val` (reads target labels, reported as such).
-Selection = Literal["source_val", "entropy", "info_max", "bnm", "snd", "dev", "class_ami", "ensv", "last", "target_val"]
+Selection = Literal["source_val", "entropy", "info_max", "soft_info_max", "bnm", "snd", "dev", "class_ami", "ensv", "last", "target_val"]
 
 
 # A plain linear head on source features (AdamW at a constant lr, 60 epochs, the epoch by
@@ -384,7 +384,7 @@ class FinetuneConfig(_Strict):
     patience: int | None = Field(None, ge=1)
     # Which epoch is kept (epoch 0 = the start): the last, the best by a validator (label-free;
     # not ensv, which would hold every epoch's weights), by source val, or the oracle target_val.
-    selection: Literal["source_val", "entropy", "info_max", "bnm", "snd", "dev", "class_ami", "last", "target_val"] = "last"
+    selection: Literal["source_val", "entropy", "info_max", "soft_info_max", "bnm", "snd", "dev", "class_ami", "last", "target_val"] = "last"
     # Each epoch, every validator scores the model on at most this many unlabelled target rows
     # (a seeded sample, the same each epoch): a prediction pass over them per epoch.
     validator_rows: int = Field(512, ge=10, le=1_000_000)

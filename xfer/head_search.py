@@ -33,9 +33,11 @@ GRID: dict[str, tuple[str, tuple[float, ...]]] = {
     "cdan": ("adapt_weight", (0.3, 1.0, 3.0)),
 }
 BASELINE = "source_only"
-# The validators that vote in the guard: label-free ones that look at the target.
-# source_val is left out: it cannot see the shift, so it always sides with source-only.
-GUARD_VALIDATORS = tuple(n for n in VALIDATOR_NAMES if n != "source_val")
+# The validators that vote in the guard: label-free ones that look at the target, one vote per criterion.
+# source_val is left out: it cannot see the shift, so it always sides with source-only;
+# soft_info_max too: it is info_max's criterion read at another temperature, and two votes for one
+# criterion would outweigh the others.
+GUARD_VALIDATORS = tuple(n for n in VALIDATOR_NAMES if n not in ("source_val", "soft_info_max"))
 
 
 CandidateCallback = Callable[[int, int, str, dict], None]

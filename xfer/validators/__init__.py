@@ -20,12 +20,14 @@ from xfer.validators.ensv import ensv
 from xfer.validators.entropy import entropy
 from xfer.validators.info_max import info_max
 from xfer.validators.snd import snd
+from xfer.validators.soft_info_max import soft_info_max
 from xfer.validators.source_val import source_val
 
 VALIDATORS: dict[str, Validator] = {
     "source_val": source_val,
     "entropy": entropy,
     "info_max": info_max,
+    "soft_info_max": soft_info_max,
     "bnm": bnm,
     "snd": snd,
     "dev": dev,

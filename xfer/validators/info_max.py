@@ -11,8 +11,13 @@ import numpy as np
 from xfer.validators.base import Evidence, Outputs, entropy_rows, per_candidate
 
 
+def information(probs: np.ndarray) -> float:
+    """Entropy of the mean prediction minus the mean entropy of each row."""
+    p = np.asarray(probs, dtype=np.float64)
+    return float(entropy_rows(p.mean(0, keepdims=True))[0]) - float(entropy_rows(p).mean())
+
+
 @per_candidate
 def info_max(c: Outputs, e: Evidence) -> float:
     """Entropy of the mean target prediction minus the mean entropy of each."""
-    diversity = float(entropy_rows(np.asarray(c.target, dtype=np.float64).mean(0, keepdims=True))[0])
-    return diversity - float(entropy_rows(c.target).mean())
+    return information(c.target)
