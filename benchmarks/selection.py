@@ -257,13 +257,15 @@ def markdown(result: dict) -> str:
         "| task | source-only | default | " + " | ".join(VALIDATOR_NAMES) + " | oracle |",
         "|---|---:|---:|" + "---:|" * (len(VALIDATOR_NAMES) + 1),
     ]
+    # A validator added after these results were written has no figures in them: shown as `-`.
+    written = [v for v in VALIDATOR_NAMES if all(v in tasks[n]["validators"] for n in names)]
     for name in names + ["mean"]:
         rows = [tasks[n] for n in names] if name == "mean" else [tasks[name]]
         avg = lambda f: float(np.mean([f(r) for r in rows]))  # noqa: E731
         cells = [avg(lambda r: r["source_only"]), avg(lambda r: r.get("default", np.nan))]
-        cells += [avg(lambda r, v=v: r["validators"][v]["kept"]) for v in VALIDATOR_NAMES] + [avg(lambda r: r["oracle"])]
+        cells += [avg(lambda r, v=v: r["validators"][v]["kept"]) if v in written else None for v in VALIDATOR_NAMES] + [avg(lambda r: r["oracle"])]
         label = "**mean**" if name == "mean" else name
-        lines.append(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        lines.append(f"| {label} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
     lines += [
         "",
         "Negative transfer and the guard: per validator, the worst task's kept accuracy minus source-only's "
@@ -273,7 +275,7 @@ def markdown(result: dict) -> str:
         "| validator | worst (kept - source-only) | worst before the guard | mean (oracle - kept) | guard fell back | Spearman |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for v in VALIDATOR_NAMES:
+    for v in written:
         rows = [tasks[n] for n in names]
         worst = min(r["validators"][v]["kept"] - r["source_only"] for r in rows)
         worst_raw = min(r["validators"][v]["raw"] - r["source_only"] for r in rows)
@@ -281,6 +283,8 @@ def markdown(result: dict) -> str:
         fell = np.mean([r["validators"][v]["fell_back"] for r in rows])
         rho = np.mean([r["validators"][v]["spearman"] for r in rows])
         lines.append(f"| {v} | {worst:+.3f} | {worst_raw:+.3f} | {gap:.3f} | {fell:.0%} | {rho:+.2f} |")
+    if missing := [v for v in VALIDATOR_NAMES if v not in written]:
+        lines += ["", f"`-`: {', '.join(missing)} came after these results were written; run the benchmark again for them."]
     if all("soft_temperature" in tasks[n] for n in names):
         lines += ["", *soft_temperature.markdown({n: tasks[n]["soft_temperature"] for n in names})]
     if all("logistic_regression" in tasks[n] for n in names):

@@ -159,3 +159,19 @@ def test_the_temperature_table_names_what_the_other_tasks_choose():
     assert rows["c"].endswith("| 1 | 0.100 |") and rows["a"].endswith("| 2 | 0.500 |")
     assert rows["mean"].endswith("| | 0.433 |")  # (0.5 + 0.7 + 0.1) / 3
     assert any("Chosen on all 3 tasks together: T = 2" in line for line in markdown(tasks))
+
+
+def test_results_written_before_a_validator_existed_render_it_as_missing():
+    """--render on an older .json (no soft_info_max figures): a `-` column and a line saying why, not a KeyError."""
+    from benchmarks.selection import XFER_ROWS, markdown
+
+    result = constructed_result(XFER_ROWS)
+    del result["tasks"]["digits"]["validators"]["soft_info_max"]
+    text = markdown(result)
+    header = next(line for line in text.splitlines() if line.startswith("| task | source-only | default |"))
+    row = next(line for line in text.splitlines() if line.startswith("| digits | 0.500 | 0.700 |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[cols.index("soft_info_max")] == "-" and cells[cols.index("info_max")] == "0.700"
+    assert "soft_info_max came after these results were written" in text
+    assert "| soft_info_max |" not in text.split("Negative transfer")[1].split("Reference rows")[0]
