@@ -169,13 +169,22 @@ def evaluate_seed(params: Params, fs, seed: int, reference: bool) -> dict:
 def xfer_method_config(head: dict, method: str, epochs: int | None = None) -> HeadConfig | None:
     """The head section `head` with `head.method: <method>`, validated like params.yaml; None where
     that section refuses the method (DANN and CDAN align hidden features, which a linear head lacks)."""
+    return None if method_refusal(head, method, epochs) else HeadConfig(**(head | method_update(method, epochs)))
+
+
+def method_update(method: str, epochs: int | None) -> dict:
+    return {"method": method, "selection": "last"} | ({"epochs": epochs} if epochs else {})
+
+
+def method_refusal(head: dict, method: str, epochs: int | None = None) -> str | None:
+    """Why the head section `head` refuses `head.method: <method>` (its validation message), or None."""
     from pydantic import ValidationError
 
-    update = {"method": method, "selection": "last"} | ({"epochs": epochs} if epochs else {})
     try:
-        return HeadConfig(**(head | update))
-    except ValidationError:
-        return None
+        HeadConfig(**(head | method_update(method, epochs)))
+    except ValidationError as e:
+        return "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+    return None
 
 
 def xfer_method_accuracy(params: Params, fs, method: str, seed: int) -> float | None:
@@ -318,8 +327,9 @@ def markdown(result: dict) -> str:
                 else:
                     cells += ["-", f"{r[f'reference_{m}']:.3f}", "-"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
-        if refused := [m for m in methods if xfer_method_config(meta["head"], m) is None]:
-            lines += ["", f"n/a: this head section refuses head.method {' and '.join(refused)} (kind {meta['head']['kind']}: no hidden features to align)."]
+        # The validation message's first clause says why (the rest is what to do instead).
+        if refused := {m: why for m in methods if (why := method_refusal(meta["head"], m))}:
+            lines += ["", f"n/a: this head section refuses head.method {' and '.join(refused)}: " + "; ".join(why.split(";")[0] for why in refused.values()) + "."]
         if not current:
             lines += ["", "`-`: these results were written before xfer's rows took the reference's terms; run the benchmark again for them."]
     lines += ["", f"Machine: {meta['machine']}; {meta['seconds']:.0f} s in all. Written by `benchmarks/selection.py`."]
