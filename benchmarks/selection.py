@@ -329,7 +329,10 @@ def markdown(result: dict) -> str:
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         # The validation message's first clause says why (the rest is what to do instead).
         if refused := {m: why for m in methods if (why := method_refusal(meta["head"], m))}:
-            lines += ["", f"n/a: this head section refuses head.method {' and '.join(refused)}: " + "; ".join(why.split(";")[0] for why in refused.values()) + "."]
+            lines += [
+                "",
+                f"n/a: this head section refuses head.method {' and '.join(refused)}: " + "; ".join(why.split(";")[0] for why in refused.values()) + ".",
+            ]
         if not current:
             lines += ["", "`-`: these results were written before xfer's rows took the reference's terms; run the benchmark again for them."]
     lines += ["", f"Machine: {meta['machine']}; {meta['seconds']:.0f} s in all. Written by `benchmarks/selection.py`."]
