@@ -121,7 +121,7 @@ def test_rows_a_head_section_refuses_render_as_not_applicable():
     text = markdown(constructed_result(XFER_ROWS, kind="linear"))
     row = next(line for line in text.splitlines() if line.startswith("| digits | 0.500 | 0.510 |"))
     assert "| n/a | 0.610 | n/a | n/a | 0.690 | n/a | 0.800 | 0.790 | +0.010 ± 0.010 |" in row, row
-    assert "refuses head.method dann and cdan" in text
+    assert "refuses head.method dann and cdan: method 'dann' aligns the head's hidden features, which a linear head lacks; method 'cdan'" in text
 
 
 def test_leave_one_task_out_chooses_each_temperature_on_the_other_tasks_only():
