@@ -55,6 +55,10 @@ TOLERANCE = {"head": 0.12, "finetune": 0.12, "fusion": 0.12}
 # x86 CPU these runs meet has, the features are the same bytes on any of them; this script and
 # tests/test_readme.py run the chain so.
 ONEDNN_ISA = "AVX2"
+# --onednn-isa native: oneDNN on the CPU's own kernels. On a CPU with AVX-512 that is another
+# kernel set than the committed run's on the same machine: a measure of how far a last-bit
+# difference carries through training when no second CPU kind is at hand.
+NATIVE = "native"
 
 
 def sha256(path: Path) -> str:
@@ -146,8 +150,8 @@ def markdown(result: dict, other: dict | None) -> str:
         lines += [
             "",
             f"Measured: this run against the same params on {other['machine']['cpu']} "
-            f"(its kernels: {other['machine'].get('cpu_capability', 'not recorded')}, oneDNN held to "
-            f"{other['machine'].get('onednn_max_cpu_isa', 'not recorded')}); the largest difference per model over every split and metric:",
+            f"(its kernels: {other['machine'].get('cpu_capability', 'not recorded')}, {onednn_setting(other['machine'])}); "
+            "the largest difference per model over every split and metric:",
             "",
             "| model | largest difference | tolerance |",
             "|---|---:|---:|",
@@ -156,10 +160,18 @@ def markdown(result: dict, other: dict | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(root: Path) -> dict:
+def onednn_setting(machine: dict) -> str:
+    isa = machine.get("onednn_max_cpu_isa", "not recorded")
+    return "oneDNN on its own kernels for this CPU" if isa == "not set" else f"oneDNN held to {isa}"
+
+
+def run(root: Path, onednn_isa: str = ONEDNN_ISA) -> dict:
     from flows.pipeline import pipeline
 
-    os.environ["ONEDNN_MAX_CPU_ISA"] = ONEDNN_ISA  # the stage processes inherit it
+    if onednn_isa == NATIVE:
+        os.environ.pop("ONEDNN_MAX_CPU_ISA", None)
+    else:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = onednn_isa  # the stage processes inherit it
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     pipeline(root=str(root))
     eval_json = json.loads((root / "metrics" / "eval.json").read_text())
@@ -172,8 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--other", type=Path, help="the .json this script wrote on another CPU kind, for the table of differences")
     parser.add_argument("--render", action="store_true", help="run nothing: write the .md again from the committed .json (and --other's differences into it)")
     parser.add_argument("--out-json", type=Path, help="write this run's .json here and nothing else: the file --other reads, made on another CPU kind")
+    parser.add_argument(
+        "--onednn-isa",
+        default=ONEDNN_ISA,
+        help=f"oneDNN's instruction-set ceiling for the run (default {ONEDNN_ISA}, the committed run's); {NATIVE!r}: the CPU's own (with --out-json only)",
+    )
     args = parser.parse_args(argv)
     other = json.loads(args.other.read_text()) if args.other else None
+    if args.onednn_isa != ONEDNN_ISA and not args.out_json:
+        parser.error(f"--onednn-isa {args.onednn_isa}: the committed run holds oneDNN to {ONEDNN_ISA}; another setting is for --out-json (a run to compare)")
     if args.render:
         from xfer.io import write_json, write_text
 
@@ -186,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.root:
         args.root.mkdir(parents=True, exist_ok=True)
-        result = run(args.root)
+        result = run(args.root, args.onednn_isa)
     else:
         with tempfile.TemporaryDirectory(prefix="xfer-default-run-") as tmp:
-            result = run(Path(tmp))
+            result = run(Path(tmp), args.onednn_isa)
     from xfer.io import write_json, write_text
 
     if args.out_json:

@@ -111,3 +111,13 @@ def test_render_with_another_cpus_run_writes_the_differences_into_both_files(tmp
     assert "on Another CPU (its kernels: AVX512, oneDNN held to AVX2)" in md
     assert "| finetune | 0.050 | 0.12 |" in md and "| head | 0.000 | 0.12 |" in md
     assert "Not yet measured" not in md
+
+
+def test_a_run_on_the_cpus_own_onednn_kernels_is_named_so_and_only_written_as_a_run_to_compare():
+    """--onednn-isa native measures another kernel set on the same machine; the committed run stays held."""
+    import default_run
+
+    assert default_run.onednn_setting({"onednn_max_cpu_isa": "not set"}) == "oneDNN on its own kernels for this CPU"
+    assert default_run.onednn_setting({"onednn_max_cpu_isa": "AVX2"}) == "oneDNN held to AVX2"
+    with pytest.raises(SystemExit):
+        default_run.main(["--onednn-isa", "native"])  # would overwrite the committed run: refused before any work
