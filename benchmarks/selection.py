@@ -359,11 +359,16 @@ def rules_of(result: dict, params: Params) -> dict:
 
 
 def machine() -> str:
+    """The CPU and the kernels torch runs on it: training's last bits, and so these figures, depend on both."""
     import os
+
+    import torch
 
     from benchmarks.default_run import cpu_name
 
-    return f"{cpu_name()}, {os.cpu_count()} CPUs"
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    kernels = torch.backends.cpu.get_cpu_capability() + (f", oneDNN held to {isa}" if isa else "")
+    return f"{cpu_name()} ({kernels} kernels), {os.cpu_count()} CPUs"
 
 
 def main(argv: list[str] | None = None) -> int:
