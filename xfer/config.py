@@ -323,7 +323,7 @@ class HeadConfig(_Strict):
     # Weight the loss by inverse class frequency, for imbalanced source data.
     class_balanced: bool = False
     # Model selection: a validator (label-free), last, or target_val (uses target labels: an oracle, reported as such).
-    selection: Selection = "info_max"
+    selection: Selection = "soft_info_max"
     # Stop after this many epochs without a better selection score; null = run every epoch.
     patience: int | None = Field(None, ge=1)
 
