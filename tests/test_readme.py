@@ -119,5 +119,8 @@ def test_a_run_on_the_cpus_own_onednn_kernels_is_named_so_and_only_written_as_a_
 
     assert default_run.onednn_setting({"onednn_max_cpu_isa": "not set"}) == "oneDNN on its own kernels for this CPU"
     assert default_run.onednn_setting({"onednn_max_cpu_isa": "AVX2"}) == "oneDNN held to AVX2"
+    here = {"cpu": "AMD EPYC", "cpu_capability": "AVX512"}
+    assert default_run.where(here, dict(here)) == "on the same CPU kind (AMD EPYC), another kernel setting"
+    assert default_run.where(here, here | {"cpu_capability": "AVX2"}) == "on AMD EPYC"
     with pytest.raises(SystemExit):
         default_run.main(["--onednn-isa", "native"])  # would overwrite the committed run: refused before any work
