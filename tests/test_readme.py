@@ -53,6 +53,7 @@ def test_a_default_run_reproduces_the_committed_one(tmp_path):
         "adaptation",
         "selection",
         "selection_linear",
+        "finetune_shifts",
         "suggest_labels",
         "head_search",
         "features",
