@@ -397,7 +397,7 @@ class FinetuneConfig(_Strict):
     method: AdaptationMethod | Literal["auto"] = "auto"
     adapt_weight: float = Field(3.0, ge=0, le=100)
     pseudo_labels: Literal["centroid", "confidence"] = "centroid"  # self_training
-    pseudo_threshold: float = Field(0.5, gt=0, lt=1)  # self_training
+    pseudo_threshold: float = Field(0.9, gt=0, lt=1)  # self_training
     mcc_temperature: float = Field(2.5, gt=0, le=100)  # mcc
     epochs: int = Field(8, ge=0, le=1000)
     batch_size: int = Field(64, ge=1, le=4096)
