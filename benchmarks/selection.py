@@ -1,6 +1,6 @@
 """Label-free model selection over many shifts: does the pick hold on data it was not tuned on?
 
-    .venv/bin/python benchmarks/selection.py [--tasks digits ...] [--seeds 0 1 2] [--no-reference]
+    .venv/bin/python benchmarks/selection.py [--tasks digits ...] [--seeds 0 1 2 3 4] [--no-reference]
     .venv/bin/python benchmarks/selection.py --render   # rewrite selection.md from selection.json
 
 For each task of benchmarks/shift_tasks.py (the digits default and five
@@ -374,7 +374,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(shift_tasks.TASKS), help=f"from {list(shift_tasks.TASKS)}")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
     parser.add_argument("--no-reference", action="store_true", help="skip logistic regression and the reference recipe rows")
     parser.add_argument("--out", default=str(RESULTS))
