@@ -553,7 +553,7 @@ def main() -> None:
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--workers", type=int, nargs="+", default=[0], help="DataLoader workers; several values are compared side by side")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="the features stage extracts on the CPU")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to extract (the stage: features.device, auto = cuda if present)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", action="store_true", help="the sharded stage on threads and Dask runners, 1 and 2 workers (see above)")
     parser.add_argument("--shard-rows", type=int, nargs="+", default=[512, 2048, 8192], help="--scale: shard sizes compared with 2 workers")

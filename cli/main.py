@@ -6,6 +6,7 @@
     xfer summary [metrics/eval.json]      the evaluation as a small table
     xfer predict <images or folders>...   predictions of a registered model (default @champion)
     xfer suggest-labels N [--root .]      the N unlabelled target images worth labelling, to a CSV
+    xfer rank [--root .]                  score candidate backbones before training; recommend one
     xfer cache list|gc [--root .]         the feature cache's entries; remove those no output holds
 
 `xfer <command> --help` describes each command; `xfer --version` prints the
@@ -19,10 +20,10 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from cli import predict, suggest
+from cli import predict, rank, suggest
 
 # The stage table imports nothing but the standard library: `--help` stays quick.
-from xfer.contract import STAGE_NAMES
+from xfer.contract import ALL_STAGE_NAMES
 
 PROG = "xfer"
 
@@ -154,7 +155,7 @@ def build_parser() -> Parser:
     stage = commands.add_parser(
         "stage", help="run one stage as a Prefect flow", description="Run one DVC stage as a Prefect flow, after validating params.yaml."
     )
-    stage.add_argument("stage", choices=STAGE_NAMES, metavar="STAGE", help=f"one of {', '.join(STAGE_NAMES)}")
+    stage.add_argument("stage", choices=ALL_STAGE_NAMES, metavar="STAGE", help=f"one of {', '.join(ALL_STAGE_NAMES)}")
     add_root(stage)
     stage.set_defaults(run=run_stage)
 
@@ -191,6 +192,15 @@ def build_parser() -> Parser:
     )
     suggest.add_arguments(suggest_parser)
     suggest_parser.set_defaults(run=suggest.run)
+
+    rank_parser = commands.add_parser(
+        "rank",
+        help="score candidate backbones before any training (LogME, H-score, k-NN, domain gap) and recommend one",
+        description=rank.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rank.add_arguments(rank_parser)
+    rank_parser.set_defaults(run=rank.run)
 
     cache = commands.add_parser(
         "cache",

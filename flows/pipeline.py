@@ -18,9 +18,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import BUSY_EXIT, STAGE_FLOWS, STAGE_NAMES, check_params
+from flows.stages import BUSY_EXIT, STAGE_FLOWS, check_params
 from tasks import tracking
 from xfer.config import load_params
+from xfer.contract import STAGE_NAMES
 from xfer.layout import Layout
 from xfer.locks import LockedError, project_lock
 

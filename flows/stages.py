@@ -31,7 +31,7 @@ from prefect import flow
 from tasks.prefect_server import start_temporary_server
 from tasks.tracking import check_local_store, team_tracking_uri
 from xfer.config import load_params
-from xfer.contract import STAGE_NAMES, STAGES
+from xfer.contract import ALL_STAGE_NAMES, ALL_STAGES, enabled_stages
 from xfer.io import remove_leftovers
 from xfer.layout import Layout
 from xfer.locks import LockedError, project_lock
@@ -54,8 +54,8 @@ def _run_stage(stage: str, root: str) -> dict:
     layout = Layout(Path(root))
     params = load_params(layout.params)
     claim_and_crash_orphans(stage)
-    remove_leftovers([layout.root / out for out in (*STAGES[stage].outs, *STAGES[stage].metrics)])
-    return resolve(STAGES[stage].task)(layout, params)
+    remove_leftovers([layout.root / out for out in (*ALL_STAGES[stage].outs, *ALL_STAGES[stage].metrics)])
+    return resolve(ALL_STAGES[stage].task)(layout, params)
 
 
 def owner_tag() -> str:
@@ -101,11 +101,11 @@ def _stage_flow(stage: str):
         with project_lock(root):
             return _run_stage(stage, root)
 
-    stage_flow.__doc__ = f"The {stage} stage: {STAGES[stage].task} on the project at `root`."
+    stage_flow.__doc__ = f"The {stage} stage: {ALL_STAGES[stage].task} on the project at `root`."
     return stage_flow
 
 
-STAGE_FLOWS = {stage: _stage_flow(stage) for stage in STAGE_NAMES}
+STAGE_FLOWS = {stage: _stage_flow(stage) for stage in ALL_STAGE_NAMES}
 # Importable names, for `prefect deploy flows/stages.py:<stage>_flow`.
 fetch_flow = STAGE_FLOWS["fetch"]
 split_flow = STAGE_FLOWS["split"]
@@ -115,8 +115,9 @@ finetune_flow = STAGE_FLOWS["finetune"]
 evaluate_flow = STAGE_FLOWS["evaluate"]
 
 
-def check_params(root: str, stages: tuple[str, ...] = STAGE_NAMES) -> bool:
-    """Validate params.yaml for `stages` (default: all); print the problem and return False if invalid.
+def check_params(root: str, stages: tuple[str, ...] | None = None) -> bool:
+    """Validate params.yaml for `stages` (default: the chain, and the optional stages it switches on);
+    print the problem and return False if invalid.
 
     Beyond the schema, each stage's checks from the contract run (the backbone
     name and weights file, a local dataset path, the feature runner), and the
@@ -124,7 +125,8 @@ def check_params(root: str, stages: tuple[str, ...] = STAGE_NAMES) -> bool:
     """
     try:
         params = load_params(Layout(Path(root)).params)
-        checks = dict.fromkeys(check for stage in stages for check in STAGES[stage].checks)
+        stages = enabled_stages(params.model_dump(mode="json")) if stages is None else stages
+        checks = dict.fromkeys(check for stage in stages for check in ALL_STAGES[stage].checks)
         for check in checks:
             resolve(check)(params, Path(root))
         if team_tracking_uri() is None:
@@ -138,7 +140,7 @@ def check_params(root: str, stages: tuple[str, ...] = STAGE_NAMES) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.stages", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", nargs="?", choices=STAGE_NAMES)
+    parser.add_argument("stage", nargs="?", choices=ALL_STAGE_NAMES)
     parser.add_argument("--check", action="store_true", help="check params.yaml for every stage and exit")
     parser.add_argument("--root", default=".", help="project root holding params.yaml and data/ (default: .)")
     args = parser.parse_args(argv)

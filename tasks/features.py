@@ -63,7 +63,9 @@ def _build_shard_backbone(config_json: str, digest: str) -> tuple[nn.Module, Pre
 
 
 @task(name="feature-shard", cache_policy=NO_CACHE)
-def feature_shard(root: str, backbone: BackboneConfig, digest: str, rows: pd.DataFrame, batch_size: int, num_workers: int, out: str) -> str:
+def feature_shard(
+    root: str, backbone: BackboneConfig, digest: str, rows: pd.DataFrame, batch_size: int, num_workers: int, out: str, compute: feats.Compute = feats.CPU
+) -> str:
     """Features of `rows` into the shard file `out`; a shard already there is kept."""
     path = Path(out)
     if feats.read_shard(path, len(rows)) is not None:
@@ -73,23 +75,27 @@ def feature_shard(root: str, backbone: BackboneConfig, digest: str, rows: pd.Dat
     # extract_shards already holds this process at one (xfer.features.one_intra_op_thread).
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
-    features = feats.extract(model, rows, prep, batch_size, root=Path(root), progress=False, num_workers=num_workers)
+    features = feats.extract(model, rows, prep, batch_size, root=Path(root), device=compute.device, progress=False, num_workers=num_workers, half=compute.half)
     feats.write_shard(path, features, len(rows))
     return out
 
 
 @flow(name="feature-shards")
-def extract_shards(root: str, backbone: BackboneConfig, digest: str, manifest: pd.DataFrame, cfg: FeaturesConfig, shards: str) -> int:
+def extract_shards(
+    root: str, backbone: BackboneConfig, digest: str, manifest: pd.DataFrame, cfg: FeaturesConfig, shards: str, compute: feats.Compute = feats.CPU
+) -> int:
     """Map the missing shards of `manifest` over the flow's task runner; return how many were computed."""
     bounds = feats.shard_bounds(len(manifest), cfg.shard_rows, cfg.batch_size)
     todo = [(a, b) for a, b in bounds if feats.read_shard(feats.shard_path(Path(shards), a, b), b - a) is None]
-    get_run_logger().info("%s: %d shards of %d rows, %d to compute on %s", backbone.name, len(bounds), cfg.shard_rows, len(todo), cfg.runner.kind)
+    get_run_logger().info(
+        "%s: %d shards of %d rows, %d to compute on %s (%s)", backbone.name, len(bounds), cfg.shard_rows, len(todo), cfg.runner.kind, compute.tag
+    )
     # DataLoader processes inside Dask or Ray workers would compete with the workers themselves.
     num_workers = cfg.num_workers if cfg.runner.kind == "threads" else 0
     shard_task = feature_shard.with_options(retries=cfg.runner.retries, retry_delay_seconds=1)
     with feats.one_intra_op_thread(), tqdm(total=len(bounds), initial=len(bounds) - len(todo), desc=f"features {backbone.name}", unit="shard") as bar:
         futures = [
-            shard_task.submit(root, backbone, digest, manifest.iloc[a:b], cfg.batch_size, num_workers, str(feats.shard_path(Path(shards), a, b)))
+            shard_task.submit(root, backbone, digest, manifest.iloc[a:b], cfg.batch_size, num_workers, str(feats.shard_path(Path(shards), a, b)), compute)
             for a, b in todo
         ]
         for future in as_completed(futures):
@@ -104,8 +110,9 @@ def cached_features(layout: Layout, backbone: BackboneConfig, cfg: FeaturesConfi
     # the forward pass over the images is what a hit skips.
     model, prep, weights = create_backbone(backbone, num_classes=0)
     digest = weights.digest
-    key = feats.cache_key(backbone.name, digest, prep, manifest, dtype=cfg.dtype)
-    meta = {"backbone": backbone.name, "weights_digest": digest, "preprocessing": prep.as_dict()}
+    runs_on = feats.compute_for(cfg.device, cfg.half)
+    key = feats.cache_key(backbone.name, digest, prep, manifest, dtype=cfg.dtype, compute=runs_on)
+    meta = feats.entry_meta(backbone.name, digest, prep, runs_on)
     shards = feats.shards_dir(layout.feature_cache, key)
 
     how = "miss, computed"
@@ -119,7 +126,7 @@ def cached_features(layout: Layout, backbone: BackboneConfig, cfg: FeaturesConfi
             how = f"miss, taken from {published}"
             return np.load(published / feats.FEATURES_FILE)
         with shard_runner(cfg.runner) as runner:
-            extract_shards.with_options(task_runner=runner)(str(layout.root.resolve()), backbone, digest, manifest, cfg, str(shards))
+            extract_shards.with_options(task_runner=runner)(str(layout.root.resolve()), backbone, digest, manifest, cfg, str(shards), runs_on)
         return feats.merge_shards(shards, feats.shard_bounds(len(manifest), cfg.shard_rows, cfg.batch_size))
 
     # Another process (a parallel `dvc exp run`, a second pipeline) may want the same

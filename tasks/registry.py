@@ -57,7 +57,7 @@ def servable_parts(layout: Layout, params: Params, features: FeatureSet) -> list
     if kind in ("finetune", "fusion"):
         parts.append(FinetunePart(layout.finetune_dir))
     if kind == "fusion":
-        for backbone in params.fusion.backbones:
+        for backbone in params.fusion.probability_members:
             name = member_name(backbone)
             parts.append(head_part(layout.head_dir / MEMBERS_DIR / name, backbone, load_member(layout.features_members, name)))
     return parts

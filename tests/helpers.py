@@ -73,3 +73,38 @@ def local_and_ci_verdicts(test: str, env: dict[str, str]) -> tuple[subprocess.Co
     local = subprocess.run(command, cwd=REPO, env=base, capture_output=True, text=True, timeout=120)
     ci = subprocess.run(command, cwd=REPO, env={**base, "CI": "true"}, capture_output=True, text=True, timeout=120)
     return local, ci
+
+
+HUB_MODEL = "test_efficientnet.r160_in1k"  # timm's tiny test model; its hub repo is timm/<name>
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_weights(seed: int = 0) -> dict:
+    """Weights for HUB_MODEL that no default init gives: seeded noise in every float tensor."""
+    import timm
+    import torch
+
+    model = timm.create_model(HUB_MODEL, pretrained=False)
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+
+
+def hub_cache(cache: Path, state: dict, filename: str = "model.safetensors") -> Path:
+    """`state` saved as HUB_MODEL's hub weights in a cache laid out as huggingface_hub lays it
+    out (blobs named by sha256, refs/main naming the snapshot); returns the snapshot file."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    repo = cache / f"models--timm--{HUB_MODEL}"
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    tmp = repo / "blobs" / "incoming"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    blob = repo / "blobs" / hashlib.sha256(tmp.read_bytes()).hexdigest()
+    tmp.rename(blob)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    snapshot = repo / "snapshots" / HUB_COMMIT / filename
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.symlink_to(os.path.relpath(blob, snapshot.parent))
+    return snapshot

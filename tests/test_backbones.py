@@ -7,22 +7,31 @@ from xfer.backbones import BackboneError, _remap_in_order, create_backbone, reso
 from xfer.config import BackboneConfig
 from xfer.data.images import to_tensor
 
+# scikit-learn's two sample photos: a daisy (ImageNet class 985; a bee sits on it, and
+# lite2 answers honeycomb, 599) and the Summer Palace in Beijing (698, palace).
+KNOWN = [
+    ("tf_efficientnet_lite0", 224, "flower.jpg", 985),
+    ("tf_efficientnet_lite1", 240, "flower.jpg", 985),
+    ("tf_efficientnet_lite2", 260, "china.jpg", 698),
+]
 
-def test_offline_lite0_weights_are_imagenet():
-    """scikit-learn's sample photo of a daisy is ImageNet class 985 (daisy)."""
+
+@pytest.mark.parametrize("name, size, photo, imagenet_class", KNOWN)
+def test_offline_weights_are_imagenet(name, size, photo, imagenet_class):
+    """Each backbone whose weights ship in a pinned package names a photo's ImageNet class, at its own input size."""
     from sklearn.datasets import load_sample_image
 
-    model, prep, weights = create_backbone(BackboneConfig(name="tf_efficientnet_lite0", image_size=224), num_classes=1000)
+    model, prep, weights = create_backbone(BackboneConfig(name=name, image_size=size), num_classes=1000)
     assert (prep.mean, prep.std) == ((0.5,) * 3, (0.5,) * 3)
-    assert len(weights.digest) == 64
-    x = to_tensor(Image.fromarray(load_sample_image("flower.jpg")), prep)[None]
+    assert len(weights.digest) == 64 and not weights.hub
+    x = to_tensor(Image.fromarray(load_sample_image(photo)), prep)[None]
     with torch.no_grad():
         logits = model.eval()(x)
-    assert int(logits.argmax()) == 985
-    # The untrained architecture does not find the daisy: the weights do.
-    random_model, _, _ = create_backbone(BackboneConfig(name="tf_efficientnet_lite0", pretrained=False, image_size=224), num_classes=1000)
+    assert int(logits.argmax()) == imagenet_class
+    # The untrained architecture does not find it: the weights do.
+    random_model, _, _ = create_backbone(BackboneConfig(name=name, pretrained=False, image_size=size), num_classes=1000)
     with torch.no_grad():
-        assert int(random_model.eval()(x).argmax()) != 985
+        assert int(random_model.eval()(x).argmax()) != imagenet_class
 
 
 def test_features_mode_has_no_classifier():
@@ -51,10 +60,13 @@ def test_weights_of_another_model_are_refused(tmp_path):
         create_backbone(BackboneConfig(name="test_efficientnet", weights=str(path)))
 
 
-def test_clear_errors_before_any_work(tmp_path):
+def test_clear_errors_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(BackboneError, match="not a timm model"):
         create_backbone(BackboneConfig(name="efficientnet_b99"))
-    with pytest.raises(BackboneError, match="no offline pretrained weights for 'test_resnet'.*tf_efficientnet_lite0"):
+    # Weights neither shipped nor in the (empty) hub cache, offline: the error says where to put them.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="pretrained weights for 'test_resnet' are not in the hub cache .*backbone.weights"):
         resolve_weights(BackboneConfig(name="test_resnet", pretrained=True))
     with pytest.raises(BackboneError, match="file not found"):
         resolve_weights(BackboneConfig(name="test_resnet", weights=str(tmp_path / "missing.pt")))

@@ -16,11 +16,12 @@ from helpers import REPO, TINY_PARAMS, write_params
 # Each command and words its own --help must show (its arguments, not another's).
 HELP = {
     "validate": ["usage: xfer validate", "PARAMS"],
-    "stage": ["usage: xfer stage", "STAGE", "--root", "fetch, split, features, head, finetune, evaluate"],
+    "stage": ["usage: xfer stage", "STAGE", "--root", "fetch, split, features, head, finetune, evaluate, rank"],
     "pipeline": ["usage: xfer pipeline", "--root"],
     "summary": ["usage: xfer summary", "EVAL_JSON"],
     "predict": ["usage: xfer predict", "IMAGE_OR_FOLDER", "--model", "--out", "--tracking-uri", "--batch-size"],
     "suggest-labels": ["usage: xfer suggest-labels", "N", "--root", "--out", "--seed", "--force", "data.split.target_labels"],
+    "rank": ["usage: xfer rank", "--root", "--seed", "LogME", "rank.backbones"],
     "cache": ["usage: xfer cache", "{list,gc}"],
     "cache list": ["usage: xfer cache list", "--root", "--verify"],
     "cache gc": ["usage: xfer cache gc", "--root", "--dry-run"],
@@ -76,8 +77,8 @@ def test_no_command_prints_usage_and_exits_2():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["nope"], "invalid choice: 'nope' (choose from 'validate', 'stage', 'pipeline', 'summary', 'predict', 'suggest-labels', 'cache')"),
-        (["stage", "fech"], "invalid choice: 'fech' (choose from 'fetch', 'split', 'features', 'head', 'finetune', 'evaluate')"),
+        (["nope"], "invalid choice: 'nope' (choose from 'validate', 'stage', 'pipeline', 'summary', 'predict', 'suggest-labels', 'rank', 'cache')"),
+        (["stage", "fech"], "invalid choice: 'fech' (choose from 'fetch', 'split', 'features', 'head', 'finetune', 'evaluate', 'rank')"),
         (["stage"], "the following arguments are required: STAGE"),
         (["predict"], "the following arguments are required: IMAGE_OR_FOLDER"),
         (["predict", "a.png", "--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
@@ -93,10 +94,10 @@ def test_bad_arguments_give_one_line_naming_them_and_exit_2(args, expected):
 
 
 def test_stage_names_are_the_flows():
-    from cli.main import STAGE_NAMES
+    from cli.main import ALL_STAGE_NAMES
     from flows.stages import STAGE_FLOWS
 
-    assert STAGE_NAMES == tuple(STAGE_FLOWS)
+    assert ALL_STAGE_NAMES == tuple(STAGE_FLOWS) and ALL_STAGE_NAMES[-1] == "rank"
 
 
 def test_validate_checks_the_file_it_is_given(tmp_path):
@@ -249,3 +250,49 @@ def test_suggest_labels_refuses_bad_input_and_writes_nothing(trained_project, tm
     line = one_line_error(xfer("suggest-labels", "3", "--root", str(tmp_path), "--out", str(out)))
     assert "features/current not found (run the features stage)" in line
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data", "headless"]
+
+
+# ---- xfer rank ------------------------------------------------------------------------
+
+
+def test_rank_scores_each_candidate_recommends_by_its_rule_and_caches_the_features(trained_project):
+    """The main backbone's features are a cache hit; another candidate's are computed into the
+    cache under the key the features stage would use for it, so picking it costs no extraction."""
+    from xfer import features as feats
+    from xfer.backbones import create_backbone
+    from xfer.config import BackboneConfig, parse_params
+    from xfer.data.split import read_manifest
+    from xfer.layout import Layout
+
+    params = json.loads(json.dumps(TINY_PARAMS))
+    other = {"name": "test_resnet", "pretrained": False, "image_size": 32}
+    params["rank"] = {"backbones": [params["backbone"], other]}
+    write_params(trained_project, params)
+    layout = Layout(trained_project)
+    try:
+        proc = xfer("rank", "--root", str(trained_project))
+        result = json.loads((trained_project / "metrics/rank.json").read_text())
+        again = xfer("rank", "--root", str(trained_project))
+    finally:
+        write_params(trained_project, TINY_PARAMS)
+    assert proc.returncode == 0, proc.stderr
+    rows = {row["candidate"]: row for row in result["backbones"]}
+    assert list(rows) == ["test_efficientnet 32px random init", "test_resnet 32px random init"]
+    assert all(set(result["scores"]) <= set(row) for row in rows.values()) and result["scores"] == ["logme", "hscore", "knn", "domain_gap"]
+    assert rows["test_efficientnet 32px random init"]["cache_hit"] and not rows["test_resnet 32px random init"]["cache_hit"]
+    best = max(rows.values(), key=lambda row: row["logme"])["candidate"]
+    assert result["recommended"] == best and f"recommended: {best}" in proc.stdout and "highest LogME" in result["rule"]
+    assert (trained_project / "plots/rank/rank.png").stat().st_size > 1000
+    # The features stage would find test_resnet's entry: same key, whole, verified.
+    manifest = read_manifest(layout.manifest)
+    model, prep, weights = create_backbone(BackboneConfig(**other), num_classes=0)
+    key = feats.cache_key("test_resnet", weights.digest, prep, manifest, parse_params(params).features.dtype)
+    assert feats.load_entry(feats.entry_dir(layout.feature_cache, key)).features.shape == (len(manifest), model.num_features)
+    assert again.returncode == 0 and "computed" not in again.stdout.split("recommended:")[0], again.stdout
+
+
+def test_rank_without_a_manifest_says_what_to_run_and_writes_nothing(tmp_path):
+    write_params(tmp_path, TINY_PARAMS)
+    line = one_line_error(xfer("rank", "--root", str(tmp_path)))
+    assert "manifest.csv not found: run the split stage first" in line and "nothing written" in line
+    assert not (tmp_path / "metrics").exists() and not (tmp_path / "plots").exists()

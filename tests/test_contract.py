@@ -12,7 +12,7 @@ import pytest
 import yaml
 from helpers import REPO, write_params
 
-from xfer.contract import CODE_RESOURCES, PROJECT_PACKAGES, STAGES, dvc_stage, dvc_stages, import_closure, param_file_deps
+from xfer.contract import ALL_STAGES, CODE_RESOURCES, PROJECT_PACKAGES, STAGES, dvc_stage, dvc_stages, import_closure, param_file_deps
 
 
 def dvc_yaml() -> dict:
@@ -37,11 +37,11 @@ def test_every_file_a_stage_imports_is_one_of_its_dvc_deps(stage):
     assert listed == set(closure) | set(STAGES[stage].deps) | set(param_file_deps(REPO, STAGES[stage]))
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", list(ALL_STAGES))
 def test_static_closure_covers_what_a_stage_process_really_loads(stage):
     """Import the stage as its process does, in a fresh interpreter: every project file it
     loads must be in the computed closure (a check on the static analysis itself)."""
-    modules = STAGES[stage].entry_modules
+    modules = ALL_STAGES[stage].entry_modules
     code = (
         "import importlib, json, sys\n"
         f"for m in {list(modules)!r}: importlib.import_module(m)\n"
@@ -54,6 +54,22 @@ def test_static_closure_covers_what_a_stage_process_really_loads(stage):
             loaded.add(path[len(str(REPO)) + 1 :])
     assert loaded, "the stage loaded no project file: the check is not looking"
     assert loaded <= set(import_closure(REPO, modules)), sorted(loaded - set(import_closure(REPO, modules)))
+
+
+def test_an_optional_stage_is_in_dvc_yaml_only_while_its_param_switches_it_on(tmp_path, tiny_params):
+    """rank is off by default (the repo's dvc.yaml lacks it); rank.backbones set, the generated
+    dvc.yaml gains it after the chain, its code deps its own import closure."""
+    write_params(tmp_path, tiny_params)
+    assert "rank" not in dvc_stages(tmp_path) and "rank" not in dvc_yaml()["stages"]
+    tiny_params["rank"] = {"backbones": [tiny_params["backbone"]]}
+    write_params(tmp_path, tiny_params)
+    stages = dvc_stages(tmp_path)
+    assert list(stages) == [*STAGES, "rank"]
+    rank = ALL_STAGES["rank"]
+    assert stages["rank"]["deps"] == [*import_closure(tmp_path, rank.entry_modules), *rank.deps]
+    assert stages["rank"]["params"] == list(rank.params) and stages["rank"]["metrics"] == [{"metrics/rank.json": {"persist": True}}]
+    closure = import_closure(REPO, rank.entry_modules)
+    assert "xfer/transferability/logme.py" in closure and "tasks/finetune.py" not in closure
 
 
 def test_a_stage_process_does_not_load_other_stages():
@@ -80,9 +96,9 @@ def test_every_non_python_file_of_the_packages_is_a_declared_code_resource():
     assert data_files == declared
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", list(ALL_STAGES))
 def test_table_names_real_functions_and_params(stage, tiny_params):
-    entry = STAGES[stage]
+    entry = ALL_STAGES[stage]
     for target, package in ((entry.task, "tasks"), (entry.core, "xfer"), *((c, None) for c in entry.checks)):
         module, _, name = target.partition(":")
         assert package is None or module.split(".")[0] == package, target

@@ -268,8 +268,23 @@ def test_fusion_backbones_rerun_features_head_and_evaluate_never_finetune(repo):
     assert with_member["data/features/members"] != before["data/features/members"]
     assert "up to date" in sh([dvc, "status"], root, env).stdout
 
+    # fusion.mode features: one head on both backbones' features side by side, its own
+    # row; only head and evaluate rerun, and the member's own head and row go.
+    params["fusion"]["mode"] = "features"
+    write_params(root, params)
+    fused = sh([dvc, "repro"], root, env)
+    assert ran_stages(fused) == {"head", "evaluate"}, fused.stdout
+    scores = json.loads((root / "metrics/eval.json").read_text())
+    assert "feature_fusion" in scores and member_name(member) not in scores
+    assert 0 <= scores["feature_fusion"]["target_test"]["accuracy"] <= 1
+    dims = [json.loads((root / f"data/features/{part}/meta.json").read_text())["dim"] for part in ("current", f"members/{member_name(member)}")]
+    assert json.loads((root / "metrics/head.json").read_text())["feature_fusion"]["dim"] == sum(dims)
+    assert not (root / "models/head/members" / member_name(member)).exists()
+    assert features_outs(root) == with_member and tree_digest(root, ["models/finetune"]) == finetune_before
+
     sh(["git", "checkout", "params.yaml"], root, env)
     removed = sh([dvc, "repro"], root, env)
+    assert not (root / "models/head/feature_fusion").exists()
     assert "Running stage 'finetune'" not in removed.stdout
     assert ran_stages(removed) == {"features", "head", "evaluate"}, removed.stdout
     assert "up to date" in sh([dvc, "status"], root, env).stdout
@@ -335,18 +350,52 @@ def test_damaged_features_are_computed_again_not_passed_on(repo):
     assert "up to date" in sh([dvc, "status"], root, env).stdout
 
 
+def test_the_rank_stage_runs_alone_once_rank_backbones_switches_it_on(repo):
+    """Optional: off in dvc.yaml by default; rank.backbones set and dvc.yaml regenerated, `dvc repro`
+    runs rank alone (the chain is up to date), writes its metrics, plot and MLflow run, then nothing."""
+    import sqlite3
+
+    root, env, dvc, _ = repo
+    sh(["git", "checkout", "params.yaml", "dvc.yaml"], root, env)
+    sh([dvc, "repro"], root, env)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["rank"] = {"backbones": [params["backbone"], {"name": "test_resnet", "pretrained": False, "image_size": 32}]}
+    write_params(root, params)
+    sh([sys.executable, "-m", "xfer.contract", "--write"], root, env)
+    try:
+        ran = sh([dvc, "repro"], root, env)
+        assert ran_stages(ran) == {"rank"}, ran.stdout
+        result = json.loads((root / "metrics/rank.json").read_text())
+        assert [r["candidate"] for r in result["backbones"]] == ["test_efficientnet 32px random init", "test_resnet 32px random init"]
+        assert result["backbones"][0]["cache_hit"]  # the features stage's entry, reused
+        assert (root / "plots/rank/rank.png").is_file()
+        with sqlite3.connect(root / "mlflow.db") as db:
+            tags = dict(db.execute("select t.key, t.value from tags t join runs r on r.run_uuid = t.run_uuid where r.name = 'rank'").fetchall())
+        assert tags["rank.recommended"] == result["recommended"]
+        assert "Running stage" not in sh([dvc, "repro"], root, env).stdout
+    finally:
+        sh(["git", "checkout", "params.yaml", "dvc.yaml"], root, env)
+
 def test_a_local_two_domain_folder_runs_end_to_end(tmp_path, prefect_api):
-    """Acceptance: the user's own ImageFolder domains (outside the repo) through `dvc repro`."""
+    """Acceptance: the user's own ImageFolder domains (outside the repo) through `dvc repro`,
+    on a timm model's pretrained weights from the hub cache, offline."""
     from datasets import image_folder
+    from helpers import HUB_MODEL, hub_cache, hub_weights
 
     image_folder(tmp_path / "shelves", {"store_a": 10, "store_b": 8}, wrapper="export", inner="images")
     params = json.loads(json.dumps(TINY_PARAMS))
     params["data"].update(dataset="../shelves", source_domain="store_a", target_domain="store_b")
     params["data"]["split"].update(target_shots=1)
+    params["backbone"].update(name=HUB_MODEL, pretrained=True)
+    snapshot = hub_cache(tmp_path / "hub", hub_weights(seed=1))
     root = tmp_path / "project"
     root.mkdir()
     env, dvc = make_repo(root, params, prefect_api)
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     run = sh([dvc, "repro"], root, env)
+    # The features were made by the file in the cache: its sha256 is in the cache key's record.
+    digest = hashlib.sha256(snapshot.read_bytes()).hexdigest()
+    assert json.loads((root / "data/features/current/meta.json").read_text())["weights_digest"] == digest
     for stage in ["fetch", "split", "features", "head", "finetune", "evaluate"]:
         assert f"Running stage '{stage}'" in run.stdout
     manifest = (root / "data/splits/manifest.csv").read_text()
@@ -361,6 +410,50 @@ def test_a_local_two_domain_folder_runs_end_to_end(tmp_path, prefect_api):
     again = sh([dvc, "exp", "run", "-S", "seed=1"], root, env)
     ran = {line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage")}
     assert "fetch" not in ran and "split" in ran, again.stdout
+
+
+def test_the_stage_checks_stop_before_the_first_stage_when_the_weights_cannot_be_had(tmp_path):
+    """`make run` checks every stage before `dvc repro` starts: with an empty cache and no hub
+    it stops there, with the error, and nothing is written."""
+    from helpers import HUB_MODEL
+
+    hub_env = tmp_path / "empty_hub"
+    hub_env.mkdir()
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["backbone"].update(name=HUB_MODEL, pretrained=True)
+    write_params(tmp_path, params)
+    hub_env.rmdir()  # not even the folder
+    before = sorted(p.name for p in tmp_path.iterdir())
+    run = subprocess.run(
+        [sys.executable, "-m", "flows.stages", "--check", "--root", str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_env)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"pretrained weights for '{HUB_MODEL}' are not in the hub cache {hub_env}" in run.stderr and "backbone.weights" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_features_on_cuda_without_cuda_is_refused_by_the_checks(tmp_path, capsys):
+    import torch
+
+    from flows.stages import check_params
+
+    params = json.loads(json.dumps(TINY_PARAMS))
+    params["features"]["device"] = "cuda"
+    write_params(tmp_path, params)
+    if torch.cuda.is_available():
+        assert check_params(str(tmp_path))
+    else:
+        assert not check_params(str(tmp_path))
+        assert "features.device: 'cuda' was asked for but no CUDA device is available" in capsys.readouterr().err
+    params["features"].update(device="cpu", half=True)
+    write_params(tmp_path, params)
+    assert not check_params(str(tmp_path))
+    assert "features.half: true runs float16 on CUDA only" in capsys.readouterr().err
 
 
 def test_a_filled_label_file_is_a_dep_of_the_split_once_dvc_yaml_lists_it(tmp_path, prefect_api):

@@ -123,6 +123,59 @@ def test_key_changes_with_every_input(manifest):
     )
 
 
+def test_cpu_keys_are_the_keys_from_before_devices_were_a_choice():
+    """The CPU path keeps its keys (so its entries, meta.json and dvc.lock), and each device and
+    precision gets a key of its own. The two literals were computed before `compute` existed."""
+    m = pd.DataFrame(
+        {
+            "path": [f"img/{i}.png" for i in range(4)],
+            "label": [0, 1, 0, 1],
+            "domain": ["a", "a", "b", "b"],
+            "role": ["source", "source", "target", "target"],
+            "split": ["train", "val", "test", "unlabeled"],
+            "sha256": [str(i) * 64 for i in range(4)],
+        }
+    )
+    args = ("tf_efficientnet_lite0", "w" * 64, PREP, m)
+    assert feats.cache_key(*args) == feats.cache_key(*args, compute=feats.Compute("cpu")) == "876748ee92920762"
+    assert feats.cache_key(*args, dtype="float16") == "c3e97ce5f404b34b"
+    keys = {feats.cache_key(*args), feats.cache_key(*args, compute=feats.Compute("cuda")), feats.cache_key(*args, compute=feats.Compute("cuda", half=True))}
+    assert len(keys) == 3
+
+
+@pytest.mark.parametrize(
+    "setting, half, cuda, want",
+    [
+        ("auto", False, False, feats.Compute("cpu")),
+        ("auto", True, False, feats.Compute("cpu")),  # half is for CUDA: a laptop runs float32
+        ("cpu", False, True, feats.Compute("cpu")),
+        ("auto", False, True, feats.Compute("cuda")),
+        ("auto", True, True, feats.Compute("cuda", half=True)),
+        ("cuda", True, True, feats.Compute("cuda", half=True)),
+    ],
+)
+def test_features_device_resolves_to_what_the_machine_has(setting, half, cuda, want):
+    assert feats.compute_for(setting, half, cuda_available=cuda) == want
+
+
+def test_a_device_the_machine_lacks_is_refused_before_any_work():
+    with pytest.raises(feats.FeatureCacheError, match="'cuda' was asked for but no CUDA device"):
+        feats.compute_for("cuda", False, cuda_available=False)
+    with pytest.raises(feats.FeatureCacheError, match="'tpu' is not one of auto, cpu, cuda"):
+        feats.compute_for("tpu", False)
+    # This machine: its real answer, whatever it is, agrees with torch.
+    assert feats.compute_for("auto", False).device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_half_precision_is_refused_on_the_cpu(manifest, tmp_path):
+    from xfer.config import FeaturesConfig
+
+    with pytest.raises(ValueError, match="features.half: true runs float16 on CUDA only"):
+        FeaturesConfig(device="cpu", half=True)
+    with pytest.raises(feats.FeatureCacheError, match="CUDA only"):
+        feats.extract(backbone(), manifest, PREP, batch_size=4, root=tmp_path, progress=False, half=True)
+
+
 def test_unknown_dtype_is_refused_with_the_choices(manifest, tmp_path):
     with pytest.raises(feats.FeatureCacheError, match="float32, float16"):
         feats.cache_key("m", "w1", PREP, manifest, dtype="bfloat16")
@@ -446,3 +499,26 @@ def test_a_member_folder_whose_key_members_json_does_not_name_is_refused(tmp_pat
     (members / feats.MEMBERS_FILE).write_text(json.dumps({"m1": "kother"}))
     with pytest.raises(feats.FeatureCacheError, match="holds the features of key ka, but .* names kother"):
         feats.load_member(members, "m1")
+
+
+def test_concatenated_features_sit_side_by_side_row_for_row():
+    index = pd.DataFrame({"path": ["a.png", "b.png", "c.png"]})
+    a = feats.FeatureSet(np.arange(6, dtype=np.float32).reshape(3, 2), index, {"key": "ka", "backbone": "m1"})
+    b = feats.FeatureSet(np.arange(9, dtype=np.float16).reshape(3, 3), index.copy(), {"key": "kb", "backbone": "m2"})
+    both = feats.concatenate([a, b])
+    assert both.features.dtype == np.float32 and both.features.shape == (3, 5)
+    np.testing.assert_array_equal(both.features[1], [2, 3, 3, 4, 5])
+    assert both.meta["key"] == "ka+kb" and both.meta["dim"] == 5
+    shuffled = feats.FeatureSet(b.features, index.iloc[[1, 0, 2]].reset_index(drop=True), b.meta)
+    with pytest.raises(feats.FeatureCacheError, match="not in the rows of m1"):
+        feats.concatenate([a, shuffled])
+
+
+def test_feature_fusion_needs_a_member():
+    from xfer.config import BackboneConfig, FusionConfig
+
+    with pytest.raises(ValueError, match="fusion.backbones is empty"):
+        FusionConfig(mode="features")
+    member = BackboneConfig(name="test_resnet", pretrained=False)
+    assert FusionConfig(backbones=[member]).probability_members == [member]
+    assert FusionConfig(backbones=[member], mode="features").probability_members == []

@@ -171,9 +171,10 @@ class DataConfig(_Strict):
 
 class BackboneConfig(_Strict):
     name: str = Field("tf_efficientnet_lite0", min_length=1)
-    # True: the offline ImageNet weights xfer knows for `name`; False: random init.
+    # True: ImageNet weights (lite0's ship with xfer; any other timm model's from the
+    # Hugging Face hub cache, downloaded once); False: seeded random init.
     pretrained: bool = True
-    # A local state_dict file; overrides `pretrained`.
+    # A local weight file (state_dict .pt/.pth, or .safetensors); overrides `pretrained`.
     weights: str | None = None
     image_size: int = Field(64, ge=16, le=1024)
 
@@ -183,10 +184,20 @@ def member_name(backbone: BackboneConfig) -> str:
     return f"head_{backbone.name}_{backbone.image_size}px"
 
 
+FUSION_MODES = ("probabilities", "features")
+
+
 class FusionConfig(_Strict):
-    """More frozen backbones for the fusion row: each gets cached features and a head like `head`."""
+    """More frozen backbones, fused with the main one.
+
+    probabilities: each gets cached features and a head like `head`, its own
+    row, and a share of the fusion row (the mean of every model's class
+    probabilities). features: one head like `head` on the main backbone's
+    features and every member's side by side, the `feature_fusion` row.
+    """
 
     backbones: list[BackboneConfig] = []
+    mode: Literal["probabilities", "features"] = "probabilities"
 
     @model_validator(mode="after")
     def _distinct_members(self) -> "FusionConfig":
@@ -195,6 +206,27 @@ class FusionConfig(_Strict):
         if repeated:
             raise ValueError(f"fusion.backbones repeats {repeated}: each (name, image_size) may appear once")
         return self
+
+    @model_validator(mode="after")
+    def _features_need_a_member(self) -> "FusionConfig":
+        if self.mode == "features" and not self.backbones:
+            raise ValueError(
+                "fusion.mode: features concatenates the backbone's features with fusion.backbones', but fusion.backbones is empty; add one, or mode: probabilities"
+            )
+        return self
+
+    @property
+    def probability_members(self) -> list[BackboneConfig]:
+        """The members that get a head of their own (probability fusion); none in features mode."""
+        return self.backbones if self.mode == "probabilities" else []
+
+
+class RankConfig(_Strict):
+    """Candidate backbones `xfer rank` scores before any training (xfer/rank.py)."""
+
+    # Empty: every backbone whose pretrained weights ship with xfer, at backbone.image_size,
+    # and the first of them with random weights as a control.
+    backbones: list[BackboneConfig] = []
 
 
 RUNNER_KINDS = ("threads", "dask", "ray")
@@ -239,6 +271,17 @@ class FeaturesConfig(_Strict):
     # Manifest rows per shard: the unit a runner schedules, writes and retries.
     shard_rows: int = Field(1024, ge=1, le=10_000_000)
     runner: RunnerConfig = RunnerConfig()
+    # Where the frozen backbone runs: auto = CUDA when present, else the CPU.
+    # Each device (and `half`) is a cache key of its own; the CPU keeps the key it always had.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # float16 autocast on CUDA (tensor cores); under `auto` on a machine without CUDA it is not used.
+    half: bool = False
+
+    @model_validator(mode="after")
+    def _half_needs_cuda(self) -> "FeaturesConfig":
+        if self.half and self.device == "cpu":
+            raise ValueError("features.half: true runs float16 on CUDA only, but features.device is 'cpu'; use device auto or cuda, or half: false")
+        return self
 
     @model_validator(mode="after")
     def _shards_hold_whole_batches(self) -> "FeaturesConfig":
@@ -488,6 +531,7 @@ class Params(_Strict):
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     fusion: FusionConfig = FusionConfig()
+    rank: RankConfig = RankConfig()
 
     @model_validator(mode="after")
     def _fusion_differs_from_backbone(self) -> "Params":

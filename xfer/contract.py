@@ -52,6 +52,9 @@ class Stage:
     # dvc.yaml lists it among the deps as params.yaml gives it, so editing the file reruns
     # the stage; the stage's checks refuse a value dvc.yaml does not list.
     param_deps: tuple[str, ...] = ()
+    # A dotted param that switches an optional stage on: dvc.yaml lists the stage only
+    # while params.yaml sets it non-empty (then `python -m xfer.contract --write`).
+    enabled_by: str | None = None
 
     @property
     def task_module(self) -> str:
@@ -111,13 +114,13 @@ STAGES: dict[str, Stage] = {
             "features",
             # Not features.num_workers, shard_rows or runner: how images are decoded and
             # where shards run changes no number (every runner gives the same bytes).
-            params=("backbone", "features.batch_size", "features.dtype", "fusion"),
+            params=("backbone", "features.batch_size", "features.dtype", "features.device", "features.half", "fusion.backbones"),
             deps=(MANIFEST, "data/raw"),
             outs=(FEATURES, MEMBER_FEATURES),
             metrics=(),
             task="tasks.features:features",
             core="xfer.features:extract",
-            checks=("xfer.backbones:check_params", "tasks.runners:check_params"),
+            checks=("xfer.backbones:check_params", "xfer.features:check_params", "tasks.runners:check_params"),
         ),
         Stage(
             "head",
@@ -157,6 +160,24 @@ STAGES: dict[str, Stage] = {
 }
 STAGE_NAMES = tuple(STAGES)
 
+# Stages outside the chain: nothing downstream reads them, and each is off by default.
+OPTIONAL_STAGES: dict[str, Stage] = {
+    "rank": Stage(
+        "rank",
+        # Not backbone: the candidates are rank.backbones, each written like it.
+        params=("seed", "rank", "features.batch_size", "features.dtype", "features.device", "features.half"),
+        deps=(MANIFEST, "data/raw"),
+        outs=("plots/rank",),
+        metrics=("metrics/rank.json",),
+        task="tasks.rank:rank",
+        core="xfer.rank:rank_stage",
+        checks=("xfer.rank:check_params",),
+        enabled_by="rank.backbones",
+    ),
+}
+ALL_STAGES: dict[str, Stage] = {**STAGES, **OPTIONAL_STAGES}
+ALL_STAGE_NAMES = tuple(ALL_STAGES)
+
 
 def select(data: dict, keys: tuple[str, ...]) -> dict:
     """The parts of nested `data` that dotted `keys` name, nested as in `data`."""
@@ -173,7 +194,20 @@ def select(data: dict, keys: tuple[str, ...]) -> dict:
 
 def stage_params(params, stage: str) -> dict:
     """The params `stage` reads, as nested plain data (what MLflow logs and run keys hash)."""
-    return select(params.model_dump(mode="json"), STAGES[stage].params)
+    return select(params.model_dump(mode="json"), ALL_STAGES[stage].params)
+
+
+def dotted(data: dict, key: str):
+    """The value at dotted `key` in nested `data`, or None where any part is missing."""
+    value = data
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def enabled_stages(data: dict) -> tuple[str, ...]:
+    """The chain, then each optional stage that params `data` (plain, as in params.yaml) switch on."""
+    return (*STAGE_NAMES, *(name for name, s in OPTIONAL_STAGES.items() if dotted(data, s.enabled_by)))
 
 
 # ---- import closure ----------------------------------------------------------
@@ -246,14 +280,15 @@ def param_file_deps(root: Path, stage: Stage) -> list[str]:
     if not stage.param_deps or not path.is_file():
         return []
     data = yaml.safe_load(path.read_text()) or {}
-    found = []
-    for key in stage.param_deps:
-        value = data
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if value is not None:
-            found.append(str(value))
-    return found
+    return [str(value) for key in stage.param_deps if (value := dotted(data, key)) is not None]
+
+
+def root_params(root: Path) -> dict:
+    """root/params.yaml as plain data ({} when missing)."""
+    import yaml
+
+    path = root / "params.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 # ---- dvc.yaml ------------------------------------------------------------------
@@ -273,7 +308,8 @@ def dvc_stage(root: Path, stage: Stage) -> dict:
 
 
 def dvc_stages(root: Path) -> dict:
-    return {name: dvc_stage(root, stage) for name, stage in STAGES.items()}
+    """Every stage of the chain, and the optional ones root/params.yaml switches on."""
+    return {name: dvc_stage(root, ALL_STAGES[name]) for name in enabled_stages(root_params(root))}
 
 
 DVC_HEADER = """\

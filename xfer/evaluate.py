@@ -20,7 +20,7 @@ from xfer.config import PROMOTION_VALIDATORS, Params, member_name
 from xfer.data.images import ImageRows
 from xfer.data.split import read_manifest, rows
 from xfer.finetune import load_classifier, predict_logits, select_device
-from xfer.heads import MEMBERS_DIR, HeadNet, load_head
+from xfer.heads import FEATURE_FUSION, MEMBERS_DIR, HeadNet, load_head
 from xfer.io import write_json
 from xfer.metrics import classification_metrics, confusion_matrix, fuse_probabilities, per_class_accuracy, reliability_from_probabilities, softmax
 from xfer.plots import per_class_accuracy_figure, prediction_rows, reliability_figure, save_confusion_matrix, save_figure, write_rows_csv
@@ -55,9 +55,9 @@ def non_finite_rows(*outputs: np.ndarray) -> int:
 
 
 def fusion_members(member_features_dir: Path, head_dir: Path, params: Params) -> dict[str, tuple[HeadNet, feats.FeatureSet]]:
-    """{member name: (its head, its cached features)} for each of params `fusion.backbones`."""
+    """{member name: (its head, its cached features)} for each of params `fusion.backbones` with a head of its own."""
     members = {}
-    for backbone in params.fusion.backbones:
+    for backbone in params.fusion.probability_members:
         name = member_name(backbone)
         head, spec = load_head(head_dir / MEMBERS_DIR / name)
         fs = feats.load_member(member_features_dir, name)
@@ -65,6 +65,17 @@ def fusion_members(member_features_dir: Path, head_dir: Path, params: Params) ->
             raise RuntimeError(f"the head of {name} was trained on other features than the cached ones; rerun the head stage")
         members[name] = (head, fs)
     return members
+
+
+def feature_fusion_head(main: feats.FeatureSet, member_features_dir: Path, head_dir: Path, params: Params) -> tuple[HeadNet, feats.FeatureSet] | None:
+    """fusion.mode features: the head on every backbone's features side by side, and those features."""
+    if params.fusion.mode != "features":
+        return None
+    head, spec = load_head(head_dir / FEATURE_FUSION)
+    fs = feats.load_fused(main, member_features_dir, [member_name(b) for b in params.fusion.backbones])
+    if spec["features_key"] != fs.meta["key"]:
+        raise RuntimeError(f"the {FEATURE_FUSION} head was trained on other features than the cached ones; rerun the head stage")
+    return head, fs
 
 
 def head_probabilities(head: HeadNet, x: np.ndarray, role: str) -> np.ndarray:
@@ -93,7 +104,10 @@ def evaluate_models(
     device = select_device("auto")
     names = head_spec["class_names"]
     members = fusion_members(member_features_dir, head_dir, params)
+    fused_features = feature_fusion_head(fs, member_features_dir, head_dir, params)
     results: dict[str, dict] = {"head": {}, "finetune": {}, "fusion": {}, **{name: {} for name in members}}
+    if fused_features is not None:
+        results[FEATURE_FUSION] = {}
     plots: list[Path] = []
     non_finite: dict[str, dict[str, int]] = {model_name: {} for model_name in results}
 
@@ -114,6 +128,9 @@ def evaluate_models(
             probabilities[name] = head_probabilities(member_head, xm, role)
         # Fusion: the mean of every model's class probabilities.
         probabilities["fusion"] = fuse_probabilities(list(probabilities.values()))
+        if fused_features is not None:  # a row of its own, not a share of the fusion above
+            fused_head, fused_fs = fused_features
+            probabilities[FEATURE_FUSION] = head_probabilities(fused_head, fused_fs.select(role, split)[0], role)
         for model_name, p in probabilities.items():
             non_finite.setdefault(model_name, {})[set_name] = non_finite_rows(p, logits) if model_name == "finetune" else non_finite_rows(p)
         return probabilities, y

@@ -82,19 +82,61 @@ def manifest_digest(manifest: pd.DataFrame) -> str:
     return sha256_json(cols.values.tolist())
 
 
-def cache_key(backbone_name: str, weights_digest: str, prep: Preprocessing, manifest: pd.DataFrame, dtype: str = "float32") -> str:
+@dataclass(frozen=True)
+class Compute:
+    """Where the backbone runs and in what precision: both change the features' numbers."""
+
+    device: str = "cpu"  # "cpu" or "cuda"
+    half: bool = False  # float16 autocast (CUDA only)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.device}-float16" if self.half else self.device
+
+
+CPU = Compute()
+
+
+def compute_for(setting: str, half: bool, cuda_available: bool | None = None) -> Compute:
+    """What `features.device` and `features.half` mean on this machine; checked before any work."""
+    if setting not in ("auto", "cpu", "cuda"):
+        raise FeatureCacheError(f"features.device: {setting!r} is not one of auto, cpu, cuda")
+    has_cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if setting == "cuda" and not has_cuda:
+        raise FeatureCacheError("features.device: 'cuda' was asked for but no CUDA device is available here; use 'auto' or 'cpu'")
+    device = "cuda" if setting == "cuda" or (setting == "auto" and has_cuda) else "cpu"
+    return Compute(device, half and device == "cuda")
+
+
+def check_params(params, root: Path) -> None:
+    """features.device names a device this machine has."""
+    compute_for(params.features.device, params.features.half)
+
+
+def entry_meta(backbone_name: str, weights_digest: str, prep: Preprocessing, compute: Compute = CPU) -> dict:
+    """What an entry's meta.json records of how it was made (write_entry adds the key, rows and digests)."""
+    meta = {"backbone": backbone_name, "weights_digest": weights_digest, "preprocessing": prep.as_dict()}
+    if compute != CPU:  # a CPU entry's meta.json stays as it always was
+        meta["compute"] = f"{compute.tag} ({torch.cuda.get_device_name()})"
+    return meta
+
+
+def cache_key(backbone_name: str, weights_digest: str, prep: Preprocessing, manifest: pd.DataFrame, dtype: str = "float32", compute: Compute = CPU) -> str:
     _check_dtype(dtype)
-    return sha256_json(
-        {
-            "backbone": backbone_name,
-            "weights": weights_digest,
-            "preprocessing": prep.as_dict(),
-            "manifest": manifest_digest(manifest),
-            "extractor": EXTRACTOR_VERSION,
-            # float16 and float32 entries hold different numbers: never let one stand in for the other.
-            "dtype": dtype,
-        }
-    )[:16]
+    inputs = {
+        "backbone": backbone_name,
+        "weights": weights_digest,
+        "preprocessing": prep.as_dict(),
+        "manifest": manifest_digest(manifest),
+        "extractor": EXTRACTOR_VERSION,
+        # float16 and float32 entries hold different numbers: never let one stand in for the other.
+        "dtype": dtype,
+    }
+    if compute != CPU:
+        # GPU kernels (and float16) give other numbers than the CPU. Only named when not
+        # the CPU, so every CPU entry keeps the key it had before devices were a choice.
+        inputs["compute"] = compute.tag
+    return sha256_json(inputs)[:16]
 
 
 @dataclass(frozen=True)
@@ -162,13 +204,17 @@ def extract(
     device: str = "cpu",
     progress: bool = True,
     num_workers: int = 0,
+    half: bool = False,
 ) -> np.ndarray:
-    """(N, D) float32 features of every manifest row, in manifest order."""
+    """(N, D) float32 features of every manifest row, in manifest order (`half`: computed in float16 on CUDA)."""
+    if half and torch.device(device).type != "cuda":
+        raise FeatureCacheError(f"half-precision features run on CUDA only, not on {device!r}")
     model = model.eval().to(device)
     data = ImageRows(manifest.path.tolist(), manifest.label.tolist(), prep, root)
     out = []
-    for x, _ in tqdm(feature_loader(data, batch_size, device, num_workers), desc="features", unit="batch", disable=not progress):
-        out.append(model(x.to(device, non_blocking=True)).float().cpu().numpy())
+    with torch.autocast("cuda", dtype=torch.float16, enabled=half):
+        for x, _ in tqdm(feature_loader(data, batch_size, device, num_workers), desc="features", unit="batch", disable=not progress):
+            out.append(model(x.to(device, non_blocking=True)).float().cpu().numpy())
     return np.concatenate(out).astype(np.float32, copy=False)
 
 
@@ -512,6 +558,27 @@ def load_member(members: Path, name: str) -> FeatureSet:
             f"{Path(members) / name} holds the features of key {fs.meta.get('key')}, but {pointer} names {keys[name]}; run the features stage"
         )
     return fs
+
+
+def concatenate(sets: list[FeatureSet]) -> FeatureSet:
+    """Several backbones' features of the same rows side by side (float32), keyed by all their keys."""
+    first = sets[0]
+    for other in sets[1:]:
+        if not first.index["path"].equals(other.index["path"]):
+            raise FeatureCacheError(f"features of {other.meta.get('backbone')} are not in the rows of {first.meta.get('backbone')}: run the features stage")
+    features = np.concatenate([np.asarray(s.features, dtype=np.float32) for s in sets], axis=1)
+    meta = {
+        **first.meta,
+        "key": "+".join(s.meta["key"] for s in sets),
+        "backbone": "+".join(s.meta.get("backbone", "?") for s in sets),
+        "dim": features.shape[1],
+    }
+    return FeatureSet(features, first.index, meta)
+
+
+def load_fused(main: FeatureSet, members: Path, names: list[str]) -> FeatureSet:
+    """`main` side by side with the fusion members `names` (fusion.mode features)."""
+    return concatenate([main, *(load_member(members, name) for name in names)])
 
 
 def load_current(current: Path) -> FeatureSet:

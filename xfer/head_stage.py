@@ -19,7 +19,7 @@ from xfer.config import HeadConfig, Params, member_name
 from xfer.data.split import class_names, read_manifest
 from xfer.diagnostics import proxy_a_distance, tsne_coordinates
 from xfer.head_search import CandidateCallback, search_heads
-from xfer.heads import MEMBERS_DIR, VALIDATOR_PREFIX, EpochCallback, HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
+from xfer.heads import FEATURE_FUSION, MEMBERS_DIR, VALIDATOR_PREFIX, EpochCallback, HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
 from xfer.io import write_json
 from xfer.plots import save_figure, save_learning_curves, tsne_figure
 
@@ -74,7 +74,7 @@ def domain_gap(fs: feats.FeatureSet, model: HeadNet, seed: int) -> dict:
 def train_member_heads(member_features_dir: Path, head_dir: Path, params: Params, cfg: HeadConfig, names: list[str]) -> dict[str, dict]:
     """A head like the main one (`cfg`: its kept method) on each fusion backbone's features, in <head_dir>/members/<name>/."""
     members_dir = head_dir / MEMBERS_DIR
-    wanted = [member_name(b) for b in params.fusion.backbones]
+    wanted = [member_name(b) for b in params.fusion.probability_members]
     # A member dropped from params must not linger beside the ones evaluate will read.
     for stale in members_dir.iterdir() if members_dir.is_dir() else []:
         if stale.name not in wanted:
@@ -87,6 +87,22 @@ def train_member_heads(member_features_dir: Path, head_dir: Path, params: Params
         kept = best_epoch(cfg, history)
         summaries[name] = {k: history[kept - 1][k] for k in ("source_val_accuracy", "target_val_accuracy")} | {"best_epoch": kept}
     return summaries
+
+
+def train_feature_fusion_head(
+    main: feats.FeatureSet, member_features_dir: Path, head_dir: Path, params: Params, cfg: HeadConfig, names: list[str]
+) -> dict | None:
+    """fusion.mode features: a head like the main one (`cfg`: its kept method) on the main backbone's
+    features and every fusion member's side by side, in <head_dir>/feature_fusion/; else none (and none left)."""
+    out = head_dir / FEATURE_FUSION
+    if params.fusion.mode != "features":
+        shutil.rmtree(out, ignore_errors=True)
+        return None
+    fs = feats.load_fused(main, member_features_dir, [member_name(b) for b in params.fusion.backbones])
+    model, history = train_head(cfg, head_data(fs), len(names), params.seed)
+    save_head(out, model, cfg, fs.features.shape[1], names, fs.meta["key"])
+    kept = best_epoch(cfg, history)
+    return {k: history[kept - 1][k] for k in ("source_val_accuracy", "target_val_accuracy")} | {"best_epoch": kept, "dim": int(fs.features.shape[1])}
 
 
 # The knob of each method that head.method auto searches, and finetune.method auto takes with it.
@@ -166,5 +182,8 @@ def train_heads(
     members = train_member_heads(member_features_dir, head_dir, params, kept_cfg, names)
     if members:
         summary["fusion_members"] = members
+    fused = train_feature_fusion_head(fs, member_features_dir, head_dir, params, kept_cfg, names)
+    if fused is not None:
+        summary[FEATURE_FUSION] = fused
     write_json(metrics_path, summary)
     return HeadResult(summary, tsne, curves, history)

@@ -411,6 +411,8 @@ def embed(head: HeadNet, features: np.ndarray, domain: str, batch_size: int = 40
 HEAD_WEIGHTS_FILE = "head.pt"
 # Under the head stage's folder: one folder per fusion backbone (xfer.config.member_name).
 MEMBERS_DIR = "members"
+# fusion.mode features: the head on every backbone's features side by side, in <head dir>/feature_fusion/.
+FEATURE_FUSION = "feature_fusion"
 HEAD_SPEC_FILE = "head.json"
 
 

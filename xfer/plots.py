@@ -215,3 +215,18 @@ def prediction_rows(labels: np.ndarray, probabilities: np.ndarray, class_names: 
     predicted = probabilities.argmax(1)
     confidence = probabilities.max(1)
     return [{"actual": class_names[int(t)], "predicted": class_names[int(p)], "confidence": float(c)} for t, p, c in zip(labels, predicted, confidence)]
+
+
+def rank_figure(rows: list[dict], scores: Sequence[str], recommended: str):
+    """One panel per transferability score, a bar per candidate backbone; the recommended one darker."""
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.2 * len(scores), 0.5 * len(rows) + 1.8), sharey=True, squeeze=False)
+    names = [row["candidate"] for row in rows]
+    colours = ["#1f4e79" if n == recommended else "#9dc3e6" for n in names]
+    for ax, score in zip(axes[0], scores):
+        ax.barh(range(len(rows)), [row[score] for row in rows], color=colours)
+        ax.set_title(score)
+        ax.invert_yaxis()
+    axes[0][0].set_yticks(range(len(rows)), names)
+    fig.suptitle(f"transferability before training (higher is better); recommended: {recommended}")
+    fig.tight_layout()
+    return fig
