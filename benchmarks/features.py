@@ -1,12 +1,14 @@
 """Feature extraction throughput against the backbone's own ceiling, and a cache hit's cost.
 
     python benchmarks/features.py [--rows 2000] [--size 64] [--batch 128]
-        [--backbone tf_efficientnet_lite0] [--workers 0 [1 ...]] [--device cpu]
+        [--backbone tf_efficientnet_lite0] [--workers 0 [1 ...]] [--device cpu] [--photos PX]
     python benchmarks/features.py --scale [--rows 20000] [--shard-rows 512 2048 8192]
         [--headline-shard 2048] [--sweep-rows ROWS]
 
 In a temporary folder it writes `--rows` real 8x8 greyscale PNGs (the default
-dataset's images are 8x8 of 0..16) and their manifest, then measures in one run:
+dataset's images are 8x8 of 0..16), or with `--photos PX` photo-like RGB JPEGs of
+PX x PX (smooth colour fields with grain, quality 90: what a photo costs the
+decoder), and their manifest, then measures in one run:
 
   extract     images/s of `xfer.features.extract` over the files: what the
               features stage does (decode, resize, normalise, forward), once
@@ -85,11 +87,24 @@ def write_images(root: Path, rows: int, seed: int = 0) -> pd.DataFrame:
     """`rows` 8x8 PNGs of 0..16 scaled to 0..255 (optdigits-like), and their manifest."""
     rng = np.random.default_rng(seed)
     (root / "img").mkdir(parents=True)
-    records = []
+    paths = []
     for i in range(rows):
         path = f"img/{i:06d}.png"
         pixels = (rng.integers(0, 17, (8, 8)) * 255 // 16).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(root / path)
+        paths.append(path)
+    return manifest_of(root, paths)
+
+
+def write_photos(root: Path, rows: int, px: int, seed: int = 0) -> pd.DataFrame:
+    """`rows` photo-like RGB JPEGs of px x px (write_jpegs), and their manifest."""
+    return manifest_of(root, write_jpegs(root, rows, px, seed))
+
+
+def manifest_of(root: Path, paths: list[str]) -> pd.DataFrame:
+    """A manifest of image files under `root`: alternately source and target train, ten classes."""
+    records = []
+    for i, path in enumerate(paths):
         role, split = ("source", "train") if i % 2 == 0 else ("target", "train")
         records.append(
             {
@@ -555,6 +570,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to extract (the stage: features.device, auto = cuda if present)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--photos", type=int, metavar="PX", help="photo-like RGB JPEGs of PX x PX instead of 8x8 PNGs; writes results/features_photos.{md,json}"
+    )
     parser.add_argument("--scale", action="store_true", help="the sharded stage on threads and Dask runners, 1 and 2 workers (see above)")
     parser.add_argument("--shard-rows", type=int, nargs="+", default=[512, 2048, 8192], help="--scale: shard sizes compared with 2 workers")
     parser.add_argument("--headline-shard", type=int, default=2048, help="--scale: the shard size of the 1- vs 2-worker comparison")
@@ -573,8 +591,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="xfer-bench-features-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
-        manifest = write_images(root, args.rows)
-        print(f"wrote {args.rows} PNGs (8x8 grey) in {time.perf_counter() - t0:.1f} s")
+        if args.photos:
+            manifest = write_photos(root, args.rows, args.photos)
+            images = f"photo-like JPEGs of {args.photos}x{args.photos}"
+        else:
+            manifest = write_images(root, args.rows)
+            images = "PNGs of 8x8"
+        print(f"wrote {args.rows} {images} in {time.perf_counter() - t0:.1f} s")
 
         cfg = backbone_config(args.backbone, args.size)
         model, prep, weights = create_backbone(cfg, num_classes=0)
@@ -685,7 +708,9 @@ def main() -> None:
         "loadavg_1min": {"before": load_before, "after": os.getloadavg()[0]},
     }
 
-    title = f"{args.backbone} at {args.size} px, {n} images of 8x8, batch {args.batch}, on {where}"
+    title = f"{args.backbone} at {args.size} px, {n} {images}, batch {args.batch}, on {where}"
+    result["images"] = images
+    name = "features_photos" if args.photos else "features"
     lines = [
         f"{'workers':>8}{'extract img/s':>15}{'loader img/s':>14}{'forward img/s':>15}{'ratio':>8}",
         *[f"{r['workers']:>8}{r['extract_img_s']:>15.0f}{r['loader_img_s']:>14.0f}{n / forward_s:>15.0f}{r['ratio_to_forward']:>8.2f}" for r in extract_rows],
@@ -699,7 +724,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     from xfer.io import write_json, write_text
 
-    write_json(RESULTS / "features.json", result)
+    write_json(RESULTS / f"{name}.json", result)
     md = [
         f"# Feature extraction: {title}",
         "",
@@ -717,8 +742,8 @@ def main() -> None:
         f"Load average (1 min) before {result['loadavg_1min']['before']:.2f}, after {result['loadavg_1min']['after']:.2f} on {os.cpu_count()} cores.",
         "",
     ]
-    write_text(RESULTS / "features.md", "\n".join(md))
-    print(f"\nwrote {RESULTS / 'features.json'} and {RESULTS / 'features.md'}")
+    write_text(RESULTS / f"{name}.md", "\n".join(md))
+    print(f"\nwrote {RESULTS / f'{name}.json'} and {RESULTS / f'{name}.md'}")
 
 
 if __name__ == "__main__":
