@@ -291,6 +291,18 @@ def test_rank_scores_each_candidate_recommends_by_its_rule_and_caches_the_featur
     assert again.returncode == 0 and "computed" not in again.stdout.split("recommended:")[0], again.stdout
 
 
+def test_rank_by_default_scores_the_offline_pretrained_backbones_and_a_random_control(trained_project):
+    """rank.backbones empty: lite0, lite1 and lite2 with their shipped ImageNet weights, and lite0
+    with random weights, at backbone.image_size; offline (no hub cache is read)."""
+    proc = xfer("rank", "--root", str(trained_project))
+    assert proc.returncode == 0, proc.stderr
+    size = TINY_PARAMS["backbone"]["image_size"]
+    names = [row["candidate"] for row in json.loads((trained_project / "metrics/rank.json").read_text())["backbones"]]
+    expected = [f"tf_efficientnet_lite{n} {size}px pretrained" for n in (0, 1, 2)] + [f"tf_efficientnet_lite0 {size}px random init"]
+    assert names == expected
+    assert all(name in proc.stdout for name in expected)
+
+
 def test_rank_without_a_manifest_says_what_to_run_and_writes_nothing(tmp_path):
     write_params(tmp_path, TINY_PARAMS)
     line = one_line_error(xfer("rank", "--root", str(tmp_path)))
