@@ -79,6 +79,7 @@ def test_an_empty_cache_offline_or_without_a_hub_stops_with_what_to_do(hub_env, 
         resolve_weights(PRETRAINED)  # HF_ENDPOINT refuses connections
     text = str(err.value)
     assert HUB_MODEL in text and str(hub_env) in text and "backbone.weights" in text and "cannot be reached" in text
+    assert f"`hf download timm/{HUB_MODEL}`" in text  # the command huggingface_hub installs
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BackboneError, match="HF_HUB_OFFLINE is set") as err:
         resolve_weights(PRETRAINED)

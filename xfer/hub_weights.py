@@ -31,6 +31,10 @@ from xfer.redact import redact
 # timm saves both; safetensors first, as timm's own loader prefers it (no pickle at all).
 WEIGHT_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+DEFAULT_ENDPOINT = "https://huggingface.co"
+# One quick connection attempt before a download: without it huggingface_hub retries
+# a refused or unresolvable host with backoff for about 23 s per file name.
+PROBE_TIMEOUT_S = 5
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -74,13 +78,8 @@ def _cached(repo: str, revision: str | None, names: tuple[str, ...], cache: Path
     return None
 
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
-PROBE_TIMEOUT_S = 5
-
-
 def _unreachable(endpoint: str) -> str | None:
-    """Why the hub cannot be reached, or None. One quick connection attempt: without it
-    huggingface_hub retries a refused or unresolvable host with backoff for about 25 s per file."""
+    """Why the hub cannot be reached (one connection attempt of PROBE_TIMEOUT_S), or None."""
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
         return None  # only the proxy knows; let huggingface_hub try through it
     parts = urlsplit(endpoint)
@@ -131,7 +130,7 @@ def hub_weight_file(name: str) -> tuple[Path, str]:
     if path is None:
         how = (
             f"Put {' or '.join(names)} of the hub repository {repo} into that cache "
-            f"(e.g. `huggingface-cli download {repo}` where the hub is reachable), "
+            f"(e.g. `hf download {repo}` where the hub is reachable; huggingface_hub installs `hf`), "
             "or set backbone.weights to a local weight file (.pt, .pth or .safetensors)."
         )
         if hub_offline():

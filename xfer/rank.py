@@ -37,7 +37,7 @@ def candidate_name(backbone: BackboneConfig) -> str:
 
 def offline_candidates(image_size: int) -> list[BackboneConfig]:
     """The default candidates: every backbone whose pretrained weights ship with xfer, and the
-    first of them with random weights, a control no pretrained backbone should rank below."""
+    first of them with random weights as a control: where pretraining matters, it scores lowest."""
     from xfer.backbones import offline_pretrained_names
 
     names = offline_pretrained_names()
