@@ -376,6 +376,7 @@ def test_the_rank_stage_runs_alone_once_rank_backbones_switches_it_on(repo):
     finally:
         sh(["git", "checkout", "params.yaml", "dvc.yaml"], root, env)
 
+
 def test_a_local_two_domain_folder_runs_end_to_end(tmp_path, prefect_api):
     """Acceptance: the user's own ImageFolder domains (outside the repo) through `dvc repro`,
     on a timm model's pretrained weights from the hub cache, offline."""
