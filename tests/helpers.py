@@ -80,13 +80,15 @@ HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def hub_weights(seed: int = 0) -> dict:
-    """Weights for HUB_MODEL that no default init gives: seeded noise in every float tensor."""
+    """Weights for HUB_MODEL that xfer's random init (seed 0) does not give: timm's init under
+    another seed, so the weights are a working network (BatchNorm variances stay positive)."""
     import timm
     import torch
 
-    model = timm.create_model(HUB_MODEL, pretrained=False)
-    g = torch.Generator().manual_seed(seed)
-    return {k: (torch.randn(v.shape, generator=g) * 0.05 if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1000 + seed)
+        model = timm.create_model(HUB_MODEL, pretrained=False)
+    return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def hub_cache(cache: Path, state: dict, filename: str = "model.safetensors") -> Path:

@@ -10,14 +10,17 @@ from flows.stages import main
     ("backbone", "message"),
     [
         ({"name": "efficientnet_b99"}, "not a timm model"),
-        ({"name": "test_resnet", "pretrained": True}, "no offline pretrained weights"),
+        ({"name": "test_resnet", "pretrained": True}, "pretrained weights for 'test_resnet' are not in the hub cache"),
         ({"name": "test_resnet", "weights": "missing.pt"}, "file not found"),
     ],
 )
-def test_bad_backbone_stops_the_check_and_its_stages(tmp_path, tiny_params, capsys, backbone, message):
+def test_bad_backbone_stops_the_check_and_its_stages(tmp_path, tiny_params, capsys, monkeypatch, backbone, message):
     """`--check` (make run's first step, and the pipeline flow's) applies every stage's checks;
     a stage process applies its own: features and finetune stop, fetch (which never reads
     the backbone, nor loads its code) does not look."""
+    # Offline, with an empty hub cache outside the project: no test reaches for the network.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path.parent / f"{tmp_path.name}-hub"))
     tiny_params["backbone"].update(backbone)
     write_params(tmp_path, tiny_params)
     assert main(["--check", "--root", str(tmp_path)]) == 2
