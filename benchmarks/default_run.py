@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results"
-METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc")
 # Largest difference allowed between the committed figures and a run on another
 # CPU, per model, rounded up from about 1.5x the largest difference measured: on the
 # earlier default, Intel Xeon against AMD EPYC (finetune 0.032, fusion 0.009, head
@@ -117,12 +117,14 @@ def exact_outputs(root: Path) -> dict:
 
 
 def figures(eval_json: dict) -> dict:
-    return {m: {s: {k: round(v[k], 6) for k in METRICS} for s, v in by.items()} for m, by in eval_json.items()}
+    # roc_auc is None where a split lacks a class (never in the default run: every class is in every split).
+    return {m: {s: {k: None if v[k] is None else round(v[k], 6) for k in METRICS} for s, v in by.items()} for m, by in eval_json.items()}
 
 
 def differences(ours: dict, other: dict) -> dict[str, float]:
-    """model -> the largest absolute difference over its splits and metrics."""
-    return {m: max(abs(ours[m][s][k] - other[m][s][k]) for s in ours[m] for k in METRICS) for m in ours if m in other}
+    """model -> the largest absolute difference over its splits and the metrics both runs have
+    (a run recorded before ROC AUC existed has none)."""
+    return {m: max(abs(ours[m][s][k] - other[m][s][k]) for s in ours[m] for k in METRICS if k in other[m][s]) for m in ours if m in other}
 
 
 def markdown(result: dict, other: dict | None) -> str:
@@ -158,13 +160,27 @@ def markdown(result: dict, other: dict | None) -> str:
             "",
             f"Measured: this run against the same params {where(result['machine'], other['machine'])} "
             f"(its kernels: {other['machine'].get('cpu_capability', 'not recorded')}, {onednn_setting(other['machine'])}); "
-            "the largest difference per model over every split and metric:",
+            "the largest difference per model over every split and metric"
+            + (
+                f" that run recorded (not {', '.join(missing)}: it ran before {'that' if len(missing) == 1 else 'those'} existed)"
+                if (missing := absent_metrics(other))
+                else ""
+            )
+            + ":",
             "",
             "| model | largest difference | tolerance |",
             "|---|---:|---:|",
             *(f"| {model} | {d:.3f} | {TOLERANCE.get(model, 0):.2f} |" for model, d in diff.items()),
         ]
     return "\n".join(lines) + "\n"
+
+
+def absent_metrics(other: dict) -> list[str]:
+    """The METRICS a run recorded elsewhere lacks (it ran before they existed)."""
+    if other["eval"] is None:
+        return []
+    recorded = {k for by_split in other["eval"].values() for figures in by_split.values() for k in figures}
+    return [k for k in METRICS if k not in recorded]
 
 
 def onednn_setting(machine: dict) -> str:

@@ -26,6 +26,7 @@ def evaluate(layout: Layout, params: Params) -> dict:
                 finetune_dir=layout.finetune_dir,
                 metrics_path=layout.metrics("eval"),
                 plot_dir=layout.stage_plots("evaluate"),
+                roc_dir=layout.roc_plots,
                 params=params,
             )
         run.log_metrics(scored.results)

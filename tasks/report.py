@@ -16,10 +16,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.registry import Promotion
 from tasks.tracking import PARENT_TAG, StageRun, team_tracking_uri
-from xfer.metrics import selection_lines
+from xfer.metrics import figure, selection_lines
 
 REPORT_KEY = "xfer-evaluation"
-COLUMNS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
+COLUMNS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc")
 
 
 def mlflow_ui() -> str:
@@ -43,7 +43,7 @@ def metrics_table(results: dict) -> list[str]:
     lines = ["| model | split | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
     for model, by_split in results.items():
         for split, figures in by_split.items():
-            lines.append(f"| {model} | {split} | " + " | ".join(f"{figures[c]:.3f}" for c in COLUMNS) + " |")
+            lines.append(f"| {model} | {split} | " + " | ".join(figure(figures.get(c)) for c in COLUMNS) + " |")
     return lines
 
 

@@ -120,12 +120,15 @@ def test_stage_and_pipeline_stop_on_bad_params_before_any_flow(tmp_path):
 
 
 def test_summary_prints_the_evaluation_table(tmp_path):
-    figures = {"accuracy": 0.875, "macro_precision": 0.5, "macro_recall": 0.25, "macro_f1": 0.125}
-    (tmp_path / "eval.json").write_text(json.dumps({"head": {"target_test": figures}}))
+    figures = {"accuracy": 0.875, "macro_precision": 0.5, "macro_recall": 0.25, "macro_f1": 0.125, "roc_auc": 0.75}
+    # finetune's target val lacks a class: its AUC is null, printed n/a.
+    (tmp_path / "eval.json").write_text(json.dumps({"head": {"target_test": figures}, "finetune": {"target_val": figures | {"roc_auc": None}}}))
     proc = xfer("summary", str(tmp_path / "eval.json"))
     assert proc.returncode == 0, proc.stderr
-    row = proc.stdout.strip().splitlines()[-1].split()
-    assert row == ["head", "target_test", "0.875", "0.500", "0.250", "0.125"], proc.stdout
+    header, head, finetune = (line.split() for line in proc.stdout.strip().splitlines()[:3])
+    assert header[-1] == "roc_auc"
+    assert head == ["head", "target_test", "0.875", "0.500", "0.250", "0.125", "0.750"], proc.stdout
+    assert finetune[-1] == "n/a", proc.stdout
     line = one_line_error(xfer("summary", str(tmp_path / "missing.json")))
     assert f"{tmp_path / 'missing.json'} not found" in line
 

@@ -74,18 +74,25 @@ def test_repro_runs_every_stage_then_nothing(repo):
     assert "up to date" in status.stdout
     shown = json.loads(sh([dvc, "metrics", "show", "--json"], root, env).stdout)
     assert "metrics/eval.json" in json.dumps(shown)
+    # `dvc metrics show` lists each model's ROC AUC per split, as eval.json holds it.
+    table = sh([dvc, "metrics", "show"], root, env).stdout
+    assert "head.target_test.roc_auc" in table and "finetune.source_test.roc_auc" in table
+    ev = json.loads((root / "metrics/eval.json").read_text())
+    assert f"{ev['head']['target_test']['roc_auc']:.5f}" in table
 
 
 def test_dvc_plots_show_draws_learning_curves_and_confusion_matrices(repo, tmp_path):
     """`dvc plots show` on what `dvc repro` wrote: the curves per epoch, a confusion matrix per
-    model from its predictions, the stage figures as images, and nothing drawn twice."""
+    model from its predictions, a ROC curve per model, the stage figures as images, and nothing drawn twice."""
     root, env, dvc, _ = repo
     params = yaml.safe_load((root / "params.yaml").read_text())
     shown = json.loads(sh([dvc, "plots", "show", "--json", "-o", str(tmp_path / "dvc_plots")], root, env).stdout)["data"]
     kinds = {plot_id: renders[0]["type"] for plot_id, renders in shown.items()}
     evaluate_files = sorted(p.name for p in (root / "plots/evaluate").iterdir())
     predictions = {f"plots/evaluate/{name}" for name in evaluate_files if name.endswith(".csv")}
-    assert {k for k, v in kinds.items() if v == "vega"} == {"head_accuracy", "head_loss", "finetune_accuracy", "finetune_loss"} | predictions
+    roc = {f"plots/roc/roc_{model}_target_test.csv" for model in ("head", "finetune", "fusion")}
+    assert {f"plots/roc/{p.name}" for p in (root / "plots/roc").iterdir()} == roc
+    assert {k for k, v in kinds.items() if v == "vega"} == {"head_accuracy", "head_loss", "finetune_accuracy", "finetune_loss"} | predictions | roc
     images = {f"plots/evaluate/{name}" for name in evaluate_files if name.endswith(".png")}
     images |= {"plots/head/tsne.png", "plots/head/learning_curves.png", "plots/finetune/learning_curves.png"}
     assert {k for k, v in kinds.items() if v == "image"} == images
@@ -117,6 +124,10 @@ def test_dvc_plots_show_draws_learning_curves_and_confusion_matrices(repo, tmp_p
         rows = values(plot_id)
         assert len(rows) == scores[model]["target_test"]["n"]
         assert np.mean([r["actual"] == r["predicted"] for r in rows]) == pytest.approx(scores[model]["target_test"]["accuracy"])
+        roc = shown[f"plots/roc/roc_{model}_target_test.csv"][0]["content"]
+        assert (roc["encoding"]["x"]["field"], roc["encoding"]["y"]["field"]) == ("fpr", "tpr")  # the simple template: a line
+        points = [(float(v["fpr"]), float(v["tpr"])) for v in roc["data"]["values"]]
+        assert points[0] == (0.0, 0.0) and points[-1] == (1.0, 1.0)
 
 
 def test_stage_processes_group_under_one_pipeline_run(repo):

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 from sklearn import metrics as skm
+from sklearn.exceptions import UndefinedMetricWarning
 
-from xfer.metrics import classification_metrics, confusion_matrix, format_results
+from xfer.metrics import binary_roc_auc, classification_metrics, confusion_matrix, format_results, one_vs_rest_roc_auc, roc_curve
 
 
 def test_metrics_match_scikit_learn():
@@ -32,7 +33,72 @@ def test_format_results_has_a_row_per_model_and_split():
     table = format_results({"head": {"source_test": m, "target_test": m}, "finetune": {"target_test": m}})
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].split()[:3] == ["model", "split", "accuracy"]
-    assert lines[3].split() == ["finetune", "target_test", "0.500", "0.250", "0.125", "1.000"]
+    # An eval.json written before ROC AUC existed has no roc_auc: shown as n/a, no crash.
+    assert lines[3].split() == ["finetune", "target_test", "0.500", "0.250", "0.125", "1.000", "n/a"]
+    assert format_results({"head": {"target_test": {**m, "roc_auc": 0.875}}}).splitlines()[1].split()[-1] == "0.875"
+
+
+# ---- ROC AUC, one class against the rest ----
+
+
+def generated_predictions(rows: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and class-probability rows that lean towards the right class, rounded so that scores tie."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, rows)
+    logits = rng.normal(size=(rows, classes)) + 1.5 * np.eye(classes)[y]
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return y, np.round(p, 2)
+
+
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_one_vs_rest_roc_auc_matches_scikit_learn(classes):
+    y, p = generated_predictions(400, classes, seed=classes)
+    assert len(np.unique(p[:, 0])) < len(p)  # ties, which count half
+    macro, per_class = one_vs_rest_roc_auc(y, p)
+    for c in range(classes):
+        assert per_class[c] == pytest.approx(skm.roc_auc_score(y == c, p[:, c]), abs=1e-12)
+    # scikit-learn's own multi-class macro (it renormalises rows that do not sum to 1: these are rounded).
+    expected = skm.roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr", average="macro") if classes > 2 else np.mean(per_class)
+    assert macro == pytest.approx(np.mean([skm.roc_auc_score(y == c, p[:, c]) for c in range(classes)]), abs=1e-12)
+    if classes > 2:
+        renormalised, _ = one_vs_rest_roc_auc(y, p / p.sum(1, keepdims=True))
+        assert renormalised == pytest.approx(expected, abs=1e-12)
+    assert 0.5 < macro < 1
+
+
+def test_a_class_absent_from_the_split_has_no_auc_and_the_macro_skips_it():
+    y, p = generated_predictions(300, 4, seed=7)
+    y[y == 2] = 1  # class 2 never occurs: scikit-learn's macro is NaN then, with a warning
+    with pytest.warns(UndefinedMetricWarning):
+        assert np.isnan(skm.roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr", labels=[0, 1, 2, 3]))
+    macro, per_class = one_vs_rest_roc_auc(y, p)
+    assert per_class[2] is None
+    present = [skm.roc_auc_score(y == c, p[:, c]) for c in (0, 1, 3)]
+    assert [per_class[c] for c in (0, 1, 3)] == pytest.approx(present, abs=1e-12)
+    assert macro == pytest.approx(np.mean(present), abs=1e-12)
+    # A split of one class has no AUC at all.
+    assert one_vs_rest_roc_auc(np.zeros(5, int), p[:5]) == (None, [None] * 4)
+
+
+def test_roc_auc_by_hand():
+    assert binary_roc_auc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
+    assert binary_roc_auc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
+    assert binary_roc_auc(np.full(4, 0.5), np.array([0, 1, 0, 1])) == 0.5  # all tied: half
+    # Positives 0.4 and 0.8 against negatives 0.4 and 0.1: pairs won 1 + 1 + 0.5 (tie) + 1 of 4.
+    assert binary_roc_auc(np.array([0.4, 0.8, 0.4, 0.1]), np.array([1, 1, 0, 0])) == 0.875
+    # A broken model (a NaN probability) has no AUC.
+    assert np.isnan(binary_roc_auc(np.array([0.1, np.nan, 0.8]), np.array([0, 0, 1])))
+    assert one_vs_rest_roc_auc(np.array([0, 1]), np.array([[np.nan, 0.5], [0.5, 0.5]]))[1][0] is None
+
+
+def test_roc_curve_is_scikit_learns_at_every_threshold():
+    y, p = generated_predictions(200, 3, seed=1)
+    fpr, tpr = roc_curve(p[:, 1], y == 1)
+    expected_fpr, expected_tpr, _ = skm.roc_curve(y == 1, p[:, 1], drop_intermediate=False)
+    np.testing.assert_allclose(fpr, expected_fpr)
+    np.testing.assert_allclose(tpr, expected_tpr)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(binary_roc_auc(p[:, 1], y == 1))
+    assert [a.size for a in roc_curve(p[:, 1], np.zeros(len(y), bool))] == [0, 0]
 
 
 def test_fusion_averages_probabilities_and_can_fix_a_model():

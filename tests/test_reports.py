@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import TINY_PARAMS
 from mlflow.tracking import MlflowClient
+from sklearn import metrics as skm
 
 from xfer.layout import Layout
 from xfer.metrics import reliability_bins
@@ -50,6 +51,29 @@ def test_reliability_figure_draws_with_empty_bins(tmp_path):
     assert path.read_bytes().startswith(PNG_MAGIC)
 
 
+def test_the_report_table_shows_roc_auc_and_n_a_where_it_is_undefined():
+    from tasks.report import metrics_table
+
+    figures = {"accuracy": 0.875, "macro_precision": 0.5, "macro_recall": 0.25, "macro_f1": 0.125, "roc_auc": 0.75}
+    header, _, defined, undefined = metrics_table({"head": {"target_test": figures, "target_val": figures | {"roc_auc": None}}})
+    assert header.endswith("| macro_f1 | roc_auc |")
+    assert defined == "| head | target_test | 0.875 | 0.500 | 0.250 | 0.125 | 0.750 |"
+    assert undefined.endswith("| 0.125 | n/a |")
+
+
+def test_roc_figure_draws_a_panel_per_model_and_skips_an_absent_class(tmp_path):
+    from xfer.metrics import roc_curve
+    from xfer.plots import roc_figure
+
+    y = np.array([0, 0, 1, 1])  # class 2 absent: no curve
+    p = np.array([[0.8, 0.1, 0.1], [0.4, 0.5, 0.1], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3]])
+    curves = {m: [roc_curve(p[:, c], y == c) for c in range(3)] for m in ("head", "finetune")}
+    fig = roc_figure(curves, {"head": 1.0, "finetune": None}, ["a", "b", "c"], "toy")
+    assert [ax.get_title() for ax in fig.axes] == ["head\nmacro AUC 1.000", "finetune\nmacro AUC n/a"]
+    assert [len(ax.lines) for ax in fig.axes] == [3, 3]  # classes a and b, and the diagonal
+    assert save_figure(tmp_path / "roc.png", fig).read_bytes().startswith(PNG_MAGIC)
+
+
 # ---- what a tiny pipeline run (flows.pipeline) wrote ----
 
 
@@ -80,6 +104,35 @@ def test_eval_ece_is_what_the_predictions_give(pipeline_project):
             assert 0 < scores["ece"] < 1
             # A confidence is a top class probability: at least 1/classes.
             assert confidence.min() >= 1 / len(scores["per_class_accuracy"]) - 1e-6
+
+
+def test_eval_roc_auc_is_scikit_learns_on_the_heads_own_probabilities(pipeline_project):
+    """eval.json's head AUCs and its ROC curve CSV, recomputed from the saved head on the cached
+    features; every model has an AUC per split and a curve on target test, and the figure exists."""
+    from xfer import features as feats
+    from xfer.evaluate import head_probabilities
+    from xfer.heads import load_head
+
+    root, _ = pipeline_project
+    layout = Layout(root)
+    ev = json.loads(layout.metrics("eval").read_text())
+    head, spec = load_head(layout.head_dir)
+    x, y = feats.load_current(layout.features_current).select("target", "test")
+    p = head_probabilities(head, x, "target")
+    names = spec["class_names"]
+    scored = ev["head"]["target_test"]
+    for c, name in enumerate(names):
+        assert scored["per_class_roc_auc"][name] == pytest.approx(skm.roc_auc_score(y == c, p[:, c]), abs=1e-9)
+    assert scored["roc_auc"] == pytest.approx(np.mean([skm.roc_auc_score(y == c, p[:, c]) for c in range(len(names))]), abs=1e-9)
+    curve = read_csv(layout.roc_plots / "roc_head_target_test.csv")
+    fpr, tpr, _ = skm.roc_curve(np.eye(len(names), dtype=bool)[y].ravel(), p.ravel(), drop_intermediate=False)
+    np.testing.assert_allclose([float(r["fpr"]) for r in curve], fpr, atol=1e-12)
+    np.testing.assert_allclose([float(r["tpr"]) for r in curve], tpr, atol=1e-12)
+    for model in MODELS:
+        for split, figures in ev[model].items():
+            assert 0 <= figures["roc_auc"] <= 1 and set(figures["per_class_roc_auc"]) == set(names), (model, split)
+        assert (layout.roc_plots / f"roc_{model}_target_test.csv").is_file()
+    assert (layout.stage_plots("evaluate") / "roc_target_test.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_learning_curves_have_one_row_per_epoch(pipeline_project):
@@ -125,3 +178,6 @@ def test_reports_are_mlflow_artifacts_of_their_stage_runs(pipeline_project):
     # The ECE is a metric of the evaluate run, as the accuracies are.
     metrics = by_stage["evaluate"].data.metrics
     assert metrics["fusion.target_test.ece"] == pytest.approx(ev["fusion"]["target_test"]["ece"])
+    # So are the ROC AUCs, and the ROC figure and curves are artifacts beside the other plots.
+    assert metrics["head.target_test.roc_auc"] == pytest.approx(ev["head"]["target_test"]["roc_auc"])
+    assert {"plots/roc_target_test.png", *(f"plots/roc_{m}_target_test.csv" for m in MODELS)} <= plots("evaluate")

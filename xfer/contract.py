@@ -150,7 +150,7 @@ STAGES: dict[str, Stage] = {
             params=("evaluate", "backbone", "registry", "fusion"),
             # The fine-tuned network predicts from the images themselves.
             deps=(FEATURES, MEMBER_FEATURES, "models/head", "models/finetune", MANIFEST, "data/raw"),
-            outs=("plots/evaluate",),
+            outs=("plots/evaluate", "plots/roc"),
             metrics=("metrics/eval.json",),
             task="tasks.evaluate:evaluate",
             core="xfer.evaluate:evaluate_models",

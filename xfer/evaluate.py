@@ -3,7 +3,7 @@
 `evaluate_models` scores the head on its cached features, the fine-tuned
 network on the images themselves, each fusion member's head on its own
 features, and the fusion (the mean of every model's class probabilities);
-it writes `eval.json` and the figures, and returns what it scored. Tracking
+it writes `eval.json`, the figures and the ROC curves, and returns what it scored. Tracking
 and the registry stay in tasks/evaluate.py.
 """
 
@@ -22,8 +22,17 @@ from xfer.data.split import read_manifest, rows
 from xfer.finetune import load_classifier, predict_logits, select_device
 from xfer.heads import FEATURE_FUSION, MEMBERS_DIR, HeadNet, load_head
 from xfer.io import write_json
-from xfer.metrics import classification_metrics, confusion_matrix, fuse_probabilities, per_class_accuracy, reliability_from_probabilities, softmax
-from xfer.plots import per_class_accuracy_figure, prediction_rows, reliability_figure, save_confusion_matrix, save_figure, write_rows_csv
+from xfer.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    fuse_probabilities,
+    one_vs_rest_roc_auc,
+    per_class_accuracy,
+    reliability_from_probabilities,
+    roc_curve,
+    softmax,
+)
+from xfer.plots import per_class_accuracy_figure, prediction_rows, reliability_figure, roc_figure, save_confusion_matrix, save_figure, write_rows_csv
 from xfer.validators import Evidence, Outputs, panel
 
 # (manifest role, split) -> the name used in eval.json and plot files.
@@ -33,6 +42,8 @@ EVAL_SETS = {("source", "test"): "source_test", ("target", "val"): "target_val",
 # they never read, and stored beside that split's metrics: eval.json <model>.target_val.validators.
 LABEL_FREE_ROWS = ("target", "val")
 LABEL_FREE_SET = EVAL_SETS[LABEL_FREE_ROWS]
+# The split whose ROC curves are drawn (every split gets its AUCs in eval.json).
+ROC_SET = "target_test"
 
 
 @dataclass(frozen=True)
@@ -94,9 +105,14 @@ def evaluate_models(
     finetune_dir: Path,
     metrics_path: Path,
     plot_dir: Path,
+    roc_dir: Path,
     params: Params,
 ) -> Evaluation:
-    """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'."""
+    """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'.
+
+    `roc_dir` gets each model's ROC curve on target test as a CSV (classes pooled one
+    against the rest: `dvc plots show` draws it); `plot_dir` every figure.
+    """
     manifest = read_manifest(manifest_path)
     fs = feats.load_current(features_dir)
     head, head_spec = load_head(head_dir)
@@ -150,6 +166,9 @@ def evaluate_models(
             path = plot_dir / f"confusion_{model_name}_{set_name}.png"
             save_confusion_matrix(path, cm, names, f"{model_name} on {set_name} (accuracy {scored['accuracy']:.3f})")
             plots.append(path)
+            auc, auc_per_class = one_vs_rest_roc_auc(y, probabilities[model_name])
+            scored["roc_auc"] = auc
+            scored["per_class_roc_auc"] = dict(zip(names, auc_per_class))
             reliability = reliability_from_probabilities(probabilities[model_name], y)
             scored["ece"] = reliability.ece
             path = plot_dir / f"reliability_{model_name}_{set_name}.png"
@@ -158,6 +177,8 @@ def evaluate_models(
             write_rows_csv(plot_dir / f"predictions_{model_name}_{set_name}.csv", prediction_rows(y, probabilities[model_name], names))
         path = plot_dir / f"per_class_accuracy_{set_name}.png"
         plots.append(save_figure(path, per_class_accuracy_figure(per_class, names, f"per-class accuracy on {set_name}")))
+        if set_name == ROC_SET:
+            plots += roc_plots(probabilities, y, {m: results[m][set_name]["roc_auc"] for m in probabilities}, names, set_name, plot_dir, roc_dir)
     source_val, source_val_labels = probabilities_on("source", "val", "source_val (for the validators)")
     evidence = Evidence(
         source_val_labels=source_val_labels,
@@ -171,6 +192,20 @@ def evaluate_models(
         results[model_name][LABEL_FREE_SET]["validators"] = scores
     write_json(metrics_path, results)
     return Evaluation(results, plots, fs, head_spec.get("selection"), {m: c for m, c in non_finite.items() if m in results})
+
+
+def roc_plots(
+    probabilities: dict[str, np.ndarray], labels: np.ndarray, aucs: dict[str, float | None], names: list[str], set_name: str, plot_dir: Path, roc_dir: Path
+) -> list[Path]:
+    """Each model's ROC curves on one split: a figure of every class's curve (one panel per model) and,
+    per model, a CSV of its curve with the classes pooled (every row's probability of each class
+    against whether that is its class: the micro average), which `dvc plots show` draws."""
+    curves = {m: [roc_curve(p[:, c], labels == c) for c in range(len(names))] for m, p in probabilities.items()}
+    paths = [save_figure(plot_dir / f"roc_{set_name}.png", roc_figure(curves, aucs, names, f"ROC, one class against the rest, on {set_name}"))]
+    for model_name, p in probabilities.items():
+        fpr, tpr = roc_curve(p, np.eye(len(names), dtype=bool)[labels])
+        paths.append(write_rows_csv(roc_dir / f"roc_{model_name}_{set_name}.csv", [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)]))
+    return paths
 
 
 def label_free_scores(target: dict[str, np.ndarray], source_val: dict[str, np.ndarray], evidence: Evidence) -> dict[str, dict[str, float]]:

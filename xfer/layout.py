@@ -89,6 +89,12 @@ class Layout:
         return self.plots / stage
 
     @property
+    def roc_plots(self) -> Path:
+        """plots/roc/: evaluate's ROC curves as CSVs, a folder of their own since `dvc plots show`
+        draws every file of a folder with one template (plots/evaluate's is the confusion matrix)."""
+        return self.plots / "roc"
+
+    @property
     def run_lock(self) -> Path:
         """Held (flock) by the run of a stage or of the pipeline in progress: one run of a project at a time (xfer.locks)."""
         return self.root / ".xfer.lock"

@@ -1,5 +1,6 @@
 """Classification metrics from labels and scores, in plain numpy: accuracy, macro P/R/F1,
-confusion matrices, and calibration (reliability bins, expected calibration error)."""
+confusion matrices, ROC curves and one-vs-rest ROC AUC, and calibration (reliability
+bins, expected calibration error)."""
 
 from __future__ import annotations
 
@@ -39,12 +40,18 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
 
 def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
     """eval.json as a small table: one row per (model, test split)."""
-    cols = ["accuracy", "macro_precision", "macro_recall", "macro_f1"]
+    cols = ["accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc"]
     lines = [f"{'model':<10}{'split':<13}" + "".join(f"{c:>17}" for c in cols)]
     for model, by_split in results.items():
         for split, m in by_split.items():
-            lines.append(f"{model:<10}{split:<13}" + "".join(f"{m[c]:>17.3f}" for c in cols))
+            lines.append(f"{model:<10}{split:<13}" + "".join(f"{figure(m.get(c)):>17}" for c in cols))
     return "\n".join(lines)
+
+
+def figure(value: float | None) -> str:
+    """A metric for a table: three decimals; `n/a` where it is not defined (an AUC with one class) or
+    not in the file (an eval.json written before the metric existed)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def per_class_accuracy(cm: np.ndarray) -> np.ndarray:
@@ -63,6 +70,61 @@ def fuse_probabilities(probabilities: list[np.ndarray]) -> np.ndarray:
     if not probabilities or len({p.shape for p in probabilities}) != 1:
         raise ValueError(f"fusion needs one or more probability arrays of one shape, got {[p.shape for p in probabilities]}")
     return np.mean(probabilities, axis=0)
+
+
+def binary_roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` for the rows where `positive` is true.
+
+    The Mann-Whitney statistic: the chance that a random positive row scores above
+    a random negative one, ties counting half (average ranks). NaN when the rows
+    hold no positive or no negative (the area is not defined then), or a score
+    that is NaN or infinite (a broken model has no area).
+    """
+    scores = np.asarray(scores, dtype=float)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0 or not np.isfinite(scores).all():
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(scores.size)
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # 1-based; a tie group shares its mean rank
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_curve(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every distinct score taken as the threshold,
+    from (0, 0) to (1, 1). Empty arrays where binary_roc_auc is NaN."""
+    scores = np.asarray(scores, dtype=float).ravel()
+    positive = np.asarray(positive, dtype=bool).ravel()
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0 or not np.isfinite(scores).all():
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(-scores, kind="mergesort")
+    ranked = scores[order]
+    # The last row of each group of equal scores: a threshold lets a whole tie group through at once.
+    ends = np.r_[np.flatnonzero(np.diff(ranked)), ranked.size - 1]
+    true_positives = np.cumsum(positive[order])[ends]
+    false_positives = ends + 1 - true_positives
+    return np.r_[0.0, false_positives / n_neg], np.r_[0.0, true_positives / n_pos]
+
+
+def one_vs_rest_roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float | None, list[float | None]]:
+    """(macro ROC AUC, each class's ROC AUC) of class-probability rows, one class against the rest.
+
+    A class with no row in `labels` (or with every row) has no defined AUC: its entry
+    is None, and the macro mean is over the classes that have one (None if none has).
+    With every class present this is scikit-learn's roc_auc_score(multi_class="ovr", average="macro").
+    """
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities, dtype=float)
+    if probabilities.ndim != 2 or probabilities.shape[0] != labels.shape[0]:
+        raise ValueError(f"probabilities must be (rows, classes) with one row per label, got {probabilities.shape} for {labels.shape[0]} labels")
+    per_class = [binary_roc_auc(probabilities[:, c], labels == c) for c in range(probabilities.shape[1])]
+    defined = [a for a in per_class if not np.isnan(a)]
+    return (float(np.mean(defined)) if defined else None), [None if np.isnan(a) else a for a in per_class]
 
 
 # Guo et al. (2017) use 15 equal-width bins; so do most calibration reports, which keeps ECEs comparable.

@@ -99,6 +99,33 @@ def per_class_accuracy_figure(accuracies: dict[str, np.ndarray], class_names: Se
     return fig
 
 
+def roc_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], aucs: dict[str, float | None], class_names: Sequence[str], title: str):
+    """One panel per model: each class's ROC curve against the rest, the chance diagonal, the macro AUC on top.
+
+    `curves[model][c]` is class c's (false positive rate, true positive rate); an empty
+    curve (a class absent from the split) is left out.
+    """
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.6 * len(curves) + 0.4, 4.0), squeeze=False)
+    colours = plt.get_cmap("tab20" if len(class_names) > 10 else "tab10")
+    for ax, (model, by_class) in zip(axes[0], curves.items()):
+        for c, (fpr, tpr) in enumerate(by_class):
+            if fpr.size:
+                ax.plot(fpr, tpr, lw=1, color=colours(c % colours.N), label=class_names[c])
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_aspect("equal")
+        auc = aucs.get(model)
+        ax.set_title(f"{model}\nmacro AUC {'n/a' if auc is None else f'{auc:.3f}'}", fontsize=10)
+        ax.set_xlabel("false positive rate")
+    axes[0][0].set_ylabel("true positive rate")
+    if len(class_names) <= 20:
+        axes[0][-1].legend(fontsize=7, loc="lower right", ncol=2 if len(class_names) > 10 else 1)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(path: Path, fig) -> Path:
     """Write a figure atomically and free it."""
     try:
