@@ -117,8 +117,10 @@ def exact_outputs(root: Path) -> dict:
 
 
 def figures(eval_json: dict) -> dict:
+    from xfer.metrics import model_results
+
     # roc_auc is None where a split lacks a class (never in the default run: every class is in every split).
-    return {m: {s: {k: None if v[k] is None else round(v[k], 6) for k in METRICS} for s, v in by.items()} for m, by in eval_json.items()}
+    return {m: {s: {k: None if v[k] is None else round(v[k], 6) for k in METRICS} for s, v in by.items()} for m, by in model_results(eval_json).items()}
 
 
 def differences(ours: dict, other: dict) -> dict[str, float]:

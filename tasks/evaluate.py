@@ -11,6 +11,7 @@ from tasks.tracking import stage_run
 from xfer.config import Params
 from xfer.evaluate import evaluate_models
 from xfer.layout import Layout
+from xfer.metrics import model_results
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -43,4 +44,4 @@ def evaluate(layout: Layout, params: Params) -> dict:
                 raise ModelRefused(reason)
         promotion = register_and_promote(layout, params, scored.results, scored.features) if params.registry.enabled else None
         publish_report(scored.results, promotion, run, scored.head_selection)
-    return {m: {s: r["accuracy"] for s, r in v.items()} for m, v in scored.results.items()}
+    return {m: {s: r["accuracy"] for s, r in v.items()} for m, v in model_results(scored.results).items()}

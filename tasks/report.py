@@ -16,10 +16,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.registry import Promotion
 from tasks.tracking import PARENT_TAG, StageRun, team_tracking_uri
-from xfer.metrics import figure, selection_lines
+from xfer.metrics import CROSS_VALIDATION, TABLE_METRICS, figure, mean_std, model_results, selection_lines
 
 REPORT_KEY = "xfer-evaluation"
-COLUMNS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc")
+COLUMNS = TABLE_METRICS
 
 
 def mlflow_ui() -> str:
@@ -41,15 +41,29 @@ def model_version_link(name: str, version: str) -> str:
 
 def metrics_table(results: dict) -> list[str]:
     lines = ["| model | split | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
-    for model, by_split in results.items():
+    for model, by_split in model_results(results).items():
         for split, figures in by_split.items():
             lines.append(f"| {model} | {split} | " + " | ".join(figure(figures.get(c)) for c in COLUMNS) + " |")
     return lines
 
 
+def cross_validation_table(cv: dict) -> list[str]:
+    """evaluate.cv_folds: the head's recipe trained once per fold; mean ± std over the folds."""
+    recipe = cv["recipe"]
+    lines = [
+        f"The head's recipe ({recipe['method']}, epoch by {recipe['selection']}) trained once per fold: {cv['folds']} stratified folds "
+        f"of the {cv['rows']} labelled training rows; each fold's head scored on its held-out rows and on target test (never in a fold).",
+        "",
+        "| rows | " + " | ".join(COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
+    lines += [f"| {where} | " + " | ".join(mean_std(cv[where][c]) for c in COLUMNS) + " |" for where in ("held_out", "target_test")]
+    return lines
+
+
 def validator_table(results: dict) -> list[str]:
     """Each model's label-free scores (eval.json <model>.target_val.validators); higher is better."""
-    scores = {model: by_split.get("target_val", {}).get("validators") for model, by_split in results.items()}
+    scores = {model: by_split.get("target_val", {}).get("validators") for model, by_split in model_results(results).items()}
     scores = {model: s for model, s in scores.items() if s}
     if not scores:
         return []
@@ -77,6 +91,8 @@ def markdown_report(
     results: dict, promotion: Promotion | None, experiment_id: str, run_id: str, pipeline_run_id: str | None, head_selection: dict | None = None
 ) -> str:
     lines = ["# xfer evaluation", "", *metrics_table(results), ""]
+    if CROSS_VALIDATION in results:
+        lines += ["## Cross-validation", "", *cross_validation_table(results[CROSS_VALIDATION]), ""]
     if table := validator_table(results):
         lines += ["## Without target labels", "", "Each validator's score on the target val images (labels unread) and source val; higher is better.", ""]
         lines += [*table, ""]

@@ -186,6 +186,42 @@ def test_head_method_auto_reruns_head_and_evaluate_only_and_logs_every_candidate
     assert len(lines) >= 2
 
 
+def test_cross_validation_reruns_evaluate_only_and_reports_fold_means_and_stds(repo):
+    """`dvc exp run -S evaluate.cv_folds=5`: only evaluate reruns; eval.json, `dvc metrics show`,
+    xfer summary and the evaluate run in MLflow hold the folds' means and stds."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+    from xfer import features as feats
+    from xfer.cross_validation import make_folds
+    from xfer.layout import Layout
+
+    root, env, dvc, _ = repo
+    before = tree_digest(root, ["data", "models", "plots/head", "plots/finetune"])
+    exp = sh([dvc, "exp", "run", "-S", "evaluate.cv_folds=5"], root, env)
+    assert ran_stages(exp) == {"evaluate"}, exp.stdout
+    assert tree_digest(root, ["data", "models", "plots/head", "plots/finetune"]) == before
+    cv = json.loads((root / "metrics/eval.json").read_text())["cross_validation"]
+    assert cv["folds"] == 5 and len(cv["per_fold"]) == 5
+    for where in ("held_out", "target_test"):
+        values = [f[where]["accuracy"] for f in cv["per_fold"]]
+        assert cv[where]["accuracy"]["mean"] == pytest.approx(np.mean(values))
+        assert cv[where]["accuracy"]["std"] == pytest.approx(np.std(values, ddof=1))
+    # The folds are the labelled training rows; no target test row is in any (the features' own index).
+    folds = make_folds(feats.load_current(root / "data/features/current"), 5, seed=yaml.safe_load((root / "params.yaml").read_text())["seed"])
+    index = feats.load_current(root / "data/features/current").index
+    assert cv["rows"] == len(folds.rows) and not ((index.role == "target") & (index.split == "test")).to_numpy()[folds.rows].any()
+    assert "cross_validation.held_out.accuracy.mean" in sh([dvc, "metrics", "show"], root, env).stdout
+    summary = sh([sys.executable, "-m", "cli", "summary", str(root / "metrics/eval.json")], Path(__file__).resolve().parents[1], env).stdout
+    assert "cross-validation of the head" in summary and f"{cv['target_test']['accuracy']['mean']:.3f} ± " in summary
+    mlflow.set_tracking_uri(tracking.tracking_uri(Layout(root)))
+    client = MlflowClient()
+    exp_id = client.get_experiment_by_name("xfer").experiment_id
+    run = client.search_runs([exp_id], "tags.`xfer.stage` = 'evaluate'", order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert run.data.metrics["cross_validation.target_test.accuracy.std"] == pytest.approx(cv["target_test"]["accuracy"]["std"])
+
+
 def test_bad_params_fail_fast_and_change_no_output(repo):
     root, env, dvc, _ = repo
     outputs = ["data", "models", "metrics", "plots"]

@@ -61,6 +61,27 @@ def test_the_report_table_shows_roc_auc_and_n_a_where_it_is_undefined():
     assert undefined.endswith("| 0.125 | n/a |")
 
 
+def test_the_report_shows_the_cross_validation_apart_from_the_models():
+    from tasks.report import markdown_report
+
+    figures = {"accuracy": 0.875, "macro_precision": 0.5, "macro_recall": 0.25, "macro_f1": 0.125, "roc_auc": 0.75}
+    summary = {m: {"mean": 0.5, "std": 0.25} for m in figures} | {"roc_auc": {"mean": None, "std": None}}
+    cv = {
+        "folds": 5,
+        "rows": 100,
+        "fold_sizes": [20] * 5,
+        "recipe": {"method": "mcc", "selection": "soft_info_max"},
+        "held_out": summary,
+        "target_test": summary,
+    }
+    page = markdown_report({"head": {"target_test": figures}, "cross_validation": cv}, None, "1", "abc", None)
+    models = page.split("## Cross-validation")[0]
+    assert "| head | target_test |" in models and "cross_validation" not in models  # not a model row
+    section = page.split("## Cross-validation")[1]
+    assert "(mcc, epoch by soft_info_max) trained once per fold: 5 stratified folds of the 100 labelled training rows" in section
+    assert "| held_out | 0.500 ± 0.250 | 0.500 ± 0.250 | 0.500 ± 0.250 | 0.500 ± 0.250 | n/a |" in section
+
+
 def test_roc_figure_draws_a_panel_per_model_and_skips_an_absent_class(tmp_path):
     from xfer.metrics import roc_curve
     from xfer.plots import roc_figure

@@ -483,6 +483,15 @@ class FinetuneConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     batch_size: int = Field(256, ge=1, le=4096)
+    # Stratified k-fold cross-validation of the head on cached features (xfer/cross_validation.py); 0 = off.
+    cv_folds: int = Field(0, ge=0)
+
+    @field_validator("cv_folds")
+    @classmethod
+    def _folds(cls, k: int) -> int:
+        if 0 < k < 3:
+            raise ValueError(f"{k} folds: use 0 (off) or at least 3 (a fold held out, one to choose the epoch on, the rest to train)")
+        return k
 
 
 class MlflowConfig(_Strict):

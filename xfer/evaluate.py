@@ -16,13 +16,15 @@ import numpy as np
 import torch
 
 from xfer import features as feats
-from xfer.config import PROMOTION_VALIDATORS, Params, member_name
+from xfer.config import PROMOTION_VALIDATORS, HeadConfig, Params, member_name
+from xfer.cross_validation import cross_validate_head
 from xfer.data.images import ImageRows
 from xfer.data.split import read_manifest, rows
 from xfer.finetune import load_classifier, predict_logits, select_device
 from xfer.heads import FEATURE_FUSION, MEMBERS_DIR, HeadNet, load_head
 from xfer.io import write_json
 from xfer.metrics import (
+    CROSS_VALIDATION,
     classification_metrics,
     confusion_matrix,
     fuse_probabilities,
@@ -48,7 +50,7 @@ ROC_SET = "target_test"
 
 @dataclass(frozen=True)
 class Evaluation:
-    results: dict[str, dict]  # model -> split -> metrics (eval.json)
+    results: dict[str, dict]  # model -> split -> metrics, and the head's cross_validation when evaluate.cv_folds is set (eval.json)
     plots: list[Path]
     features: feats.FeatureSet  # the main backbone's, which the registered head reads
     head_selection: dict | None = None  # how the head stage chose the head (its spec's `selection`)
@@ -116,9 +118,12 @@ def evaluate_models(
     manifest = read_manifest(manifest_path)
     fs = feats.load_current(features_dir)
     head, head_spec = load_head(head_dir)
+    names = head_spec["class_names"]
+    if params.evaluate.cv_folds:
+        # First: a bad fold count is refused before any scoring (and the folds take seconds).
+        cross_validation = cross_validate_head(fs, HeadConfig(**head_spec["head"]), len(names), params.evaluate.cv_folds, params.seed)
     classifier, spec = load_classifier(finetune_dir)
     device = select_device("auto")
-    names = head_spec["class_names"]
     members = fusion_members(member_features_dir, head_dir, params)
     fused_features = feature_fusion_head(fs, member_features_dir, head_dir, params)
     results: dict[str, dict] = {"head": {}, "finetune": {}, "fusion": {}, **{name: {} for name in members}}
@@ -190,6 +195,8 @@ def evaluate_models(
     )
     for model_name, scores in label_free_scores(target_val, source_val, evidence).items():
         results[model_name][LABEL_FREE_SET]["validators"] = scores
+    if params.evaluate.cv_folds:
+        results[CROSS_VALIDATION] = cross_validation
     write_json(metrics_path, results)
     return Evaluation(results, plots, fs, head_spec.get("selection"), {m: c for m, c in non_finite.items() if m in results})
 

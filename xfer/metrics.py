@@ -38,14 +38,43 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     }
 
 
+# eval.json's key for the head's cross-validation (evaluate.cv_folds): every other key is a model.
+CROSS_VALIDATION = "cross_validation"
+TABLE_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc")
+
+
+def model_results(results: dict) -> dict[str, dict[str, dict]]:
+    """eval.json's models: model -> split -> figures (without the cross-validation)."""
+    return {model: by_split for model, by_split in results.items() if model != CROSS_VALIDATION}
+
+
 def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """eval.json as a small table: one row per (model, test split)."""
-    cols = ["accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc"]
+    """eval.json as a small table: one row per (model, test split); then the cross-validation, if run."""
+    cols = TABLE_METRICS
     lines = [f"{'model':<10}{'split':<13}" + "".join(f"{c:>17}" for c in cols)]
-    for model, by_split in results.items():
+    for model, by_split in model_results(results).items():
         for split, m in by_split.items():
             lines.append(f"{model:<10}{split:<13}" + "".join(f"{figure(m.get(c)):>17}" for c in cols))
+    if CROSS_VALIDATION in results:
+        lines += ["", *cross_validation_lines(results[CROSS_VALIDATION])]
     return "\n".join(lines)
+
+
+def mean_std(summary: dict[str, float | None]) -> str:
+    return "n/a" if summary["mean"] is None else f"{summary['mean']:.3f} ± {summary['std']:.3f}"
+
+
+def cross_validation_lines(cv: dict) -> list[str]:
+    """The head's cross-validation in plain words and a small table: mean ± std over the folds."""
+    recipe = cv["recipe"]
+    lines = [
+        f"cross-validation of the head ({recipe['method']}, epoch by {recipe['selection']}): {cv['folds']} stratified folds "
+        f"of {cv['rows']} labelled training rows (sizes {', '.join(map(str, cv['fold_sizes']))}); mean ± std over the folds",
+        f"{'rows':<23}" + "".join(f"{c:>17}" for c in TABLE_METRICS),
+    ]
+    for where in ("held_out", "target_test"):
+        lines.append(f"{where:<23}" + "".join(f"{mean_std(cv[where][c]):>17}" for c in TABLE_METRICS))
+    return lines
 
 
 def figure(value: float | None) -> str:
