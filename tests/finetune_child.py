@@ -1,6 +1,6 @@
 """A fine-tuning run in its own process, for the kill-and-resume test.
 
-    python tests/finetune_child.py <out_dir> <checkpoint_dir> <delay_s>
+    python tests/finetune_child.py <out_dir> <checkpoint_dir> <delay_s> [<sampler>]
 
 Writes <out_dir>/weights.pt at the end and appends each finished epoch to <out_dir>/epochs.txt.
 """
@@ -31,7 +31,7 @@ CFG = loop_config(
 )
 
 
-def main(out_dir: str, checkpoint_dir: str, delay_s: str) -> None:
+def main(out_dir: str, checkpoint_dir: str, delay_s: str, sampler: str = "uniform") -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -45,7 +45,7 @@ def main(out_dir: str, checkpoint_dir: str, delay_s: str) -> None:
         model,
         NoisyData(toy_data(96, 0), float(delay_s)),
         toy_data(32, 1),
-        CFG,
+        CFG.model_copy(update={"sampler": sampler}),
         torch.device("cpu"),
         seed=0,
         on_epoch=log,

@@ -45,6 +45,11 @@ class NoisyData(Dataset):
     def __len__(self) -> int:
         return len(self.inner)
 
+    @property
+    def labels(self) -> list[int]:
+        """What a sampler weighs rows by, read without drawing noise (as ImageRows lists its labels)."""
+        return [int(y) for _, y in self.inner]
+
     def __getitem__(self, i):
         if self.delay_s:
             time.sleep(self.delay_s)

@@ -235,14 +235,16 @@ def test_early_stopping_stops_after_patience_epochs_without_progress():
     assert len(history) == 3
 
 
-def run_child(out, ckpt, delay):
-    return subprocess.Popen([sys.executable, str(Path(__file__).parent / "finetune_child.py"), str(out), str(ckpt), str(delay)])
+def run_child(out, ckpt, delay, sampler="uniform"):
+    return subprocess.Popen([sys.executable, str(Path(__file__).parent / "finetune_child.py"), str(out), str(ckpt), str(delay), sampler])
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
-    """SIGKILL in epoch 2, restart: epochs 2-4 run again from the epoch-1 checkpoint, same final weights."""
-    assert run_child(tmp_path / "straight", tmp_path / "ckpt_straight", 0).wait(timeout=300) == 0
-    child = run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0.01)
+@pytest.mark.parametrize("sampler", ["uniform", "class_balanced"])
+def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, sampler):
+    """SIGKILL in epoch 2, restart: epochs 2-4 run again from the epoch-1 checkpoint, same final weights
+    (with weighted draws too: the sampler draws from the loader's generator, which the checkpoint keeps)."""
+    assert run_child(tmp_path / "straight", tmp_path / "ckpt_straight", 0, sampler).wait(timeout=300) == 0
+    child = run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0.01, sampler)
     checkpoint = tmp_path / "ckpt_killed" / CHECKPOINT_FILE
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
@@ -253,7 +255,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
     assert checkpoint.exists() and not (tmp_path / "killed" / "weights.pt").exists()
     assert (tmp_path / "killed" / "epochs.txt").read_text().split() == ["0", "1"]
 
-    assert run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0).wait(timeout=300) == 0
+    assert run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0, sampler).wait(timeout=300) == 0
     assert (tmp_path / "killed" / "epochs.txt").read_text().split() == ["0", "1", "2", "3", "4"]
     assert not checkpoint.exists()  # a finished run leaves no checkpoint to resume
     straight = torch.load(tmp_path / "straight" / "weights.pt", weights_only=True)

@@ -57,6 +57,7 @@ def test_a_default_run_reproduces_the_committed_one(tmp_path):
         "finetune_shifts",
         "suggest_labels",
         "head_search",
+        "imbalance",
         "features",
         "features_photos",
         "finetune",

@@ -307,6 +307,7 @@ PROMOTION_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1")
 PROMOTION_VALIDATORS = tuple(name for name in VALIDATOR_NAMES if name != "ensv")
 # Which epoch (or search candidate) is kept: a validator, the `last` epoch, or the oracle
 # `target_val` (reads target labels, reported as such).
+Sampler = Literal["uniform", "class_balanced", "sqrt"]
 Selection = Literal["source_val", "entropy", "info_max", "soft_info_max", "bnm", "snd", "dev", "class_ami", "ensv", "last", "target_val"]
 
 
@@ -365,6 +366,8 @@ class HeadConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Weight the loss by inverse class frequency, for imbalanced source data.
     class_balanced: bool = False
+    # Which source rows an epoch draws (xfer/samplers/): each once (uniform), or by class, with replacement.
+    sampler: Sampler = "uniform"
     # Model selection: a validator (label-free), last, or target_val (uses target labels: an oracle, reported as such).
     selection: Selection = "soft_info_max"
     # Stop after this many epochs without a better selection score; null = run every epoch.
@@ -421,6 +424,8 @@ class FinetuneConfig(_Strict):
     # Linear warmup from 0, in epochs (may be fractional).
     warmup_epochs: float = Field(0.5, ge=0, le=1000)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Which source images an epoch draws (xfer/samplers/); not uniform: one process only (devices 1).
+    sampler: Sampler = "uniform"
     # Exponential moving average of the weights (evaluated and kept instead of the raw ones); null = off.
     ema_decay: float | None = Field(None, gt=0, lt=1)
     # Stop after this many epochs without a better selection score; null = run every epoch.
@@ -478,6 +483,9 @@ class FinetuneConfig(_Strict):
             raise ValueError(f"method {self.method!r} aligns backbone features, which strategy 'head_only' freezes; choose another strategy or method")
         if self.strategy != "partial" and self.frozen_blocks:
             raise ValueError(f"frozen_blocks is {self.frozen_blocks} but only strategy 'partial' uses it (strategy is {self.strategy!r})")
+        if self.sampler != "uniform" and self.devices > 1:
+            # Data-parallel ranks shard a permutation (DistributedSampler); weighted draws are not sharded.
+            raise ValueError(f"sampler {self.sampler!r} runs in one process: set devices 1, or sampler 'uniform' with devices {self.devices}")
         return self
 
 

@@ -34,6 +34,7 @@ from xfer.data.images import Preprocessing
 from xfer.features import worker_context
 from xfer.heads import build_head, check_loss, selection_key
 from xfer.io import save_torch, write_json
+from xfer.samplers import torch_sampler
 from xfer.strategies import apply_freezing, backbone_groups, check_strategy, frozen_groups, param_groups
 
 WEIGHTS_FILE = "model.pt"
@@ -329,14 +330,28 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
     return model.eval(), history
 
 
+def dataset_labels(data: Dataset) -> np.ndarray:
+    """Every row's label, without decoding an image where the dataset lists them (ImageRows)."""
+    labels = getattr(data, "labels", None)
+    if labels is None:
+        labels = [int(data[i][1]) for i in range(len(data))]
+    return np.asarray(labels, dtype=np.int64)
+
+
 def train_loader(train: Dataset, cfg: FinetuneConfig, device: torch.device, generator: torch.Generator, sampler: DistributedSampler | None) -> DataLoader:
     """Shuffled batches by the seeded generator (or the rank's shard), decoded by `cfg.num_workers` processes.
+
+    With `cfg.sampler` other than uniform (one process only: the config refuses it with
+    devices > 1), the batches are weighted draws (xfer/samplers/) from the same generator,
+    whose state the checkpoint keeps: a resumed run draws the same rows.
 
     Workers start from a fork server (xfer.features.worker_context) and live
     across epochs; each draws its augmentations from a seed the generator
     gives it, so a resumed run decodes the same batches.
     """
     workers = cfg.num_workers
+    if sampler is None and cfg.sampler != "uniform":  # uniform needs no labels: nothing is read for them
+        sampler = torch_sampler(cfg.sampler, dataset_labels(train), generator)
     return DataLoader(
         train,
         batch_size=cfg.batch_size,

@@ -25,6 +25,7 @@ from torch import nn
 from xfer.adapt import build_adaptation_loss
 from xfer.config import VALIDATOR_NAMES, HeadConfig
 from xfer.io import save_torch, write_json
+from xfer.samplers import epoch_rows
 from xfer.validators import Evidence, Outputs, score
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -276,7 +277,7 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
             adapt.train()
         head.train()
         sums = {"train_loss": 0.0, "adapt_loss": 0.0}
-        for idx in torch.randperm(len(x), generator=gen).split(cfg.batch_size):
+        for idx in epoch_rows(cfg.sampler, data.source_train[1], gen).split(cfg.batch_size):
             step += 1
             if cfg.lr_schedule != "constant":
                 for group in opt.param_groups:
