@@ -86,3 +86,7 @@ def test_a_bad_fold_count_is_refused_with_what_would_be_valid():
     assert parse_params({"evaluate": {"cv_folds": 5}}).evaluate.cv_folds == 5
     with pytest.raises(ValueError, match="only 132 labelled training rows"):
         make_folds(feature_set(), 200, seed=0)
+    # 121..132 folds: enough rows, but some fold would have no source row to serve as source val.
+    with pytest.raises(ValueError, match="only 120 labelled source rows"):
+        make_folds(feature_set(), 121, seed=0)
+    assert make_folds(feature_set(), 120, seed=0).k == 120

@@ -489,6 +489,11 @@ class FinetuneConfig(_Strict):
         return self
 
 
+# evaluate.cv_folds: fold i's head reads its epoch on fold i + 1, so a fold is held out, one chooses
+# the epoch and at least one trains (xfer/cross_validation.py).
+MIN_CV_FOLDS = 3
+
+
 class EvaluateConfig(_Strict):
     batch_size: int = Field(256, ge=1, le=4096)
     # Stratified k-fold cross-validation of the head on cached features (xfer/cross_validation.py); 0 = off.
@@ -497,8 +502,8 @@ class EvaluateConfig(_Strict):
     @field_validator("cv_folds")
     @classmethod
     def _folds(cls, k: int) -> int:
-        if 0 < k < 3:
-            raise ValueError(f"{k} folds: use 0 (off) or at least 3 (a fold held out, one to choose the epoch on, the rest to train)")
+        if 0 < k < MIN_CV_FOLDS:
+            raise ValueError(f"{k} folds: use 0 (off) or at least {MIN_CV_FOLDS} (a fold held out, one to choose the epoch on, the rest to train)")
         return k
 
 

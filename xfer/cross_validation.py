@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from xfer import features as feats
-from xfer.config import HeadConfig
+from xfer.config import MIN_CV_FOLDS, HeadConfig
 from xfer.heads import HeadData, predict_proba, train_head
 from xfer.metrics import classification_metrics, expected_calibration_error, one_vs_rest_roc_auc
 
@@ -30,15 +30,19 @@ from xfer.metrics import classification_metrics, expected_calibration_error, one
 LABELLED_ROWS = (("source", "train"), ("source", "val"), ("target", "train"))
 # Each fold's figures, reported as mean and std over the folds.
 CV_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc", "ece")
-# Fold i's head reads its epoch on fold i + 1: held out, validation and at least one fold to train on.
-MIN_FOLDS = 3
 
 
-def check_folds(k: int, rows: int) -> None:
-    if k < MIN_FOLDS:
-        raise ValueError(f"evaluate.cv_folds is {k}: use 0 (off) or at least {MIN_FOLDS} (a fold held out, one to choose the epoch on, the rest to train)")
+def check_folds(k: int, rows: int, source_rows: int) -> None:
+    if k < MIN_CV_FOLDS:
+        raise ValueError(f"evaluate.cv_folds is {k}: use 0 (off) or at least {MIN_CV_FOLDS} (a fold held out, one to choose the epoch on, the rest to train)")
     if k > rows:
         raise ValueError(f"evaluate.cv_folds is {k}, but there are only {rows} labelled training rows to deal into folds: use at most {rows}")
+    # Every fold serves once as the next fold's source val: each needs a source row to choose the epoch on.
+    if k > source_rows:
+        raise ValueError(
+            f"evaluate.cv_folds is {k}, but there are only {source_rows} labelled source rows: each fold needs one to serve as "
+            f"source val, so use at most {source_rows}"
+        )
 
 
 def stratified_folds(strata: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -69,7 +73,7 @@ def make_folds(fs: feats.FeatureSet, k: int, seed: int) -> Folds:
     for role, split in LABELLED_ROWS:
         labelled |= ((index.role == role) & (index.split == split)).to_numpy()
     rows = np.flatnonzero(labelled)
-    check_folds(k, rows.size)
+    check_folds(k, rows.size, int((index.role.to_numpy()[rows] == "source").sum()))
     strata = (index.role.to_numpy()[rows].astype(str) + "/" + index.label.to_numpy()[rows].astype(str)).astype(object)
     return Folds(rows, stratified_folds(strata, k, seed), k)
 
