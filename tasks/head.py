@@ -53,4 +53,6 @@ def head(layout: Layout, params: Params) -> dict:
         run.log_artifact(layout.metrics("head"))
         run.log_artifact(result.tsne, "plots")
         run.log_artifact(result.curves, "plots")
+        if result.importance is not None:
+            run.log_artifact(result.importance, "plots")
     return {k: v for k, v in summary.items() if k not in ("proxy_a_distance", "validators", "search")}

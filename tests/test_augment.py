@@ -54,3 +54,61 @@ def test_crop_rotation_and_jitter_change_reads_randomly_but_reproducibly(tmp_pat
         assert all(torch.equal(a, b) for a, b in zip(first, again)), knob  # drawn from torch's generator
         assert sum(not torch.equal(x, plain) for x in first) >= 4, knob
         assert first[0].shape == plain.shape
+
+
+def test_fourier_swap_with_the_smallest_window_moves_only_the_mean():
+    """b = 0: only the DC term (each channel's mean) comes from the target; the rest is the source's."""
+    from xfer.data.augment import fourier_amplitude_swap
+
+    rng = np.random.default_rng(0)
+    source, target = rng.uniform(60, 120, (8, 8, 3)), rng.uniform(100, 200, (8, 8, 3))
+    out = fourier_amplitude_swap(source, target, beta=0.1)  # floor(0.8) = 0
+    np.testing.assert_allclose(out.mean(axis=(0, 1)), target.mean(axis=(0, 1)), rtol=1e-9)
+    np.testing.assert_allclose(out - out.mean(axis=(0, 1)), source - source.mean(axis=(0, 1)), atol=1e-9)
+
+
+def test_fourier_swap_keeps_the_source_phase_and_takes_the_target_amplitude_in_the_window():
+    from xfer.data.augment import fourier_amplitude_swap
+
+    rng = np.random.default_rng(1)
+    source, target = rng.uniform(80, 170, (9, 9)), rng.uniform(80, 170, (9, 9))
+    out = fourier_amplitude_swap(source, target, beta=0.25)  # b = 2: the centred 5 x 5 of 9 x 9
+    assert out.min() > 0 and out.max() < 255  # nothing clipped: the spectra below are exact
+    shift = lambda a: np.fft.fftshift(np.fft.fft2(a))  # noqa: E731
+    got, src, trg = shift(out), shift(source), shift(target)
+    window = (slice(2, 7), slice(2, 7))
+    np.testing.assert_allclose(np.abs(got)[window], np.abs(trg)[window], rtol=1e-7, atol=1e-7)
+    outside = np.ones((9, 9), bool)
+    outside[window] = False
+    np.testing.assert_allclose(np.abs(got)[outside], np.abs(src)[outside], rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(np.angle(got), np.angle(src), atol=1e-7)
+
+
+def test_fda_restyles_source_reads_from_the_given_target_images_only_and_reproducibly(tmp_path):
+    from xfer.data.augment import FourierStyle
+
+    source = arrow(tmp_path / "source.png")
+    # Two target images of another size: one darker, one lighter, both flat (and not so far that a channel clips).
+    for name, value in (("dark.png", 70), ("light.png", 150)):
+        Image.fromarray(np.full((24, 24, 3), value, np.uint8)).save(tmp_path / name)
+    style = FourierStyle(0.01, ["dark.png", "light.png"], tmp_path)
+    rows = ImageRows(
+        [source.name],
+        [0],
+        Preprocessing(16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+        tmp_path,
+        augment=build_augmentation(AugmentConfig(**{**OFF, "fda": 0.01}), style),
+    )
+    torch.manual_seed(0)
+    means = [rows[0][0].mean().item() * 255 for _ in range(40)]
+    # Each read takes the mean brightness of one of the two targets, each often.
+    dark = sum(abs(m - 70) < 0.5 for m in means)
+    light = sum(abs(m - 150) < 0.5 for m in means)
+    assert dark + light == 40 and 10 < dark < 30, means
+    torch.manual_seed(0)
+    assert [rows[0][0].mean().item() * 255 for _ in range(40)] == means
+    assert build_augmentation(AugmentConfig(**OFF), style) is not None  # fda alone is an augmentation
+    import pytest
+
+    with pytest.raises(ValueError, match="needs unlabelled target train images"):
+        FourierStyle(0.05, [], tmp_path)

@@ -383,3 +383,48 @@ def test_labelled_target_rows_are_repeated_in_each_epochs_training_set():
     assert training_set(source, toy_data(0, 1), repeats=4) is source
     with pytest.raises(ConfigError, match="labeled_target_repeats"):
         parse_params({"finetune": {"labeled_target_repeats": 0}}, "test")
+
+
+class IndexRecordingDataset(torch.utils.data.Dataset):
+    def __init__(self, inner):
+        self.inner, self.read = inner, []
+        self.labels = [int(inner[i][1]) for i in range(len(inner))]  # as ImageRows lists them: the sampler reads no image for them
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.read.append(int(i))
+        return self.inner[i]
+
+
+def test_row_weights_decide_which_rows_fine_tuning_draws():
+    """finetune.importance_weighting reaches the loader: rows weighted 0 are never drawn, the rest by weight."""
+    train = IndexRecordingDataset(toy_data(32, 0))
+    weights = np.r_[np.full(8, 3.0), np.ones(8), np.zeros(16)]
+    cfg = loop_config(epochs=20, batch_size=16, lr=1e-4, device="cpu")
+    finetune(tiny_classifier()[0], train, toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, row_weights=weights)
+    counts = np.bincount(train.read, minlength=32)
+    assert counts[16:].sum() == 0
+    # 20 epochs of 32 draws: rows 0-7 drawn three times as often as rows 8-15.
+    assert counts.sum() == 20 * 32 and 2.4 < counts[:8].sum() / counts[8:16].sum() < 3.7
+    with pytest.raises(ValueError, match="31 row weights for 32 training rows"):
+        finetune(tiny_classifier()[0], train, toy_data(16, 1), cfg, torch.device("cpu"), seed=0, progress=False, row_weights=weights[:31])
+
+
+def test_fda_styles_source_train_images_after_unlabelled_target_images_only(tmp_path):
+    import pandas as pd
+
+    from xfer.config import FinetuneConfig
+    from xfer.data.augment import build_augmentation
+    from xfer.finetune_job import source_augmentation
+
+    splits = [("source", "train"), ("source", "val"), ("target", "unlabeled"), ("target", "train"), ("target", "val"), ("target", "test")]
+    manifest = pd.DataFrame([{"path": f"{role}/{split}/{i}.png", "role": role, "split": split, "label": i % 2} for role, split in splits for i in range(3)])
+    cfg = FinetuneConfig(augment={"fda": 0.05})
+    styled = source_augmentation(manifest, cfg, tmp_path)
+    assert styled.style.paths == ["target/unlabeled/0.png", "target/unlabeled/1.png", "target/unlabeled/2.png"]
+    assert styled.style.beta == 0.05 and styled.style.root == tmp_path
+    # The other train images (labelled and unlabelled target) get the augmentation without the style.
+    assert build_augmentation(cfg.augment).style is None
+    assert source_augmentation(manifest, FinetuneConfig(), tmp_path).style is None

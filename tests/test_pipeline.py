@@ -4,6 +4,7 @@ import json
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -150,3 +151,33 @@ def test_finetune_scores_every_epoch_with_the_validators_on_its_seeded_target_ro
     again = judge(model, softmax(logits))
     for name in EPOCH_VALIDATORS:
         assert again[f"validator_{name}"] == pytest.approx(summary["validators"][name], rel=1e-4, abs=1e-6), name
+
+
+def test_importance_weighting_and_fda_in_the_head_and_finetune_stages(pipeline_project, tmp_path, tiny_params):
+    """head.importance_weighting and finetune.importance_weighting through the stage flows: the same
+    weights (same cached features and seed) summarised in both stages' metrics, the head's figure in MLflow;
+    fine-tuning with finetune.augment.fda on as well (its images: tests/test_augment.py)."""
+    import shutil
+
+    from helpers import write_params
+
+    from flows.stages import STAGE_FLOWS
+
+    source, _ = pipeline_project
+    root = tmp_path / "project"
+    shutil.copytree(source, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "models", "metrics"))
+    tiny_params["head"].update(method="source_only", importance_weighting=True, importance_max_weight=5.0)
+    tiny_params["finetune"].update(method="source_only", importance_weighting=True, importance_max_weight=5.0, augment={"fda": 0.05})
+    write_params(root, tiny_params)
+    STAGE_FLOWS["head"](root=str(root))
+    STAGE_FLOWS["finetune"](root=str(root))
+    head = json.loads((root / "metrics/head.json").read_text())["importance_weights"]
+    tuned = json.loads((root / "metrics/finetune.json").read_text())["importance_weights"]
+    manifest = pd.read_csv(Layout(root).manifest)
+    assert head["rows"] == ((manifest.role == "source") & (manifest.split == "train")).sum()
+    assert head == tuned and 1 <= head["effective_sample_size"] <= head["rows"] and head["max_weight"] <= 5.0
+    assert (root / "plots/head/importance_weights.png").stat().st_size > 0
+    mlflow.set_tracking_uri(tracking.tracking_uri(Layout(root)))
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("xfer").experiment_id], "tags.`xfer.stage` = 'head'")[0]
+    assert "plots/importance_weights.png" in [a.path for a in client.list_artifacts(run.info.run_id, "plots")]

@@ -58,6 +58,7 @@ def test_a_default_run_reproduces_the_committed_one(tmp_path):
         "suggest_labels",
         "head_search",
         "imbalance",
+        "importance",
         "features",
         "features_photos",
         "finetune",

@@ -328,6 +328,11 @@ LINEAR_PROBE = {
 }
 
 
+# Importance weights are clipped here (after normalising to mean 1): a conventional cap, not tuned on
+# any task, so a handful of target-like rows cannot carry the whole loss.
+IMPORTANCE_MAX_WEIGHT = Field(10.0, ge=1.0, le=1e6)
+
+
 class HeadConfig(_Strict):
     # The hidden layer: none (linear), Linear-ReLU-Dropout (mlp), or Linear-BatchNorm-ReLU-Dropout (bottleneck).
     kind: Literal["linear", "mlp", "bottleneck"] = "bottleneck"
@@ -368,6 +373,9 @@ class HeadConfig(_Strict):
     class_balanced: bool = False
     # Which source rows an epoch draws (xfer/samplers/): each once (uniform), or by class, with replacement.
     sampler: Sampler = "uniform"
+    # Weight each source row's loss by its density ratio p_target(x) / p_source(x) (xfer/importance.py).
+    importance_weighting: bool = False
+    importance_max_weight: float = IMPORTANCE_MAX_WEIGHT
     # Model selection: a validator (label-free), last, or target_val (uses target labels: an oracle, reported as such).
     selection: Selection = "soft_info_max"
     # Stop after this many epochs without a better selection score; null = run every epoch.
@@ -408,6 +416,9 @@ class AugmentConfig(_Strict):
     flip: bool = False  # horizontal, with probability 0.5 (off for digits and text)
     rotation_deg: float = Field(10.0, ge=0, le=180)  # uniform in [-deg, deg]
     color_jitter: float = Field(0.0, ge=0, le=1)  # brightness, contrast and saturation strength
+    # Fourier domain adaptation (xfer/data/augment.py): each source train image takes the low-frequency
+    # amplitude of a random unlabelled target image, the window a beta fraction of the image's side; null = off.
+    fda: float | None = Field(None, gt=0, le=0.5)
 
 
 class FinetuneConfig(_Strict):
@@ -426,6 +437,10 @@ class FinetuneConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Which source images an epoch draws (xfer/samplers/); not uniform: one process only (devices 1).
     sampler: Sampler = "uniform"
+    # Draw each source image in proportion to its density ratio on the cached features (xfer/importance.py),
+    # times the sampler's own chance; one process only, like a sampler.
+    importance_weighting: bool = False
+    importance_max_weight: float = IMPORTANCE_MAX_WEIGHT
     # Exponential moving average of the weights (evaluated and kept instead of the raw ones); null = off.
     ema_decay: float | None = Field(None, gt=0, lt=1)
     # Stop after this many epochs without a better selection score; null = run every epoch.
@@ -486,6 +501,10 @@ class FinetuneConfig(_Strict):
         if self.sampler != "uniform" and self.devices > 1:
             # Data-parallel ranks shard a permutation (DistributedSampler); weighted draws are not sharded.
             raise ValueError(f"sampler {self.sampler!r} runs in one process: set devices 1, or sampler 'uniform' with devices {self.devices}")
+        if self.importance_weighting and self.devices > 1:
+            raise ValueError(
+                f"importance_weighting draws weighted rows in one process: set devices 1, or importance_weighting false with devices {self.devices}"
+            )
         return self
 
 

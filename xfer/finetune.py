@@ -146,6 +146,7 @@ def finetune(
     target_plain: Dataset | None = None,
     judge: EpochJudge | None = None,
     keep_checkpoint: bool = False,
+    row_weights: np.ndarray | None = None,
 ) -> tuple[Classifier, list[dict[str, float]]]:
     """Fine-tune by `cfg.strategy`; keep the epoch (0 = the start) `cfg.selection` ranks first.
 
@@ -161,6 +162,8 @@ def finetune(
     With `cfg.method` other than source_only, `target` (unlabelled target
     rows, augmented like `train`) feeds the adaptation loss; `target_plain`,
     the same rows unaugmented, is what self-training labels each epoch.
+    `row_weights` (one per `train` row; finetune.importance_weighting) scale each
+    row's chance of being drawn, on top of `cfg.sampler`'s.
     """
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(cfg.deterministic or previous_determinism)
@@ -181,12 +184,15 @@ def finetune(
             target_plain or target,
             judge,
             keep_checkpoint,
+            row_weights,
         )
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
 
 
-def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress, checkpoint_dir, run_key, target, target_plain, judge, keep_checkpoint):
+def _finetune(
+    model, train, val, cfg, device, seed, monitor, on_epoch, progress, checkpoint_dir, run_key, target, target_plain, judge, keep_checkpoint, row_weights
+):
     if cfg.selection not in ("source_val", "last", "target_val") and judge is None:
         raise ValueError(f"finetune.selection {cfg.selection!r} is a validator: it needs unlabelled target rows to score each epoch on")
     if cfg.selection == "target_val" and "target_val" not in monitor:
@@ -204,7 +210,7 @@ def _finetune(model, train, val, cfg, device, seed, monitor, on_epoch, progress,
     sampler = DistributedSampler(train, shuffle=True, seed=seed, drop_last=True) if world_size() > 1 else None
     if sampler is not None:
         broadcast_state(model)
-    loader = train_loader(train, cfg, device, shuffle, sampler)
+    loader = train_loader(train, cfg, device, shuffle, sampler, row_weights)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
@@ -338,20 +344,31 @@ def dataset_labels(data: Dataset) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64)
 
 
-def train_loader(train: Dataset, cfg: FinetuneConfig, device: torch.device, generator: torch.Generator, sampler: DistributedSampler | None) -> DataLoader:
+def train_loader(
+    train: Dataset,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    generator: torch.Generator,
+    sampler: DistributedSampler | None,
+    row_weights: np.ndarray | None = None,
+) -> DataLoader:
     """Shuffled batches by the seeded generator (or the rank's shard), decoded by `cfg.num_workers` processes.
 
     With `cfg.sampler` other than uniform (one process only: the config refuses it with
     devices > 1), the batches are weighted draws (xfer/samplers/) from the same generator,
-    whose state the checkpoint keeps: a resumed run draws the same rows.
+    whose state the checkpoint keeps: a resumed run draws the same rows. `row_weights`
+    (importance weighting) multiply each row's chance of being drawn, so they too
+    make the batches weighted draws.
 
     Workers start from a fork server (xfer.features.worker_context) and live
     across epochs; each draws its augmentations from a seed the generator
     gives it, so a resumed run decodes the same batches.
     """
     workers = cfg.num_workers
-    if sampler is None and cfg.sampler != "uniform":  # uniform needs no labels: nothing is read for them
-        sampler = torch_sampler(cfg.sampler, dataset_labels(train), generator)
+    if row_weights is not None and len(row_weights) != len(train):
+        raise ValueError(f"{len(row_weights)} row weights for {len(train)} training rows")
+    if sampler is None and (cfg.sampler != "uniform" or row_weights is not None):  # uniform needs no labels: nothing is read for them
+        sampler = torch_sampler(cfg.sampler, dataset_labels(train), generator, row_weights)
     return DataLoader(
         train,
         batch_size=cfg.batch_size,

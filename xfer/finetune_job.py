@@ -34,11 +34,12 @@ from xfer.backbones import create_backbone
 from xfer.checkpoints import remove_checkpoint
 from xfer.config import LINEAR_PROBE, FinetuneConfig, HeadConfig, Params, load_params
 from xfer.contract import stage_params
-from xfer.data.augment import build_augmentation
+from xfer.data.augment import Augmentation, FourierStyle, build_augmentation
 from xfer.data.images import ImageRows
 from xfer.data.split import class_names, read_manifest, rows
 from xfer.finetune import Classifier, ClassifierSpec, EpochCallback, EpochJudge, finetune, is_main_process, predict_logits, save_classifier, select_device
 from xfer.heads import EPOCH_VALIDATORS, VALIDATOR_PREFIX, HeadData, build_head, pick_epoch, train_head
+from xfer.importance import ImportanceWeights, importance_weights
 from xfer.io import sha256_file, sha256_json, write_json
 from xfer.layout import Layout
 from xfer.metrics import softmax
@@ -101,13 +102,18 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
             "checkpoint_format": CHECKPOINT_FORMAT,
         }
     )
-    augment = build_augmentation(cfg.augment)
+    augment, source_augment = build_augmentation(cfg.augment), source_augmentation(manifest, cfg, layout.root)
 
     def data(role: str, split: str, train: bool = False) -> ImageRows:
         part = rows(manifest, role, split)
         return ImageRows(part.path.tolist(), part.label.tolist(), prep, layout.root, augment=augment if train else None)
 
-    train = training_set(data("source", "train", train=True), data("target", "train", train=True), cfg.labeled_target_repeats)
+    source_train = rows(manifest, "source", "train")
+    source_rows = ImageRows(source_train.path.tolist(), source_train.label.tolist(), prep, layout.root, augment=source_augment)
+    train = training_set(source_rows, data("target", "train", train=True), cfg.labeled_target_repeats)
+    weights = source_importance(fs, manifest, cfg, params.seed)
+    # Labelled target rows are target already: weight 1.
+    row_weights = None if weights is None else np.r_[weights.weights, np.ones(len(train) - weights.weights.size)]
     adapting = cfg.method != "source_only"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -127,6 +133,7 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         target_plain=data("target", "unlabeled") if adapting else None,
         judge=epoch_judge(manifest, fs, prep, layout.root, cfg, device, len(names), params.seed),
         keep_checkpoint=True,
+        row_weights=row_weights,
     )
     spec = ClassifierSpec(
         backbone=params.backbone.name,
@@ -153,6 +160,8 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         "device": device.type,
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
     }
+    if weights is not None:
+        summary["importance_weights"] = weights.summary()
     if device.type == "cuda":
         summary["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if is_main_process():
@@ -216,6 +225,24 @@ def resolve_method(cfg: FinetuneConfig, head_pick: Path) -> FinetuneConfig:
     except ValidationError as err:
         reasons = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
         raise ValueError(f"finetune.method auto: the head's pick {pick} does not fit this finetune section: {reasons}") from None
+
+
+def source_augmentation(manifest, cfg: FinetuneConfig, root: Path) -> Augmentation | None:
+    """The source train images' augmentation: the others' and, with finetune.augment.fda, the style
+    of a random unlabelled target train image (never a val or test image)."""
+    style = FourierStyle(cfg.augment.fda, rows(manifest, "target", "unlabeled").path.tolist(), root) if cfg.augment.fda else None
+    return build_augmentation(cfg.augment, style)
+
+
+def source_importance(fs: feats.FeatureSet, manifest, cfg: FinetuneConfig, seed: int) -> ImportanceWeights | None:
+    """finetune.importance_weighting: the source train images' weights, from the cached features of
+    them and of the unlabelled target images (the frozen backbone's, as the head's are)."""
+    if not cfg.importance_weighting:
+        return None
+    source = fs.index[(fs.index.role == "source") & (fs.index.split == "train")]
+    if source.path.tolist() != rows(manifest, "source", "train").path.tolist():
+        raise ValueError("the cached features' source train rows are not the manifest's: rerun the features stage (dvc repro features)")
+    return importance_weights(fs.select("source", "train")[0], fs.select("target", "unlabeled")[0], cfg.importance_max_weight, seed)
 
 
 def training_set(source: Dataset, labeled_target: Dataset, repeats: int) -> Dataset:

@@ -19,7 +19,7 @@ import torch
 
 from xfer.config import VALIDATOR_NAMES, HeadConfig
 from xfer.features import worker_context
-from xfer.heads import HeadData, HeadNet, _tensor, best_epoch, build_head, outputs_of, selection_evidence, train_head
+from xfer.heads import HeadData, HeadNet, _tensor, best_epoch, build_head, outputs_of, selection_evidence, train_head, with_importance_weights
 from xfer.validators import Evidence, Outputs, panel
 
 # Each adaptation method with a small grid of its key knob; head.search_methods says which are
@@ -161,6 +161,7 @@ def search_heads(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, o
         raise ValueError("head.method auto ranks candidates with head.selection; 'last' ranks nothing: choose a validator (e.g. info_max)")
     if data.target_train is None:
         raise ValueError("head.method auto needs the unlabelled target train features")
+    data = with_importance_weights(cfg, data, seed)  # once, here, not in every worker
     evidence = selection_evidence(data, num_classes, seed)
     # Computed here once, then shipped to every worker with the evidence.
     evidence.importance_weights, evidence.target_clusters  # noqa: B018

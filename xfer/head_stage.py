@@ -20,8 +20,9 @@ from xfer.data.split import class_names, read_manifest
 from xfer.diagnostics import proxy_a_distance, tsne_coordinates
 from xfer.head_search import CandidateCallback, search_heads
 from xfer.heads import FEATURE_FUSION, MEMBERS_DIR, VALIDATOR_PREFIX, EpochCallback, HeadData, HeadNet, best_epoch, embed, predict_logits, save_head, train_head
+from xfer.importance import importance_weights
 from xfer.io import write_json
-from xfer.plots import save_figure, save_learning_curves, tsne_figure
+from xfer.plots import importance_weights_figure, save_figure, save_learning_curves, tsne_figure
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class HeadResult:
     summary: dict  # metrics/head.json
     tsne: Path
     curves: Path
+    importance: Path | None  # plots/head/importance_weights.png with head.importance_weighting
     history: list[dict[str, float]]  # the kept head's epochs
 
 
@@ -177,6 +179,12 @@ def train_heads(
         "proxy_a_distance": {"backbone": gap["before"], "head": gap["after"]},
         "proxy_a_distance_head_space": gap["after_space"],
     }
+    importance = None
+    if cfg.importance_weighting:
+        weights = importance_weights(data.source_train[0], data.target_train, cfg.importance_max_weight, params.seed)  # the search's, cached
+        summary["importance_weights"] = weights.summary()
+        figure = importance_weights_figure(weights.weights, data.source_train[1], names, summary["importance_weights"])
+        importance = save_figure(plot_dir / "importance_weights.png", figure)
     if search is not None:
         summary["search"] = search
     members = train_member_heads(member_features_dir, head_dir, params, kept_cfg, names)
@@ -186,4 +194,4 @@ def train_heads(
     if fused is not None:
         summary[FEATURE_FUSION] = fused
     write_json(metrics_path, summary)
-    return HeadResult(summary, tsne, curves, history)
+    return HeadResult(summary, tsne, curves, importance, history)

@@ -11,6 +11,7 @@ the best by the model-selection rule the config names.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from torch import nn
 
 from xfer.adapt import build_adaptation_loss
 from xfer.config import VALIDATOR_NAMES, HeadConfig
+from xfer.importance import importance_weights
 from xfer.io import save_torch, write_json
 from xfer.samplers import epoch_rows
 from xfer.validators import Evidence, Outputs, score
@@ -152,6 +154,34 @@ class HeadData:
     target_train: np.ndarray | None = None
     target_val: Labelled | None = None
     target_labeled: Labelled | None = None
+    # head.importance_weighting: one weight per source train row (xfer/importance.py); None = computed
+    # from source_train and target_train when a head needs them.
+    source_weights: np.ndarray | None = None
+
+
+def with_importance_weights(cfg: HeadConfig, data: HeadData, seed: int) -> HeadData:
+    """`data` carrying its source rows' importance weights when `cfg` asks for them (computed once here)."""
+    if not cfg.importance_weighting or data.source_weights is not None:
+        return data
+    if data.target_train is None:
+        raise ValueError("head.importance_weighting needs the unlabelled target train features to weigh the source rows against")
+    weights = importance_weights(data.source_train[0], data.target_train, cfg.importance_max_weight, seed).weights
+    return dataclasses.replace(data, source_weights=weights)
+
+
+def source_loss(
+    logits: torch.Tensor, labels: torch.Tensor, class_weight: torch.Tensor | None, label_smoothing: float, row_weight: torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-entropy over a source batch; with row weights, their weighted mean.
+
+    Each row counts row_weight * class_weight[label], and the sum is divided by the
+    batch's total of those, as the class-weighted mean divides by its class weights.
+    """
+    if row_weight is None:
+        return F.cross_entropy(logits, labels, weight=class_weight, label_smoothing=label_smoothing)
+    per_row = F.cross_entropy(logits, labels, weight=class_weight, label_smoothing=label_smoothing, reduction="none")
+    counts = row_weight if class_weight is None else row_weight * class_weight[labels]
+    return (per_row * row_weight).sum() / counts.sum()
 
 
 def _tensor(x: np.ndarray) -> torch.Tensor:
@@ -235,6 +265,8 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
     (selection_evidence), when the caller shares it between heads.
     """
     torch.manual_seed(seed)
+    data = with_importance_weights(cfg, data, seed)
+    row_weight = torch.as_tensor(data.source_weights, dtype=torch.float32) if cfg.importance_weighting else None
     x, y = _tensor(data.source_train[0]), torch.as_tensor(data.source_train[1], dtype=torch.long)
     xt = _tensor(data.target_train) if data.target_train is not None else None
     has_labeled = data.target_labeled is not None and len(data.target_labeled[1]) > 0
@@ -292,7 +324,7 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
             else:
                 f_s = head.embed(x[idx], "source")
             logits_s = head.classifier(f_s)
-            loss = F.cross_entropy(logits_s, y[idx], weight=weight, label_smoothing=cfg.label_smoothing)
+            loss = source_loss(logits_s, y[idx], weight, cfg.label_smoothing, row_weight[idx] if row_weight is not None else None)
             if has_labeled:
                 if not together:
                     l_idx = torch.randint(len(xl), (min(len(idx), len(xl)),), generator=gen)
@@ -348,9 +380,17 @@ def train_head(
     Target val is only used to choose the epoch under the oracle rule
     `selection: target_val`.
     """
-    needs_target = cfg.method != "source_only" or cfg.domain_norm or cfg.feature_norm == "joint" or cfg.selection not in ("source_val", "target_val", "last")
+    needs_target = (
+        cfg.method != "source_only"
+        or cfg.domain_norm
+        or cfg.feature_norm == "joint"
+        or cfg.importance_weighting
+        or cfg.selection not in ("source_val", "target_val", "last")
+    )
     if needs_target and data.target_train is None:
-        raise ValueError(f"head.method {cfg.method!r}, selection {cfg.selection!r} (or domain_norm, feature_norm joint) needs unlabelled target train features")
+        raise ValueError(
+            f"head.method {cfg.method!r}, selection {cfg.selection!r} (or domain_norm, feature_norm joint, importance_weighting) needs unlabelled target train features"
+        )
     if cfg.selection == "target_val" and data.target_val is None:
         raise ValueError("head.selection 'target_val' needs labelled target val features")
     if evidence is None and data.target_train is not None:

@@ -126,6 +126,29 @@ def roc_figure(curves: dict[str, list[tuple[np.ndarray, np.ndarray]]], aucs: dic
     return fig
 
 
+def importance_weights_figure(weights: np.ndarray, labels: np.ndarray, class_names: Sequence[str], summary: dict):
+    """How the source rows' importance weights spread (log scale), and each class's share of the weight."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    positive = np.maximum(weights, 1e-6)
+    left.hist(positive, bins=np.logspace(np.log10(positive.min()), np.log10(max(positive.max(), positive.min() * 10)), 40), color="tab:blue")
+    left.set_xscale("log")
+    left.axvline(1.0, color="k", lw=0.8, ls="--")
+    left.set_xlabel("importance weight (mean 1)")
+    left.set_ylabel("source train rows")
+    left.set_title(f"effective sample size {summary['effective_sample_size']:g} of {summary['rows']}; {summary['clipped']} clipped", fontsize=9)
+    x = np.arange(len(class_names))
+    rows = np.bincount(labels, minlength=len(class_names)) / len(labels)
+    weighted = np.bincount(labels, weights=weights, minlength=len(class_names)) / weights.sum()
+    right.bar(x - 0.2, rows, 0.4, label="rows")
+    right.bar(x + 0.2, weighted, 0.4, label="weight")
+    right.set_xticks(x, class_names, rotation=45 if len(class_names) > 10 else 0)
+    right.set_ylabel("share of the source")
+    right.set_title(f"domain classifier AUC {summary['domain_auc']:.3f} (1/2: domains alike)", fontsize=9)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(path: Path, fig) -> Path:
     """Write a figure atomically and free it."""
     try:

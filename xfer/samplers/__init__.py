@@ -26,11 +26,14 @@ SAMPLERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def probabilities(name: str, labels: np.ndarray) -> np.ndarray:
-    """Each row's chance per draw under sampler `name` (sums to 1)."""
+def probabilities(name: str, labels: np.ndarray, row_weights: np.ndarray | None = None) -> np.ndarray:
+    """Each row's chance per draw under sampler `name` (sums to 1), times `row_weights` where given
+    (importance weights: xfer/importance.py)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}: use one of {sorted(SAMPLERS)}")
     weights = np.asarray(SAMPLERS[name](np.asarray(labels)), dtype=np.float64)
+    if row_weights is not None:
+        weights = weights * np.asarray(row_weights, dtype=np.float64)
     return weights / weights.sum()
 
 
@@ -41,8 +44,8 @@ def epoch_rows(name: str, labels: np.ndarray, generator: torch.Generator) -> tor
     return torch.multinomial(torch.as_tensor(probabilities(name, labels)), len(labels), replacement=True, generator=generator)
 
 
-def torch_sampler(name: str, labels: np.ndarray, generator: torch.Generator) -> WeightedRandomSampler | None:
-    """A DataLoader sampler for `name`; None for uniform (the DataLoader's own seeded shuffle)."""
-    if name == "uniform":
+def torch_sampler(name: str, labels: np.ndarray, generator: torch.Generator, row_weights: np.ndarray | None = None) -> WeightedRandomSampler | None:
+    """A DataLoader sampler for `name` (and row weights); None for uniform without them (the DataLoader's own seeded shuffle)."""
+    if name == "uniform" and row_weights is None:
         return None
-    return WeightedRandomSampler(torch.as_tensor(probabilities(name, labels)), len(labels), replacement=True, generator=generator)
+    return WeightedRandomSampler(torch.as_tensor(probabilities(name, labels, row_weights)), len(labels), replacement=True, generator=generator)
