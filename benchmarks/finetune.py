@@ -75,6 +75,10 @@ RECIPES: dict[str, tuple[dict, dict]] = {
     # A lower pseudo-label threshold: more of the target's centroid labels train from the start.
     "lp_ft+self_training+augment, cosine, last, threshold 0.5": ({**LONGER, "method": "self_training", "adapt_weight": 3.0, "pseudo_threshold": 0.5}, {}),
     "lp_ft+self_training+augment, cosine, last, threshold 0.3": ({**LONGER, "method": "self_training", "adapt_weight": 3.0, "pseudo_threshold": 0.3}, {}),
+    # Fourier domain adaptation (augment.fda) on lp_ft: beta 0.01 (the FDA paper's smallest) swaps only each
+    # image's mean on the digits' 8 x 8 images; 0.125 the smallest window beyond it (3 x 3). Not chosen on target labels.
+    "lp_ft+fda 0.01": ({"strategy": "lp_ft", "augment": {**RECIPE_BASE["augment"], "fda": 0.01}}, {}),
+    "lp_ft+fda 0.125": ({"strategy": "lp_ft", "augment": {**RECIPE_BASE["augment"], "fda": 0.125}}, {}),
     # The ten labels per class repeated 8 times per epoch (otherwise 6% of the rows), and
     # self-training on the unlabelled rest of the target.
     "lp_ft+10_labels x8+self_training+augment, cosine, last": (

@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import shift_tasks  # noqa: E402
+from benchmarks.imbalance import mean_std  # noqa: E402
 from benchmarks.selection import machine  # noqa: E402
 from xfer.config import LINEAR_PROBE, HeadConfig, load_params  # noqa: E402
 from xfer.head_stage import head_data  # noqa: E402
@@ -103,10 +104,6 @@ def run(tasks: list[str], seeds: list[int]) -> dict:
     return {"tasks": rows, "meta": {"seeds": seeds, "head": head, "machine": machine(), "backbone": params.backbone.name}}
 
 
-def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
-
-
 def markdown(result: dict) -> str:
     meta = result["meta"]
     head = meta["head"]
@@ -119,9 +116,9 @@ def markdown(result: dict) -> str:
         "| task | ESS / rows | domain AUC | source_only off | source_only on | self_training off | self_training on |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, row in result["tasks"].items():
-        if name == SYNTHETIC:
-            continue
+    # In the tasks' own order (the .json's keys are sorted).
+    for name in [t for t in shift_tasks.TASKS if t in result["tasks"]]:
+        row = result["tasks"][name]
         ess = np.mean([w["effective_sample_size"] / w["rows"] for w in row["weights"].values()])
         auc = np.mean([w["domain_auc"] for w in row["weights"].values()])
         cells = [mean_std(list(row["accuracy"][f"{m} {s}"].values())) for m in ("source_only", "self_training") for s in ("off", "on")]
