@@ -59,6 +59,7 @@ def test_a_default_run_reproduces_the_committed_one(tmp_path):
         "head_search",
         "imbalance",
         "importance",
+        "translate",
         "features",
         "features_photos",
         "finetune",

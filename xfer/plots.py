@@ -149,6 +149,22 @@ def importance_weights_figure(weights: np.ndarray, labels: np.ndarray, class_nam
     return fig
 
 
+def translation_grid_figure(source: np.ndarray, translated: np.ndarray, target: np.ndarray, title: str):
+    """Three rows of images (n, h, w, 3) uint8: source, its translation, random target images."""
+    n = len(source)
+    fig, axes = plt.subplots(3, n, figsize=(1.1 * n + 1.2, 3.8), squeeze=False)
+    for row, (name, images) in enumerate((("source", source), ("translated", translated), ("target", target))):
+        for col in range(n):
+            ax = axes[row][col]
+            ax.imshow(images[col], interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row][0].set_ylabel(name, fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(path: Path, fig) -> Path:
     """Write a figure atomically and free it."""
     try:
