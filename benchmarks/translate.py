@@ -4,7 +4,7 @@
 
 The digits default (benchmarks/shift_tasks.py, task digits: its images, split
 and cached lite0 features). Per seed, xfer/translate.py's translator (its
-default TranslatorConfig: 32 px, 10 epochs) trains on the source train images
+default translate section: 32 px, 10 epochs) trains on the source train images
 and the unlabelled target train images, then writes a target-styled copy of
 every source train image; the frozen backbone embeds the copies. params.yaml's
 head section with method source_only is then trained on the source train
@@ -37,12 +37,12 @@ from benchmarks.imbalance import mean_std  # noqa: E402
 from benchmarks.selection import machine  # noqa: E402
 from xfer import features as feats  # noqa: E402
 from xfer.backbones import create_backbone  # noqa: E402
-from xfer.config import load_params  # noqa: E402
+from xfer.config import TranslateConfig, load_params  # noqa: E402
 from xfer.head_stage import head_data  # noqa: E402
 from xfer.heads import HeadData, predict_proba, train_head  # noqa: E402
 from xfer.io import write_json, write_text  # noqa: E402
 from xfer.plots import save_figure, translation_grid_figure  # noqa: E402
-from xfer.translate import TranslatorConfig, load_images, to_uint8, train_translator, translate, write_translated  # noqa: E402
+from xfer.translate import load_images, to_uint8, train_translator, translate, write_translated  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 OUT = shift_tasks.CACHE / "translate"
@@ -53,7 +53,7 @@ def paths(fs: feats.FeatureSet, role: str, split: str) -> list[str]:
     return fs.index[(fs.index.role == role) & (fs.index.split == split)].path.tolist()
 
 
-def translated_features(generator, fs: feats.FeatureSet, cfg: TranslatorConfig, seed: int, params) -> np.ndarray:
+def translated_features(generator, fs: feats.FeatureSet, cfg: TranslateConfig, seed: int, params) -> np.ndarray:
     """The frozen backbone's features of every source train image's translation, in manifest order."""
     out_dir = OUT / f"seed{seed}"
     written = write_translated(generator, shift_tasks.CACHE, paths(fs, "source", "train"), cfg.image_size, out_dir)
@@ -66,7 +66,7 @@ def translated_features(generator, fs: feats.FeatureSet, cfg: TranslatorConfig, 
 def run(seeds: list[int], epochs: int) -> dict:
     params = load_params(REPO / "params.yaml")
     fs = shift_tasks.task_features("digits", params)
-    cfg = TranslatorConfig(epochs=epochs)
+    cfg = TranslateConfig(epochs=epochs)
     source = load_images(shift_tasks.CACHE, paths(fs, "source", "train"), cfg.image_size)
     target = load_images(shift_tasks.CACHE, paths(fs, "target", "unlabeled"), cfg.image_size)
     data = head_data(fs)
@@ -135,7 +135,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=TranslatorConfig().epochs)
+    parser.add_argument("--epochs", type=int, default=TranslateConfig().epochs)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")

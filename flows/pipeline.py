@@ -2,7 +2,8 @@
 
     python -m flows.pipeline [--root .]
 
-Runs the same stage flows, in the same order, as `dvc repro`, and writes the
+Runs the same stage flows, in the same order, as `dvc repro` (the optional
+stages params.yaml switches on included), and writes the
 same files. One MLflow pipeline run groups this execution's stage runs, in
 the project's store or the one XFER_TRACKING_URI names. It holds the project's
 lock (<root>/.xfer.lock) while it runs, as each `dvc repro` stage does: a
@@ -21,7 +22,7 @@ from prefect import flow
 from flows.stages import BUSY_EXIT, STAGE_FLOWS, check_params
 from tasks import tracking
 from xfer.config import load_params
-from xfer.contract import STAGE_NAMES
+from xfer.contract import enabled_stages
 from xfer.layout import Layout
 from xfer.locks import LockedError, project_lock
 
@@ -41,7 +42,8 @@ def _pipeline(root: str) -> dict:
     previous = os.environ.get(tracking.PIPELINE_RUN_ENV)
     os.environ[tracking.PIPELINE_RUN_ENV] = run_id
     try:
-        results = {stage: STAGE_FLOWS[stage](root=root) for stage in STAGE_NAMES}
+        # The chain, and the optional stages params.yaml switches on, in dvc.yaml's order.
+        results = {stage: STAGE_FLOWS[stage](root=root) for stage in enabled_stages(params.model_dump(mode="json"))}
     finally:
         if previous is None:
             os.environ.pop(tracking.PIPELINE_RUN_ENV, None)

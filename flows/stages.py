@@ -31,7 +31,7 @@ from prefect import flow
 from tasks.prefect_server import start_temporary_server
 from tasks.tracking import check_local_store, team_tracking_uri
 from xfer.config import load_params
-from xfer.contract import ALL_STAGE_NAMES, ALL_STAGES, enabled_stages
+from xfer.contract import ALL_STAGE_NAMES, ALL_STAGES, check_dvc_yaml, enabled_stages
 from xfer.io import remove_leftovers
 from xfer.layout import Layout
 from xfer.locks import LockedError, project_lock
@@ -119,13 +119,17 @@ def check_params(root: str, stages: tuple[str, ...] | None = None) -> bool:
     """Validate params.yaml for `stages` (default: the chain, and the optional stages it switches on);
     print the problem and return False if invalid.
 
-    Beyond the schema, each stage's checks from the contract run (the backbone
-    name and weights file, a local dataset path, the feature runner), and the
-    tracking store XFER_TRACKING_URI names.
+    Beyond the schema: dvc.yaml lists what params.yaml switches on (an optional
+    stage, a switched dep), each stage's checks from the contract run (the
+    backbone name and weights file, a local dataset path, the feature runner),
+    and the tracking store XFER_TRACKING_URI names.
     """
     try:
         params = load_params(Layout(Path(root)).params)
-        stages = enabled_stages(params.model_dump(mode="json")) if stages is None else stages
+        data = params.model_dump(mode="json")
+        stages = enabled_stages(data) if stages is None else stages
+        # A stage or a dep params.yaml switches on that dvc.yaml lacks: DVC would skip it.
+        check_dvc_yaml(Path(root), data, stages)
         checks = dict.fromkeys(check for stage in stages for check in ALL_STAGES[stage].checks)
         for check in checks:
             resolve(check)(params, Path(root))

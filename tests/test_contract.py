@@ -12,7 +12,7 @@ import pytest
 import yaml
 from helpers import REPO, write_params
 
-from xfer.contract import ALL_STAGES, CODE_RESOURCES, PROJECT_PACKAGES, STAGES, dvc_stage, dvc_stages, import_closure, param_file_deps
+from xfer.contract import ALL_STAGES, CODE_RESOURCES, PROJECT_PACKAGES, STAGES, check_dvc_yaml, dvc_stage, dvc_stages, import_closure, param_file_deps
 
 
 def dvc_yaml() -> dict:
@@ -150,3 +150,39 @@ def test_a_label_file_params_yaml_names_is_a_dep_of_the_split_stage(tmp_path, ti
     write_params(tmp_path, tiny_params)
     assert dvc_stage(tmp_path, STAGES["split"])["deps"][-2:] == ["data/raw", "labels/target.csv"]
     assert "labels/target.csv" not in dvc_stage(tmp_path, STAGES["features"])["deps"]
+
+
+def test_translate_switches_on_its_stage_before_finetune_and_its_images_only_where_read(tmp_path, tiny_params):
+    """translate.enabled adds the translate stage just before finetune and changes no other stage's
+    entry; finetune.source_images other than original adds data/translated to finetune's deps alone.
+    A params.yaml that switches either on while dvc.yaml lacks it is refused, naming the fix."""
+    write_params(tmp_path, tiny_params)
+    off = dvc_stages(tmp_path)
+    assert "translate" not in off and "translate" not in dvc_yaml()["stages"]
+    tiny_params["translate"]["enabled"] = True
+    write_params(tmp_path, tiny_params)
+    on = dvc_stages(tmp_path)
+    assert list(on) == ["fetch", "split", "features", "head", "translate", "finetune", "evaluate"]
+    assert {k: v for k, v in on.items() if k != "translate"} == off
+    assert on["translate"]["outs"] == [{"data/translated": {"persist": True}}, {"plots/translate": {"persist": True}}]
+    closure = import_closure(REPO, ALL_STAGES["translate"].entry_modules)
+    assert "xfer/translate.py" in closure and "xfer/finetune.py" not in closure and "tasks/finetune.py" not in closure
+
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": off}))
+    with pytest.raises(ValueError, match="translate.enabled switches the translate stage on, but .* lacks it: regenerate"):
+        check_dvc_yaml(tmp_path, tiny_params, ("translate",))
+    check_dvc_yaml(tmp_path, tiny_params, ("finetune",))  # finetune itself reads nothing new yet
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": on}))
+    check_dvc_yaml(tmp_path, tiny_params, tuple(on))
+
+    for value in ("translated", "both"):
+        tiny_params["finetune"]["source_images"] = value
+        with pytest.raises(ValueError, match="finetune.source_images makes the finetune stage read data/translated, but"):
+            check_dvc_yaml(tmp_path, tiny_params, ("finetune",))
+        write_params(tmp_path, tiny_params)
+        reading = dvc_stages(tmp_path)
+        assert reading["finetune"]["deps"] == [*on["finetune"]["deps"], "data/translated"]
+        assert {k: v for k, v in reading.items() if k != "finetune"} == {k: v for k, v in on.items() if k != "finetune"}
+        (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": reading}))
+        check_dvc_yaml(tmp_path, tiny_params, tuple(reading))
+        (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": on}))

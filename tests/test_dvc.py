@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from helpers import REPO, TINY_PARAMS, write_params
@@ -420,6 +421,49 @@ def test_the_rank_stage_runs_alone_once_rank_backbones_switches_it_on(repo):
             tags = dict(db.execute("select t.key, t.value from tags t join runs r on r.run_uuid = t.run_uuid where r.name = 'rank'").fetchall())
         assert tags["rank.recommended"] == result["recommended"]
         assert "Running stage" not in sh([dvc, "repro"], root, env).stdout
+    finally:
+        sh(["git", "checkout", "params.yaml", "dvc.yaml"], root, env)
+
+
+def test_the_translate_stage_runs_in_dvc_repro_and_finetune_reads_its_images_only_when_asked(repo):
+    """Acceptance 4: translate.enabled and dvc.yaml regenerated, `dvc repro` runs translate alone (no
+    other stage's deps or params change); its grid and per-epoch losses are in MLflow. Then
+    finetune.source_images translated reruns finetune and evaluate, which train on the copies."""
+    from mlflow.tracking import MlflowClient
+
+    root, env, dvc, _ = repo
+    sh(["git", "checkout", "params.yaml", "dvc.yaml"], root, env)
+    sh([dvc, "repro"], root, env)
+    before = tree_digest(root, ["data/features", "models", "metrics/eval.json"])
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["translate"] |= {"enabled": True, "image_size": 16, "channels": 4, "residual_blocks": 1, "epochs": 2, "batch_size": 8, "device": "cpu"}
+    write_params(root, params)
+    sh([sys.executable, "-m", "xfer.contract", "--write"], root, env)
+    try:
+        ran = sh([dvc, "repro"], root, env)
+        assert ran_stages(ran) == {"translate"}, ran.stdout
+        assert tree_digest(root, ["data/features", "models", "metrics/eval.json"]) == before
+        summary = json.loads((root / "metrics/translate.json").read_text())
+        index = pd.read_csv(root / "data/translated/index.csv")
+        manifest = pd.read_csv(root / "data/splits/manifest.csv")
+        assert index.source_path.tolist() == manifest[(manifest.role == "source") & (manifest.split == "train")].path.tolist()
+        assert summary["epochs"] == 2 and summary["source_images"] == len(index)
+        client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+        [run] = client.search_runs([client.get_experiment_by_name("xfer").experiment_id], "attributes.run_name = 'translate'")
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/grid.png", "plots/learning_curves.png"}
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "translate.cycle_loss")] == [1, 2]
+        assert "Running stage" not in sh([dvc, "repro"], root, env).stdout
+
+        params["finetune"]["source_images"] = "translated"
+        write_params(root, params)
+        bad = sh([dvc, "repro"], root, env, check=False)
+        assert bad.returncode != 0 and "does not list it among its deps" in bad.stdout + bad.stderr
+        sh([sys.executable, "-m", "xfer.contract", "--write"], root, env)
+        ran = sh([dvc, "repro"], root, env)
+        assert ran_stages(ran) == {"finetune", "evaluate"}, ran.stdout
+        assert "data/translated" in yaml.safe_load((root / "dvc.lock").read_text())["stages"]["finetune"]["deps"].__str__()
+        [run] = client.search_runs([client.get_experiment_by_name("xfer").experiment_id], "attributes.run_name = 'finetune'", max_results=1)
+        assert run.data.params["finetune.source_images"] == "translated"
     finally:
         sh(["git", "checkout", "params.yaml", "dvc.yaml"], root, env)
 

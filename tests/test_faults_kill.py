@@ -373,6 +373,38 @@ def test_killed_finetune_stage_takes_torchrun_and_its_workers_with_it(built, hom
     assert not list(root.glob("checkpoints/finetune/history*"))
 
 
+def published(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_killed_translate_stage_resumes_at_its_last_epoch_to_what_an_uninterrupted_run_writes(built, home, tmp_path, tiny_params):
+    """Acceptance 4 of issue 19: SIGKILL the translate stage once a checkpoint exists; nothing is
+    published, and the next run resumes after the checkpoint's epoch and writes the same translator
+    and images, byte for byte, as a run that was never killed (one machine: the same kernels)."""
+    from xfer.checkpoints import CHECKPOINT_FILE
+
+    tiny_params["translate"] |= {"enabled": True, "image_size": 16, "channels": 4, "residual_blocks": 1, "epochs": 40, "batch_size": 4, "device": "cpu"}
+    straight = copy_project(built, tmp_path / "straight", tiny_params)
+    run_stage("translate", straight, home)
+    root = copy_project(built, tmp_path / "killed", tiny_params)
+    checkpoint = root / "checkpoints" / "translate" / CHECKPOINT_FILE
+
+    proc = start_stage("translate", root, home)
+    try:
+        wait_for(checkpoint.exists, 300, "the translator's first checkpoint", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    assert not (root / "data" / "translated").exists() and not (root / "metrics" / "translate.json").exists()
+    run_stage("translate", root, home)
+
+    summary = json.loads((root / "metrics" / "translate.json").read_text())
+    assert 1 <= summary["epochs_reused"] < 40 and summary["epochs"] == 40 and not summary["cache_hit"]
+    assert published(root / "data" / "translated") == published(straight / "data" / "translated")
+    assert not checkpoint.exists()
+
+
 def test_temporary_prefect_server_dies_with_its_command_runner(home):
     proc = subprocess.Popen(
         [sys.executable, "-m", "servers.temporary_prefect", sys.executable, "-c", "import time; time.sleep(600)"],

@@ -6,9 +6,10 @@ import torch
 from PIL import Image
 
 from xfer.checkpoints import CHECKPOINT_FILE
-from xfer.translate import Generator, PatchDiscriminator, TranslatorConfig, load_images, train_translator, translate, write_translated
+from xfer.config import TranslateConfig
+from xfer.translate import Generator, PatchDiscriminator, load_images, train_translator, translate, write_translated
 
-TINY = TranslatorConfig(image_size=16, channels=8, residual_blocks=1, epochs=10, batch_size=16, lr=2e-3)
+TINY = TranslateConfig(image_size=16, channels=8, residual_blocks=1, epochs=10, batch_size=16, lr=2e-3)
 
 
 def squares(n: int, seed: int, inverted: bool) -> torch.Tensor:
@@ -26,7 +27,7 @@ def test_networks_keep_the_image_size_and_score_patches():
     assert Generator(8, 2)(x).shape == x.shape
     assert PatchDiscriminator(8)(x).shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match="multiple of 4"):
-        TranslatorConfig(image_size=18)
+        TranslateConfig(image_size=18)
 
 
 def test_the_translator_learns_the_target_style_and_cycles_back():
@@ -38,23 +39,23 @@ def test_the_translator_learns_the_target_style_and_cycles_back():
     assert source.mean() < -0.5 and target.mean() > 0.5
     assert out.mean() > 0.3
     assert (translate(model.target_to_source, out) - source).abs().mean() < 0.25
-    cycle = [record["cycle"] for record in model.history]
+    cycle = [record["cycle_loss"] for record in model.history]
     assert len(cycle) == TINY.epochs and cycle[-1] < 0.5 * cycle[0]
-    assert set(model.history[0]) == {"epoch", "generator_adversarial", "cycle", "identity", "discriminator"}
+    assert set(model.history[0]) == {"epoch", "generator_adversarial_loss", "cycle_loss", "identity_loss", "discriminator_loss"}
 
 
 def test_the_adversarial_loss_alone_pulls_the_output_towards_the_target():
     """Without cycle and identity losses, only the critics can tell the generator what the target looks
     like: its output still moves to the target's brightness (an untrained generator's stays near 0)."""
     source, target = squares(64, 0, False), squares(64, 1, True)
-    cfg = TranslatorConfig(**{**TINY.__dict__, "cycle_weight": 0.0, "identity_weight": 0.0})
+    cfg = TINY.model_copy(update={"cycle_weight": 0.0, "identity_weight": 0.0})
     model = train_translator(cfg, source, target, seed=0)
     assert translate(model.source_to_target, source).mean() > 0.3
 
 
 def test_a_run_stopped_after_an_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
     source, target = squares(40, 2, False), squares(40, 3, True)
-    cfg = TranslatorConfig(image_size=16, channels=4, residual_blocks=1, epochs=3, batch_size=16)
+    cfg = TranslateConfig(image_size=16, channels=4, residual_blocks=1, epochs=3, batch_size=16)
     straight = train_translator(cfg, source, target, seed=0, checkpoint_dir=tmp_path / "a", run_key="k")
     epochs = []
     train_translator(cfg, source, target, seed=0, checkpoint_dir=tmp_path / "b", run_key="k", stop_after=1, on_epoch=lambda e, r: epochs.append(e))

@@ -454,6 +454,9 @@ class FinetuneConfig(_Strict):
     # torch.use_deterministic_algorithms: bit-exact reruns and resumes, at some speed.
     deterministic: bool = False
     augment: AugmentConfig = AugmentConfig()
+    # Which source train images fine-tuning sees: as fetched, the translate stage's target-styled
+    # copies (translate.enabled), or both (every source row twice, once each way).
+    source_images: Literal["original", "translated", "both"] = "original"
     # Adaptation while fine-tuning: the losses of xfer/adapt/ on the backbone's pooled
     # features, with labelled source batches and unlabelled target batches together.
     # auto: the head stage's kept method and knob (models/head_pick.json).
@@ -501,11 +504,36 @@ class FinetuneConfig(_Strict):
         if self.sampler != "uniform" and self.devices > 1:
             # Data-parallel ranks shard a permutation (DistributedSampler); weighted draws are not sharded.
             raise ValueError(f"sampler {self.sampler!r} runs in one process: set devices 1, or sampler 'uniform' with devices {self.devices}")
+        if self.importance_weighting and self.source_images != "original":
+            # The weights come from the features of the images as fetched, not of their translations.
+            raise ValueError(f"importance_weighting weighs the original source images: set source_images 'original' (now {self.source_images!r})")
         if self.importance_weighting and self.devices > 1:
             raise ValueError(
                 f"importance_weighting draws weighted rows in one process: set devices 1, or importance_weighting false with devices {self.devices}"
             )
         return self
+
+
+class TranslateConfig(_Strict):
+    """The translate stage (xfer/translate.py): a CycleGAN-style source -> target image translator."""
+
+    enabled: bool = False
+    image_size: int = Field(32, ge=8, le=512)  # images are translated at this square size
+    channels: int = Field(32, ge=1, le=512)  # the generators' first layer width (doubled once by the downsampling)
+    residual_blocks: int = Field(3, ge=0, le=32)
+    epochs: int = Field(10, ge=1, le=10000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    lr: float = Field(2e-4, gt=0, le=1)
+    cycle_weight: float = Field(10.0, ge=0, le=1000)
+    identity_weight: float = Field(5.0, ge=0, le=1000)  # half the cycle weight, as in the CycleGAN paper
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("image_size")
+    @classmethod
+    def _halves_twice(cls, size: int) -> int:
+        if size % 4:
+            raise ValueError(f"{size} px: use a multiple of 4 (the generator halves the image twice and doubles it back)")
+        return size
 
 
 # evaluate.cv_folds: fold i's head reads its epoch on fold i + 1, so a fold is held out, one chooses
@@ -573,6 +601,16 @@ class Params(_Strict):
     registry: RegistryConfig = RegistryConfig()
     fusion: FusionConfig = FusionConfig()
     rank: RankConfig = RankConfig()
+    translate: TranslateConfig = TranslateConfig()
+
+    @model_validator(mode="after")
+    def _translated_images_exist(self) -> "Params":
+        if self.finetune.source_images != "original" and not self.translate.enabled:
+            raise ValueError(
+                f"finetune.source_images {self.finetune.source_images!r} reads the translate stage's images: "
+                "set translate.enabled true (then regenerate dvc.yaml: python -m xfer.contract --write), or source_images 'original'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fusion_differs_from_backbone(self) -> "Params":

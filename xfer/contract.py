@@ -33,6 +33,16 @@ CODE_RESOURCES = {"xfer/data/sources.py": ("xfer/data/registry.yaml",)}
 
 
 @dataclass(frozen=True)
+class SwitchedDep:
+    """Data a stage reads only while a param says so: dvc.yaml lists `path` among the stage's deps
+    while params.yaml sets `key` to something other than `off` (then `python -m xfer.contract --write`)."""
+
+    path: str
+    key: str
+    off: object
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     # Param sections (`head`) or dotted keys (`data.split`) the stage reads:
@@ -55,6 +65,10 @@ class Stage:
     # A dotted param that switches an optional stage on: dvc.yaml lists the stage only
     # while params.yaml sets it non-empty (then `python -m xfer.contract --write`).
     enabled_by: str | None = None
+    # An optional stage's place in the order (dvc.yaml's, the pipeline flow's): before this stage
+    # of the chain, whose input it makes; None: after the whole chain.
+    runs_before: str | None = None
+    switched_deps: tuple[SwitchedDep, ...] = ()
 
     @property
     def task_module(self) -> str:
@@ -73,6 +87,8 @@ FEATURES = "data/features/current"
 MEMBER_FEATURES = "data/features/members"
 # The head stage's kept method and knob: what finetune.method auto takes.
 HEAD_PICK = "models/head_pick.json"
+# The translate stage's output: target-styled copies of the source train images.
+TRANSLATED = "data/translated"
 
 STAGES: dict[str, Stage] = {
     s.name: s
@@ -143,6 +159,9 @@ STAGES: dict[str, Stage] = {
             task="tasks.finetune:finetune",
             core="xfer.finetune_job:run",
             checks=("xfer.backbones:check_params",),
+            # The translated source images, only while fine-tuning reads them: with the
+            # default (original) dvc.yaml is what it was before the translate stage existed.
+            switched_deps=(SwitchedDep(TRANSLATED, "finetune.source_images", "original"),),
         ),
         Stage(
             "evaluate",
@@ -173,6 +192,18 @@ OPTIONAL_STAGES: dict[str, Stage] = {
         core="xfer.rank:rank_stage",
         checks=("xfer.rank:check_params",),
         enabled_by="rank.backbones",
+    ),
+    "translate": Stage(
+        "translate",
+        params=("seed", "translate"),
+        deps=(MANIFEST, "data/raw"),
+        outs=(TRANSLATED, "plots/translate"),
+        metrics=("metrics/translate.json",),
+        task="tasks.translate:translate",
+        core="xfer.translate_stage:translate_stage",
+        checks=("xfer.translate_stage:check_params",),
+        enabled_by="translate.enabled",
+        runs_before="finetune",
     ),
 }
 ALL_STAGES: dict[str, Stage] = {**STAGES, **OPTIONAL_STAGES}
@@ -206,8 +237,38 @@ def dotted(data: dict, key: str):
 
 
 def enabled_stages(data: dict) -> tuple[str, ...]:
-    """The chain, then each optional stage that params `data` (plain, as in params.yaml) switch on."""
-    return (*STAGE_NAMES, *(name for name, s in OPTIONAL_STAGES.items() if dotted(data, s.enabled_by)))
+    """The chain with each optional stage that params `data` (plain, as in params.yaml) switch on,
+    in run order: one with `runs_before` just before that stage, the others after the chain."""
+    order = list(STAGE_NAMES)
+    for name, stage in OPTIONAL_STAGES.items():
+        if dotted(data, stage.enabled_by):
+            order.insert(order.index(stage.runs_before) if stage.runs_before else len(order), name)
+    return tuple(order)
+
+
+def switched_deps(data: dict, stage: Stage) -> list[str]:
+    """The switched deps of `stage` that params `data` switch on."""
+    return [d.path for d in stage.switched_deps if dotted(data, d.key) not in (None, d.off)]
+
+
+def check_dvc_yaml(root: Path, data: dict, stages: tuple[str, ...]) -> None:
+    """Where root has a dvc.yaml: each of `stages` that params `data` switch on is a stage of it, with
+    the deps they switch on; else a ValueError naming what is missing (DVC would not run the stage,
+    or not rerun it when that data changes) and how to regenerate it."""
+    import yaml
+
+    path = Path(root) / "dvc.yaml"
+    if not path.is_file():
+        return
+    listed = (yaml.safe_load(path.read_text()) or {}).get("stages", {})
+    hint = "regenerate dvc.yaml with `python -m xfer.contract --write`"
+    for name in stages:
+        if name not in listed and name in enabled_stages(data):
+            raise ValueError(f"{ALL_STAGES[name].enabled_by} switches the {name} stage on, but {path} lacks it: {hint}")
+        for dep in switched_deps(data, ALL_STAGES[name]):
+            if dep not in listed.get(name, {}).get("deps", []):
+                keys = ", ".join(d.key for d in ALL_STAGES[name].switched_deps if d.path == dep)
+                raise ValueError(f"{keys} makes the {name} stage read {dep}, but {path} does not list it among its deps: {hint}")
 
 
 # ---- import closure ----------------------------------------------------------
@@ -298,7 +359,7 @@ def dvc_stage(root: Path, stage: Stage) -> dict:
     """The dvc.yaml entry the table gives for `stage`."""
     entry: dict = {
         "cmd": f"python -m {ENTRY_MODULE} {stage.name}",
-        "deps": [*code_deps(root, stage), *stage.deps, *param_file_deps(root, stage)],
+        "deps": [*code_deps(root, stage), *stage.deps, *switched_deps(root_params(root), stage), *param_file_deps(root, stage)],
         "params": list(stage.params),
         "outs": [{out: {"persist": True}} for out in stage.outs],
     }

@@ -25,7 +25,6 @@ import logging
 import multiprocessing
 import multiprocessing.context
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from xfer.data.images import ImageRows, Preprocessing
-from xfer.io import atomic_dir, naming_no_space, save_with, sha256_file, sha256_json, write_json
+from xfer.io import atomic_dir, link_or_copy, naming_no_space, save_with, sha256_file, sha256_json, write_json
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
@@ -473,19 +472,9 @@ def load_entry(entry: Path, verify: bool = True) -> FeatureSet:
     return FeatureSet(features, index, meta)
 
 
-def _link_or_copy(src: Path, dst: Path) -> bool:
-    """Hard-link `src` to `dst` (free, same inode), or copy it where a link is impossible; True if linked."""
-    try:
-        os.link(src, dst)
-        return True
-    except OSError:  # another filesystem (EXDEV), or one without hard links
-        shutil.copyfile(src, dst)
-        return False
-
-
 def _place_entry(entry: Path, dest: Path) -> bool:
     dest.mkdir(parents=True, exist_ok=True)
-    linked = [_link_or_copy(entry / name, dest / name) for name in ENTRY_FILES]
+    linked = [link_or_copy(entry / name, dest / name) for name in ENTRY_FILES]
     return all(linked)
 
 

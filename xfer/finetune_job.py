@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 from pydantic import ValidationError
@@ -45,6 +46,7 @@ from xfer.layout import Layout
 from xfer.metrics import softmax
 from xfer.procs import OWNER_ENV, check_owner, set_parent_death_signal
 from xfer.strategies import PROBE_STARTED
+from xfer.translate_stage import published_key, translated_rows
 from xfer.validators import Evidence, Outputs, score
 
 HISTORY_FILE = "history.json"
@@ -99,6 +101,8 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
             "weights": weights.digest,
             "manifest": sha256_file(layout.manifest),
             "features": fs.meta["key"],
+            # Which translation the source images are (none: the run key is what it always was).
+            **({"translated": published_key(layout.translated)} if cfg.source_images != "original" else {}),
             "checkpoint_format": CHECKPOINT_FORMAT,
         }
     )
@@ -108,8 +112,8 @@ def run(layout: Layout, params: Params, on_epoch: EpochCallback | None = None, p
         part = rows(manifest, role, split)
         return ImageRows(part.path.tolist(), part.label.tolist(), prep, layout.root, augment=augment if train else None)
 
-    source_train = rows(manifest, "source", "train")
-    source_rows = ImageRows(source_train.path.tolist(), source_train.label.tolist(), prep, layout.root, augment=source_augment)
+    source_rows = source_train_rows(layout, manifest, cfg.source_images)
+    source_rows = ImageRows(source_rows.path.tolist(), source_rows.label.tolist(), prep, layout.root, augment=source_augment)
     train = training_set(source_rows, data("target", "train", train=True), cfg.labeled_target_repeats)
     weights = source_importance(fs, manifest, cfg, params.seed)
     # Labelled target rows are target already: weight 1.
@@ -232,6 +236,17 @@ def source_augmentation(manifest, cfg: FinetuneConfig, root: Path) -> Augmentati
     of a random unlabelled target train image (never a val or test image)."""
     style = FourierStyle(cfg.augment.fda, rows(manifest, "target", "unlabeled").path.tolist(), root) if cfg.augment.fda else None
     return build_augmentation(cfg.augment, style)
+
+
+def source_train_rows(layout: Layout, manifest, source_images: str):
+    """The source train rows fine-tuning sees (path relative to the project root, label): the
+    manifest's (original), the translate stage's copies of them (translated), or both, each row
+    twice, originals first."""
+    original = rows(manifest, "source", "train")[["path", "label"]]
+    if source_images == "original":
+        return original
+    translated = translated_rows(layout, rows(manifest, "source", "train"))
+    return translated if source_images == "translated" else pd.concat([original, translated], ignore_index=True)
 
 
 def source_importance(fs: feats.FeatureSet, manifest, cfg: FinetuneConfig, seed: int) -> ImportanceWeights | None:

@@ -182,6 +182,16 @@ def atomic_dir(dest: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link `src` to `dst` (free, same inode), or copy it where a link is impossible; True if linked."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:  # another filesystem (EXDEV), or one without hard links
+        shutil.copyfile(src, dst)
+        return False
+
+
 # What atomic_path / atomic_dir leave behind when the process is killed mid-write:
 # `.<name>.<8 random characters>.tmp` (a file or a staging folder) or `.old`.
 LEFTOVER = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|old)$")

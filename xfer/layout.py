@@ -56,6 +56,16 @@ class Layout:
         return self.features / "members"
 
     @property
+    def translate_cache(self) -> Path:
+        """Every translation ever trained, `<key>/`, content-addressed; not a DVC output (xfer.translate_stage)."""
+        return self.root / "data" / "translate-cache"
+
+    @property
+    def translated(self) -> Path:
+        """The translate stage's output: the current key's entry (target-styled source train images); finetune reads it."""
+        return self.root / "data" / "translated"
+
+    @property
     def head_dir(self) -> Path:
         return self.root / "models" / "head"
 

@@ -16,13 +16,14 @@ checkpoint folder, saves the whole training state after each epoch
 history buffer of generated images for the discriminators (the original's
 image pool): each step scores the current generator's images.
 
-Not yet a pipeline stage: the `translate` stage and `finetune.source_images`
-(issue 19, part 5) are to call these functions.
+The `translate` stage (xfer/translate_stage.py, params.yaml `translate`)
+calls these functions; fine-tuning reads what it writes
+(`finetune.source_images`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,29 +35,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from xfer.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from xfer.config import TranslateConfig
 from xfer.heads import check_loss
 from xfer.io import save_with
 
-LOSSES = ("generator_adversarial", "cycle", "identity", "discriminator")
-
-
-@dataclass(frozen=True)
-class TranslatorConfig:
-    image_size: int = 32  # images are translated at this square size
-    channels: int = 32  # the generators' first layer width (doubled once by the downsampling)
-    residual_blocks: int = 3
-    epochs: int = 10
-    batch_size: int = 16
-    lr: float = 2e-4
-    cycle_weight: float = 10.0
-    identity_weight: float = 5.0  # half the cycle weight, as in the CycleGAN paper
-
-    def __post_init__(self):
-        if self.image_size < 8 or self.image_size % 4:
-            raise ValueError(f"image_size is {self.image_size}: use a multiple of 4, at least 8 (the generator halves it twice)")
-        for name in ("channels", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} is {getattr(self, name)}: use at least 1")
+# Each epoch's mean of each, in the history; named *_loss, as every learning curve's losses are.
+LOSSES = ("generator_adversarial_loss", "cycle_loss", "identity_loss", "discriminator_loss")
 
 
 class ResidualBlock(nn.Module):
@@ -127,7 +111,7 @@ class Translator:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_translator(cfg: TranslatorConfig) -> Translator:
+def build_translator(cfg: TranslateConfig) -> Translator:
     return Translator(
         Generator(cfg.channels, cfg.residual_blocks),
         Generator(cfg.channels, cfg.residual_blocks),
@@ -157,7 +141,7 @@ def _adversarial(scores: torch.Tensor, real: bool) -> torch.Tensor:
 
 
 def train_translator(
-    cfg: TranslatorConfig,
+    cfg: TranslateConfig,
     source: torch.Tensor,
     target: torch.Tensor,
     seed: int,
@@ -166,14 +150,18 @@ def train_translator(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = False,
     stop_after: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> Translator:
     """Train for cfg.epochs (an epoch: ceil(len(source) / batch_size) steps, each a source batch in a
-    seeded order and a random target batch); `stop_after` ends after that many epochs (as a kill would,
-    the checkpoint kept). Each epoch's mean losses go to the history and `on_epoch`."""
+        seeded order and a random target batch); `stop_after` ends after that many epochs (as a kill would,
+        the checkpoint kept). Each epoch's mean losses go to the history and `on_epoch`. The images stay
+    in host memory; each batch goes to `device`, where the networks train."""
     if len(source) == 0 or len(target) == 0:
         raise ValueError(f"the translator needs source and target images; got {len(source)} source and {len(target)} target")
     torch.manual_seed(seed)
     model = build_translator(cfg)
+    for module in (model.source_to_target, model.target_to_source, model.source_critic, model.target_critic):
+        module.to(device).train()
     generators = list(model.source_to_target.parameters()) + list(model.target_to_source.parameters())
     critics = list(model.source_critic.parameters()) + list(model.target_critic.parameters())
     g_opt = torch.optim.Adam(generators, lr=cfg.lr, betas=(0.5, 0.999))
@@ -202,8 +190,8 @@ def train_translator(
         sums = dict.fromkeys(LOSSES, 0.0)
         order = torch.randperm(len(source), generator=draws)
         for step in tqdm(range(steps), desc=f"translate epoch {epoch}/{cfg.epochs}", unit="step", disable=not progress):
-            real_s = source[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-            real_t = target[torch.randint(len(target), (len(real_s),), generator=draws)]
+            real_s = source[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]].to(device)
+            real_t = target[torch.randint(len(target), (len(real_s),), generator=draws)].to(device)
             # Generators: fool both critics, cycle back, leave the other domain's images alone.
             fake_t, fake_s = model.source_to_target(real_s), model.target_to_source(real_t)
             adversarial = _adversarial(model.target_critic(fake_t), True) + _adversarial(model.source_critic(fake_s), True)
@@ -231,7 +219,7 @@ def train_translator(
         if on_epoch is not None:
             on_epoch(epoch, record)
         if checkpoint_dir is not None:
-            state = {name: module.state_dict() for name, module in modules.items()}
+            state = {name: {k: v.cpu() for k, v in module.state_dict().items()} for name, module in modules.items()}
             state |= {
                 "key": run_key,
                 "epoch": epoch,
@@ -246,25 +234,34 @@ def train_translator(
 
 @torch.no_grad()
 def translate(generator: Generator, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """The generator's images (on the host) for `images` (on the host), in batches on the generator's device."""
     generator.eval()
-    return torch.cat([generator(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]) if len(images) else images
+    device = next(generator.parameters()).device
+    return torch.cat([generator(images[i : i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]) if len(images) else images
 
 
-def write_translated(generator: Generator, root: str | Path, paths: Sequence[str], size: int, out_dir: Path, progress: bool = False) -> list[str]:
-    """Each source image translated and written as a PNG under out_dir at the same relative path
-    (suffix .png), atomically; returns the written paths relative to out_dir."""
+def write_translated(
+    generator: Generator,
+    root: str | Path,
+    paths: Sequence[str],
+    size: int,
+    out_dir: Path,
+    progress: bool = False,
+    names: Sequence[str] | None = None,
+) -> list[str]:
+    """Each source image translated and written as a PNG under out_dir, atomically: at `names`
+    (relative to out_dir), or by default at its own relative path with suffix .png; returns the
+    written paths relative to out_dir."""
+    names = [str(Path(path).with_suffix(".png")) for path in paths] if names is None else list(names)
+    if len(names) != len(paths):
+        raise ValueError(f"{len(names)} names for {len(paths)} images")
     written = []
     for start in tqdm(range(0, len(paths), 64), desc="translate: writing images", unit="batch", disable=not progress):
         chunk = list(paths[start : start + 64])
         pixels = to_uint8(translate(generator, load_images(root, chunk, size)))
-        for path, image in zip(chunk, pixels):
-            rel = str(Path(path).with_suffix(".png"))
+        for rel, image in zip(names[start : start + 64], pixels):
             dest = out_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             save_with(dest, lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"))
             written.append(rel)
     return written
-
-
-def config_dict(cfg: TranslatorConfig) -> dict:
-    return asdict(cfg)
