@@ -29,6 +29,8 @@ def evaluate(layout: Layout, params: Params) -> dict:
                 plot_dir=layout.stage_plots("evaluate"),
                 roc_dir=layout.roc_plots,
                 params=params,
+                head_pick=layout.head_pick,
+                cv_work_dir=layout.checkpoints / "evaluate-cv",
             )
         run.log_metrics(scored.results)
         run.log_artifact(layout.metrics("eval"))

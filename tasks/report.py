@@ -16,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from tasks.registry import Promotion
 from tasks.tracking import PARENT_TAG, StageRun, team_tracking_uri
-from xfer.metrics import CROSS_VALIDATION, TABLE_METRICS, figure, mean_std, model_results, selection_lines
+from xfer.metrics import CROSS_VALIDATIONS, TABLE_METRICS, figure, mean_std, model_results, recipe_words, selection_lines
 
 REPORT_KEY = "xfer-evaluation"
 COLUMNS = TABLE_METRICS
@@ -47,12 +47,11 @@ def metrics_table(results: dict) -> list[str]:
     return lines
 
 
-def cross_validation_table(cv: dict) -> list[str]:
-    """evaluate.cv_folds: the head's recipe trained once per fold; mean ± std over the folds."""
-    recipe = cv["recipe"]
+def cross_validation_table(cv: dict, what: str = "the head") -> list[str]:
+    """evaluate.cv_folds: a recipe (the head's; with finetune.cv, fine-tuning's) trained once per fold; mean ± std over the folds."""
     lines = [
-        f"The head's recipe ({recipe['method']}, epoch by {recipe['selection']}) trained once per fold: {cv['folds']} stratified folds "
-        f"of the {cv['rows']} labelled training rows; each fold's head scored on its held-out rows and on target test (never in a fold).",
+        f"The recipe of {what} ({recipe_words(cv['recipe'])}) trained once per fold: {cv['folds']} stratified folds "
+        f"of the {cv['rows']} labelled training rows; each fold's model scored on its held-out rows and on target test (never in a fold).",
         "",
         "| rows | " + " | ".join(COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
@@ -91,8 +90,9 @@ def markdown_report(
     results: dict, promotion: Promotion | None, experiment_id: str, run_id: str, pipeline_run_id: str | None, head_selection: dict | None = None
 ) -> str:
     lines = ["# xfer evaluation", "", *metrics_table(results), ""]
-    if CROSS_VALIDATION in results:
-        lines += ["## Cross-validation", "", *cross_validation_table(results[CROSS_VALIDATION]), ""]
+    for key, what in CROSS_VALIDATIONS.items():
+        if key in results:
+            lines += [f"## Cross-validation of {what}", "", *cross_validation_table(results[key], what), ""]
     if table := validator_table(results):
         lines += ["## Without target labels", "", "Each validator's score on the target val images (labels unread) and source val; higher is better.", ""]
         lines += [*table, ""]

@@ -186,3 +186,14 @@ def test_translate_switches_on_its_stage_before_finetune_and_its_images_only_whe
         (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": reading}))
         check_dvc_yaml(tmp_path, tiny_params, tuple(reading))
         (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": on}))
+
+
+def test_the_finetune_stage_reads_every_finetune_knob_but_cv():
+    """finetune.cv is read by evaluate alone (so switching it reruns evaluate alone); every other key
+    of the section is one of the finetune stage's params, so a new knob cannot be left out."""
+    from xfer.config import FinetuneConfig
+    from xfer.contract import FINETUNE_TRAINING_KEYS
+
+    assert list(FINETUNE_TRAINING_KEYS) == [f"finetune.{k}" for k in FinetuneConfig.model_fields if k != "cv"]
+    assert "finetune" in ALL_STAGES["evaluate"].params
+    assert set(FINETUNE_TRAINING_KEYS) <= set(ALL_STAGES["finetune"].params) and not {"finetune", "finetune.cv"} & set(ALL_STAGES["finetune"].params)

@@ -90,3 +90,37 @@ def test_a_bad_fold_count_is_refused_with_what_would_be_valid():
     with pytest.raises(ValueError, match="only 120 labelled source rows"):
         make_folds(feature_set(), 121, seed=0)
     assert make_folds(feature_set(), 120, seed=0).k == 120
+
+
+def test_each_fine_tuning_folds_manifest_holds_out_its_fold_and_chooses_the_epoch_on_the_next():
+    """finetune.cv: fold i's manifest puts fold i out of every split a stage reads, fold i + 1's source
+    rows in source val, the other folds in train; target test, target val and the unlabelled rows keep
+    their splits; together the folds hold every labelled training row out exactly once."""
+    from xfer.finetune_cv import HELD_OUT, UNUSED, fold_manifest
+
+    fs = feature_set()
+    manifest = fs.index.assign(class_name=fs.index.label.astype(str), domain=fs.index.role, sha256="0")
+    folds = make_folds(fs, 4, seed=0)
+    held_out_once = np.zeros(len(manifest), dtype=int)
+    for held_out in range(folds.k):
+        fold = fold_manifest(manifest, folds, held_out)
+        assert fold.path.tolist() == manifest.path.tolist() and fold.label.tolist() == manifest.label.tolist()
+        out = fold.split.to_numpy() == HELD_OUT
+        held_out_once += out
+        assert (np.flatnonzero(out) == np.sort(folds.rows[folds.fold == held_out])).all()
+        validation = folds.rows[folds.fold == (held_out + 1) % folds.k]
+        source_val = np.flatnonzero(((fold.role == "source") & (fold.split == "val")).to_numpy())
+        assert (source_val == np.sort(validation[manifest.role.to_numpy()[validation] == "source"])).all()
+        assert set(fold.split.to_numpy()[validation[manifest.role.to_numpy()[validation] == "target"]]) <= {UNUSED}
+        unchanged = ~np.isin(np.arange(len(manifest)), folds.rows)
+        assert (fold.split.to_numpy()[unchanged] == manifest.split.to_numpy()[unchanged]).all()
+        assert set(fold.split[unchanged]) == {"unlabeled", "val", "test"}
+    assert (held_out_once[folds.rows] == 1).all() and held_out_once.sum() == len(folds.rows)
+
+
+def test_finetune_cv_needs_folds_and_the_original_source_images():
+    with pytest.raises(ConfigError, match="set evaluate.cv_folds >= 3"):
+        parse_params({"finetune": {"cv": True}})
+    with pytest.raises(ConfigError, match="cv cross-validates with the source images as fetched"):
+        parse_params({"evaluate": {"cv_folds": 3}, "translate": {"enabled": True}, "finetune": {"cv": True, "source_images": "both"}})
+    assert parse_params({"evaluate": {"cv_folds": 3}, "finetune": {"cv": True}}).finetune.cv

@@ -223,6 +223,33 @@ def test_cross_validation_reruns_evaluate_only_and_reports_fold_means_and_stds(r
     assert run.data.metrics["cross_validation.target_test.accuracy.std"] == pytest.approx(cv["target_test"]["accuracy"]["std"])
 
 
+def test_fine_tuning_cross_validation_reruns_evaluate_only_and_trains_once_per_fold(repo):
+    """`-S finetune.cv=true`: evaluate alone reruns (the finetune stage does not read the key) and runs
+    the fine-tuning recipe once per fold; eval.json and xfer summary hold its means and stds."""
+    root, env, dvc, _ = repo
+    sh(["git", "checkout", "params.yaml"], root, env)
+    sh([dvc, "repro"], root, env)
+    before = tree_digest(root, ["data", "models", "plots/head", "plots/finetune"])
+    try:
+        exp = sh([dvc, "exp", "run", "-S", "evaluate.cv_folds=3", "-S", "finetune.cv=true"], root, env)
+        assert ran_stages(exp) == {"evaluate"}, exp.stdout
+        assert tree_digest(root, ["data", "models", "plots/head", "plots/finetune"]) == before
+        results = json.loads((root / "metrics/eval.json").read_text())
+        cv = results["cross_validation_finetune"]
+        assert cv["folds"] == 3 and [f["fold"] for f in cv["per_fold"]] == [0, 1, 2]
+        assert cv["rows"] == results["cross_validation"]["rows"] and cv["fold_sizes"] == results["cross_validation"]["fold_sizes"]
+        assert cv["recipe"]["strategy"] == TINY_PARAMS["finetune"]["strategy"] and cv["recipe"]["method"] == TINY_PARAMS["finetune"]["method"]
+        values = [f["target_test"]["accuracy"] for f in cv["per_fold"]]
+        assert cv["target_test"]["accuracy"]["mean"] == pytest.approx(np.mean(values))
+        # Each fold's model is scored on its own held-out rows: together, every labelled training row once.
+        assert sum(f["held_out"]["n"] for f in cv["per_fold"]) == cv["rows"]
+        summary = sh([sys.executable, "-m", "cli", "summary", str(root / "metrics/eval.json")], REPO, env).stdout
+        assert "cross-validation of fine-tuning" in summary
+        assert not list((root / "checkpoints").glob("evaluate-cv/*"))  # the folds' projects are gone
+    finally:
+        sh(["git", "checkout", "params.yaml"], root, env)
+
+
 def test_bad_params_fail_fast_and_change_no_output(repo):
     root, env, dvc, _ = repo
     outputs = ["data", "models", "metrics", "plots"]

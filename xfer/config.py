@@ -457,6 +457,9 @@ class FinetuneConfig(_Strict):
     # Which source train images fine-tuning sees: as fetched, the translate stage's target-styled
     # copies (translate.enabled), or both (every source row twice, once each way).
     source_images: Literal["original", "translated", "both"] = "original"
+    # Cross-validate this recipe in the evaluate stage: evaluate.cv_folds full fine-tuning runs
+    # (xfer/finetune_cv.py). Only evaluate reads it: switching it reruns evaluate alone.
+    cv: bool = False
     # Adaptation while fine-tuning: the losses of xfer/adapt/ on the backbone's pooled
     # features, with labelled source batches and unlabelled target batches together.
     # auto: the head stage's kept method and knob (models/head_pick.json).
@@ -504,6 +507,9 @@ class FinetuneConfig(_Strict):
         if self.sampler != "uniform" and self.devices > 1:
             # Data-parallel ranks shard a permutation (DistributedSampler); weighted draws are not sharded.
             raise ValueError(f"sampler {self.sampler!r} runs in one process: set devices 1, or sampler 'uniform' with devices {self.devices}")
+        if self.cv and self.source_images != "original":
+            # A fold's source train rows include source val rows, which have no translation.
+            raise ValueError(f"cv cross-validates with the source images as fetched: set source_images 'original' (now {self.source_images!r}), or cv false")
         if self.importance_weighting and self.source_images != "original":
             # The weights come from the features of the images as fetched, not of their translations.
             raise ValueError(f"importance_weighting weighs the original source images: set source_images 'original' (now {self.source_images!r})")
@@ -602,6 +608,12 @@ class Params(_Strict):
     fusion: FusionConfig = FusionConfig()
     rank: RankConfig = RankConfig()
     translate: TranslateConfig = TranslateConfig()
+
+    @model_validator(mode="after")
+    def _finetune_cv_has_folds(self) -> "Params":
+        if self.finetune.cv and not self.evaluate.cv_folds:
+            raise ValueError(f"finetune.cv runs one fine-tuning per fold of evaluate.cv_folds, which is 0 (off): set evaluate.cv_folds >= {MIN_CV_FOLDS}")
+        return self
 
     @model_validator(mode="after")
     def _translated_images_exist(self) -> "Params":

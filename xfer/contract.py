@@ -90,6 +90,18 @@ HEAD_PICK = "models/head_pick.json"
 # The translate stage's output: target-styled copies of the source train images.
 TRANSLATED = "data/translated"
 
+# The finetune section but `cv` (xfer/config.py FinetuneConfig's fields, in their order).
+FINETUNE_TRAINING_KEYS = (
+    "finetune.strategy", "finetune.frozen_blocks", "finetune.unfreeze_every", "finetune.layer_decay", "finetune.schedule",
+    "finetune.warmup_epochs", "finetune.label_smoothing", "finetune.sampler", "finetune.importance_weighting",
+    "finetune.importance_max_weight", "finetune.ema_decay", "finetune.patience", "finetune.selection", "finetune.validator_rows",
+    "finetune.deterministic", "finetune.augment", "finetune.source_images", "finetune.method", "finetune.adapt_weight",
+    "finetune.pseudo_labels", "finetune.pseudo_threshold", "finetune.mcc_temperature", "finetune.epochs", "finetune.batch_size",
+    "finetune.lr", "finetune.head_lr_scale", "finetune.weight_decay", "finetune.freeze_bn", "finetune.device", "finetune.devices",
+    "finetune.amp", "finetune.num_workers", "finetune.channels_last", "finetune.compile", "finetune.labeled_target_repeats",
+    "finetune.max_steps_per_epoch", "finetune.probe_epochs", "finetune.probe_lr",
+)  # fmt: skip
+
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
@@ -150,7 +162,8 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "finetune",
-            params=("seed", "backbone", "finetune"),
+            # Not finetune.cv: only evaluate reads it (switching it reruns evaluate alone).
+            params=("seed", "backbone", *FINETUNE_TRAINING_KEYS),
             # Not the fusion members: adding or removing one never reruns fine-tuning.
             # The head's pick (finetune.method auto) is one small file, unchanged unless the pick is.
             deps=(FEATURES, HEAD_PICK, MANIFEST, "data/raw"),
@@ -165,10 +178,12 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "evaluate",
-            # The frozen backbone travels in the registered model with the head.
-            params=("evaluate", "backbone", "registry", "fusion"),
-            # The fine-tuned network predicts from the images themselves.
-            deps=(FEATURES, MEMBER_FEATURES, "models/head", "models/finetune", MANIFEST, "data/raw"),
+            # The frozen backbone travels in the registered model with the head. The seed deals
+            # the cross-validation folds; with finetune.cv the fine-tuning recipe runs once per fold.
+            params=("seed", "evaluate", "backbone", "registry", "fusion", "finetune"),
+            # The fine-tuned network predicts from the images themselves. The head's pick: what
+            # finetune.method auto is in the cross-validated recipe.
+            deps=(FEATURES, MEMBER_FEATURES, "models/head", "models/finetune", HEAD_PICK, MANIFEST, "data/raw"),
             outs=("plots/evaluate", "plots/roc"),
             metrics=("metrics/eval.json",),
             task="tasks.evaluate:evaluate",

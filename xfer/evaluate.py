@@ -21,10 +21,13 @@ from xfer.cross_validation import cross_validate_head
 from xfer.data.images import ImageRows
 from xfer.data.split import read_manifest, rows
 from xfer.finetune import load_classifier, predict_logits, select_device
+from xfer.finetune_cv import cross_validate_finetune
+from xfer.finetune_job import resolve_method
 from xfer.heads import FEATURE_FUSION, MEMBERS_DIR, HeadNet, load_head
 from xfer.io import write_json
 from xfer.metrics import (
     CROSS_VALIDATION,
+    CROSS_VALIDATION_FINETUNE,
     classification_metrics,
     confusion_matrix,
     fuse_probabilities,
@@ -109,11 +112,15 @@ def evaluate_models(
     plot_dir: Path,
     roc_dir: Path,
     params: Params,
+    head_pick: Path | None = None,
+    cv_work_dir: Path | None = None,
 ) -> Evaluation:
     """`features_dir`: the main backbone's published features; `member_features_dir`: the fusion members'.
 
     `roc_dir` gets each model's ROC curve on target test as a CSV (classes pooled one
-    against the rest: `dvc plots show` draws it); `plot_dir` every figure.
+    against the rest: `dvc plots show` draws it); `plot_dir` every figure. With
+    finetune.cv, the fine-tuning recipe (its method auto resolved from `head_pick`)
+    is cross-validated in temporary projects under `cv_work_dir`.
     """
     manifest = read_manifest(manifest_path)
     fs = feats.load_current(features_dir)
@@ -197,6 +204,11 @@ def evaluate_models(
         results[model_name][LABEL_FREE_SET]["validators"] = scores
     if params.evaluate.cv_folds:
         results[CROSS_VALIDATION] = cross_validation
+    if params.finetune.cv:
+        recipe = resolve_method(params.finetune, head_pick)
+        results[CROSS_VALIDATION_FINETUNE] = cross_validate_finetune(
+            manifest=manifest, fs=fs, params=params.model_copy(update={"finetune": recipe}), images_root=images_root, work_dir=cv_work_dir
+        )
     write_json(metrics_path, results)
     return Evaluation(results, plots, fs, head_spec.get("selection"), {m: c for m, c in non_finite.items() if m in results})
 

@@ -38,14 +38,17 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_classes: 
     }
 
 
-# eval.json's key for the head's cross-validation (evaluate.cv_folds): every other key is a model.
+# eval.json's keys for the cross-validations (evaluate.cv_folds; with finetune.cv, the fine-tuning
+# recipe's too) and what each cross-validates: every other key is a model.
 CROSS_VALIDATION = "cross_validation"
+CROSS_VALIDATION_FINETUNE = "cross_validation_finetune"
+CROSS_VALIDATIONS = {CROSS_VALIDATION: "the head", CROSS_VALIDATION_FINETUNE: "fine-tuning"}
 TABLE_METRICS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "roc_auc")
 
 
 def model_results(results: dict) -> dict[str, dict[str, dict]]:
     """eval.json's models: model -> split -> figures (without the cross-validation)."""
-    return {model: by_split for model, by_split in results.items() if model != CROSS_VALIDATION}
+    return {model: by_split for model, by_split in results.items() if model not in CROSS_VALIDATIONS}
 
 
 def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -55,8 +58,9 @@ def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
     for model, by_split in model_results(results).items():
         for split, m in by_split.items():
             lines.append(f"{model:<10}{split:<13}" + "".join(f"{figure(m.get(c)):>17}" for c in cols))
-    if CROSS_VALIDATION in results:
-        lines += ["", *cross_validation_lines(results[CROSS_VALIDATION])]
+    for key, what in CROSS_VALIDATIONS.items():
+        if key in results:
+            lines += ["", *cross_validation_lines(results[key], what)]
     return "\n".join(lines)
 
 
@@ -64,11 +68,15 @@ def mean_std(summary: dict[str, float | None]) -> str:
     return "n/a" if summary["mean"] is None else f"{summary['mean']:.3f} ± {summary['std']:.3f}"
 
 
-def cross_validation_lines(cv: dict) -> list[str]:
-    """The head's cross-validation in plain words and a small table: mean ± std over the folds."""
-    recipe = cv["recipe"]
+def recipe_words(recipe: dict) -> str:
+    """A cross-validated recipe in a few words: its strategy (fine-tuning), method and epoch rule."""
+    return ", ".join([*([recipe["strategy"]] if "strategy" in recipe else []), recipe["method"], f"epoch by {recipe['selection']}"])
+
+
+def cross_validation_lines(cv: dict, what: str = "the head") -> list[str]:
+    """A cross-validation in plain words and a small table: mean ± std over the folds."""
     lines = [
-        f"cross-validation of the head ({recipe['method']}, epoch by {recipe['selection']}): {cv['folds']} stratified folds "
+        f"cross-validation of {what} ({recipe_words(cv['recipe'])}): {cv['folds']} stratified folds "
         f"of {cv['rows']} labelled training rows (sizes {', '.join(map(str, cv['fold_sizes']))}); mean ± std over the folds",
         f"{'rows':<23}" + "".join(f"{c:>17}" for c in TABLE_METRICS),
     ]
