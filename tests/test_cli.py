@@ -78,7 +78,7 @@ def test_no_command_prints_usage_and_exits_2():
     "args, expected",
     [
         (["nope"], "invalid choice: 'nope' (choose from 'validate', 'stage', 'pipeline', 'summary', 'predict', 'suggest-labels', 'rank', 'cache')"),
-        (["stage", "fech"], "invalid choice: 'fech' (choose from 'fetch', 'split', 'features', 'head', 'finetune', 'evaluate', 'rank')"),
+        (["stage", "fech"], "invalid choice: 'fech' (choose from 'fetch', 'split', 'features', 'head', 'finetune', 'evaluate', 'rank', 'translate')"),
         (["stage"], "the following arguments are required: STAGE"),
         (["predict"], "the following arguments are required: IMAGE_OR_FOLDER"),
         (["predict", "a.png", "--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
@@ -97,7 +97,7 @@ def test_stage_names_are_the_flows():
     from cli.main import ALL_STAGE_NAMES
     from flows.stages import STAGE_FLOWS
 
-    assert ALL_STAGE_NAMES == tuple(STAGE_FLOWS) and ALL_STAGE_NAMES[-1] == "rank"
+    assert ALL_STAGE_NAMES == tuple(STAGE_FLOWS) and ALL_STAGE_NAMES[-2:] == ("rank", "translate")
 
 
 def test_validate_checks_the_file_it_is_given(tmp_path):
