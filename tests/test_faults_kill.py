@@ -400,7 +400,10 @@ def test_killed_translate_stage_resumes_at_its_last_epoch_to_what_an_uninterrupt
     run_stage("translate", root, home)
 
     summary = json.loads((root / "metrics" / "translate.json").read_text())
-    assert 1 <= summary["epochs_reused"] < 40 and summary["epochs"] == 40 and not summary["cache_hit"]
+    # Killed after at least one finished epoch and before the last: the rerun reused those, trained the rest.
+    assert summary["epochs_reused"] >= 1, summary
+    assert summary["epochs_reused"] < summary["epochs"] == 40, summary
+    assert summary["cache_hit"] is False, summary
     assert published(root / "data" / "translated") == published(straight / "data" / "translated")
     assert not checkpoint.exists()
 
