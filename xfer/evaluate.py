@@ -129,6 +129,8 @@ def evaluate_models(
     if params.evaluate.cv_folds:
         # First: a bad fold count is refused before any scoring (and the folds take seconds).
         cross_validation = cross_validate_head(fs, HeadConfig(**head_spec["head"]), len(names), params.evaluate.cv_folds, params.seed)
+    # finetune.cv's recipe, resolved first: a missing head pick is refused before any scoring.
+    cv_recipe = resolve_method(params.finetune, head_pick) if params.finetune.cv else None
     classifier, spec = load_classifier(finetune_dir)
     device = select_device("auto")
     members = fusion_members(member_features_dir, head_dir, params)
@@ -204,10 +206,9 @@ def evaluate_models(
         results[model_name][LABEL_FREE_SET]["validators"] = scores
     if params.evaluate.cv_folds:
         results[CROSS_VALIDATION] = cross_validation
-    if params.finetune.cv:
-        recipe = resolve_method(params.finetune, head_pick)
+    if cv_recipe is not None:
         results[CROSS_VALIDATION_FINETUNE] = cross_validate_finetune(
-            manifest=manifest, fs=fs, params=params.model_copy(update={"finetune": recipe}), images_root=images_root, work_dir=cv_work_dir
+            manifest=manifest, fs=fs, params=params.model_copy(update={"finetune": cv_recipe}), images_root=images_root, work_dir=cv_work_dir
         )
     write_json(metrics_path, results)
     return Evaluation(results, plots, fs, head_spec.get("selection"), {m: c for m, c in non_finite.items() if m in results})
