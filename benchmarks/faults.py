@@ -19,7 +19,10 @@ each stage, --kills times:
      stage, its temporary children, torchrun workers): what an OOM killer or a
      pulled plug does;
   3. rerun the stage to completion;
-  4. check every output file: it loads (json parses, csv reads, .pt with
+  4. check that no temporary file or folder of a killed write is left anywhere
+     in the project's data/, models/, plots/, metrics/ or checkpoints/ (the
+     downloads' staging folders and the feature cache included), and every
+     output file: it loads (json parses, csv reads, .pt with
      torch.load(weights_only=True), .npy with numpy, .png with PIL), no file is
      missing or extra (a leftover temporary file inside an output is a
      failure), and it equals the uninterrupted run's file: byte-equal, or for
@@ -263,6 +266,26 @@ def check_outputs(root: Path, ref_root: Path, stage: str, reference: dict[str, s
     return problems, byte_equal
 
 
+# Where a killed write leaves temporaries: the outputs, the caches, downloads and checkpoints.
+SCANNED = ("data", "models", "plots", "metrics", "checkpoints")
+
+
+def stray_temporaries(root: Path) -> list[str]:
+    """Temporary files and folders anywhere in the project's working folders (xfer/io.py's
+    `.<name>.<random>.tmp|old`, fetch's `.staging-*`): after a finished rerun, every one is a leftover."""
+    from xfer.data.fetch import STAGING_PREFIX
+    from xfer.io import LEFTOVER
+
+    found = []
+    for top in SCANNED:
+        for folder, dirs, files in os.walk(root / top):
+            for name in [*dirs, *files]:
+                if LEFTOVER.match(name) or name.startswith(STAGING_PREFIX):
+                    found.append(str((Path(folder) / name).relative_to(root)))
+            dirs[:] = [d for d in dirs if not LEFTOVER.match(d) and not d.startswith(STAGING_PREFIX)]
+    return sorted(found)
+
+
 def running_mlflow_runs(root: Path) -> int:
     db = root / "mlflow.db"
     if not db.exists():
@@ -298,6 +321,7 @@ def campaign(root: Path, env: dict, stages: list[str], kills: int, seed: int, lo
             try:
                 run_stage(stage, root, env, log)
                 problems, byte_equal = check_outputs(root, ref_root, stage, references[stage])
+                problems += [f"leftover {rel}" for rel in stray_temporaries(root)]
             except RuntimeError as e:
                 problems, byte_equal = [f"rerun failed: {str(e).splitlines()[-1][:200]}"], False
             row["rerun_s"].append(round(time.perf_counter() - started, 1))

@@ -8,6 +8,8 @@ same files. One MLflow pipeline run groups this execution's stage runs, in
 the project's store or the one XFER_TRACKING_URI names. It holds the project's
 lock (<root>/.xfer.lock) while it runs, as each `dvc repro` stage does: a
 second run of the project exits 75, naming the pid of the one in progress.
+Like each stage's, its flow run carries its process in a tag, and the next
+pipeline run marks CRASHED the pipeline runs whose process has died.
 """
 
 from __future__ import annotations
@@ -19,17 +21,21 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.stages import BUSY_EXIT, STAGE_FLOWS, check_params
+from flows.stages import BUSY_EXIT, STAGE_FLOWS, check_params, claim_and_crash_orphans
 from tasks import tracking
 from xfer.config import load_params
 from xfer.contract import enabled_stages
 from xfer.layout import Layout
 from xfer.locks import LockedError, project_lock
 
+PIPELINE_FLOW = "xfer-pipeline"
 
-@flow(name="xfer-pipeline")
+
+@flow(name=PIPELINE_FLOW)
 def pipeline(root: str = ".") -> dict:
     with project_lock(root):
+        # A pipeline killed before (SIGKILL, the OOM killer) left its flow run RUNNING: marked CRASHED now.
+        claim_and_crash_orphans(PIPELINE_FLOW)
         return _pipeline(root)
 
 

@@ -54,7 +54,9 @@ def _run_stage(stage: str, root: str) -> dict:
     layout = Layout(Path(root))
     params = load_params(layout.params)
     claim_and_crash_orphans(stage)
-    remove_leftovers([layout.root / out for out in (*ALL_STAGES[stage].outs, *ALL_STAGES[stage].metrics)])
+    # Its outputs, and checkpoints/ (where finetune, translate and evaluate's folds save as they train):
+    # with the project's lock held no other stage writes there, so a temporary file in it is a killed write's.
+    remove_leftovers([layout.root / out for out in (*ALL_STAGES[stage].outs, *ALL_STAGES[stage].metrics)] + [layout.checkpoints])
     return resolve(ALL_STAGES[stage].task)(layout, params)
 
 
@@ -64,7 +66,8 @@ def owner_tag() -> str:
 
 
 def claim_and_crash_orphans(stage: str) -> list[str]:
-    """Tag this flow run with its process; mark CRASHED the RUNNING runs of `stage` whose process died.
+    """Tag this flow run with its process; mark CRASHED the RUNNING runs of the flow named `stage`
+    (a stage, or the pipeline flow) whose process died.
 
     Returns the ids of the flow runs marked. A run without the tag (or of
     another host, or of a live process) is left alone.

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.registry import Promotion
 from tasks.tracking import PARENT_TAG, StageRun, team_tracking_uri
 from xfer.metrics import CROSS_VALIDATIONS, TABLE_METRICS, figure, mean_std, model_results, recipe_words, selection_lines
+from xfer.redact import redact_url, split_userinfo
 
 REPORT_KEY = "xfer-evaluation"
 COLUMNS = TABLE_METRICS
@@ -24,7 +25,8 @@ COLUMNS = TABLE_METRICS
 
 def mlflow_ui() -> str:
     if (ui := os.environ.get("XFER_MLFLOW_UI")) is not None:
-        return ui.rstrip("/")
+        # The links go into report.md and a Prefect artifact: never a login (the browser asks for it).
+        return redact_url(split_userinfo(ui)[0]).rstrip("/")
     team = team_tracking_uri()
     if team and team.startswith(("http://", "https://")):
         return team.rstrip("/")

@@ -153,12 +153,14 @@ def _unblock_reader(fifo: Path) -> bool:
 
 
 def test_fifo_socket_and_dangling_link_in_a_class_folder_are_skipped_counted_and_never_opened(tmp_path):
-    """Before: a FIFO hung fetch (which then ignored SIGTERM); a dangling link gave a FileNotFoundError traceback."""
+    """Before: a FIFO hung fetch (which then ignored SIGTERM); a dangling link gave a FileNotFoundError traceback.
+    A link to a device (/dev/zero) is skipped the same way."""
     image_folder(tmp_path / "mine", {"a": 4, "b": 4})
     dog = tmp_path / "mine" / "b" / "dog"
     os.mkfifo(dog / "pipe.png")
     os.symlink(tmp_path / "gone.png", dog / "dangling.png")
     os.symlink(dog / "000.png", dog / "alias.png")  # a link to a real image is an image
+    os.symlink("/dev/zero", dog / "zero.png")  # a device: reading it would never end
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(dog / "sock.png"))
     outcome: dict = {}
@@ -171,13 +173,14 @@ def test_fifo_socket_and_dangling_link_in_a_class_folder_are_skipped_counted_and
         pytest.fail("fetch opened the FIFO and blocked on it")
     sock.close()
     assert "summary" in outcome, "fetch failed"
-    assert outcome["summary"]["domains"]["b"]["special_files"] == 3
+    assert outcome["summary"]["domains"]["b"]["special_files"] == 4
     b = report(tmp_path)["domains"]["b"]
-    assert b["special_files"] == 3 and b["corrupt"] == 0
+    assert b["special_files"] == 4 and b["corrupt"] == 0
     assert sorted((e["path"], e["kind"]) for e in b["special_examples"]) == [
         ("b/dog/dangling.png", "a dangling link"),
         ("b/dog/pipe.png", "a FIFO, not a regular file"),
         ("b/dog/sock.png", "a socket, not a regular file"),
+        ("b/dog/zero.png", "a device, not a regular file"),
     ]
     assert report(tmp_path)["domains"]["a"]["special_files"] == 0
     catalog = read_catalog(tmp_path / "data" / "raw" / "mine")

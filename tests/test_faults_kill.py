@@ -329,7 +329,11 @@ def test_killed_stage_run_is_failed_crashed_and_cleaned_by_the_next_run(built, h
     # What a stage killed in the middle of its writes leaves (the same calls, killed at a known point).
     killed_writer(root / "plots" / "head" / "confusion_source_test.png")
     killed_writer(root / "models" / "head", folder=True)
+    # And a checkpoint write (finetune saves one each epoch) killed the same way: checkpoints/ is no
+    # stage's output, but no other stage can be writing there while this one holds the project lock.
+    killed_writer(root / "checkpoints" / "finetune" / "last.pt")
     assert len(list(root.glob("plots/head/.*.tmp"))) == 1 and len(list(root.glob("models/.head.*.tmp"))) == 1
+    assert len(list(root.glob("checkpoints/finetune/.last.pt.*.tmp"))) == 1
 
     write_params(root, tiny_params)
     run_stage("head", root, home)
@@ -339,6 +343,38 @@ def test_killed_stage_run_is_failed_crashed_and_cleaned_by_the_next_run(built, h
     leftovers = [p for p in root.rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert leftovers == []
     assert json.loads((root / "metrics" / "head.json").read_text())
+
+
+def flow_runs_of(home: Path, pid: int) -> dict[str, str]:
+    """{flow name: state type} of the Prefect flow runs whose owner tag names `pid`."""
+    rows = query(home / "prefect.db", "select flow.name, flow_run.state_type, flow_run.tags from flow_run join flow on flow.id = flow_run.flow_id")
+    return {name: state for name, state, tags in rows if any(t.split(":")[-2:-1] == [str(pid)] for t in json.loads(tags or "[]"))}
+
+
+def test_a_killed_pipelines_flow_run_is_marked_crashed_by_the_next_pipeline(built, home, tmp_path, tiny_params):
+    """Before: `make pipeline` killed mid-way (SIGKILL) left its xfer-pipeline flow run RUNNING for ever;
+    only its stages' flow runs were marked by their next run."""
+    root = copy_project(built, tmp_path / "project", tiny_params)
+    command = [sys.executable, "-m", "flows.pipeline", "--root", str(root)]
+    proc = subprocess.Popen(command, cwd=REPO, env=stage_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: flow_runs_of(home, proc.pid).get("xfer-pipeline") == "RUNNING", 180, "the pipeline's flow run", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        proc.kill()
+    killed = flow_runs_of(home, proc.pid)
+    assert killed["xfer-pipeline"] == "RUNNING"
+
+    # The next pipeline marks them as it starts: the pipeline's own run at once, a stage run it had
+    # begun when that stage starts. Once it has, it is stopped too (the rest would take a minute).
+    again = subprocess.Popen(command, cwd=REPO, env=stage_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: set(flow_runs_of(home, proc.pid).values()) == {"CRASHED"}, 300, f"{sorted(killed)} marked CRASHED", again)
+    finally:
+        again.kill()
+        again.wait()
+    assert flow_runs_of(home, proc.pid) == dict.fromkeys(killed, "CRASHED")
 
 
 def test_killed_finetune_stage_takes_torchrun_and_its_workers_with_it(built, home, tmp_path, tiny_params):

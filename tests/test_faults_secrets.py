@@ -4,7 +4,7 @@ A password in XFER_TRACKING_URI goes to MLflow as basic auth, never into a
 printed line, a report or Prefect; a token in a dataset URL is refused in
 params.yaml (it would reach dvc.lock, MLflow and dataset.json) and is given
 instead by ~/.netrc ($NETRC) and XFER_DOWNLOAD_QUERY, used for the request
-only. The end-to-end test runs `dvc repro fetch` under a temporary Prefect
+only. The end-to-end test runs the whole `dvc repro` under a temporary Prefect
 server against a real `mlflow server` and a dataset server on 127.0.0.1, both
 behind a gate that refuses requests without the credentials, then greps every
 output for the secrets.
@@ -133,6 +133,16 @@ def test_the_tracking_uri_password_goes_to_mlflows_variables_not_the_uri_or_the_
     monkeypatch.setenv("XFER_TRACKING_URI", f"https://{TRACKING_PASSWORD}@mlflow.team")
     assert tracking.team_tracking_uri() == "https://mlflow.team"
     assert os.environ["MLFLOW_TRACKING_TOKEN"] == TRACKING_PASSWORD
+
+
+def test_the_report_links_to_xfer_mlflow_ui_without_its_login_or_a_token(monkeypatch):
+    """Before: XFER_MLFLOW_UI went into report.md and the Prefect artifact as given, login and all."""
+    from tasks import report
+
+    monkeypatch.setenv("XFER_MLFLOW_UI", f"https://carol:{TRACKING_PASSWORD}@mlflow.team/ui/?token={DATASET_TOKEN}")
+    page = report.markdown_report({}, None, "1", "abc", "def")
+    assert "https://mlflow.team/ui/?token=***/#/experiments/1/runs/abc" in page
+    assert TRACKING_PASSWORD not in page and DATASET_TOKEN not in page and "carol" not in page
 
 
 # -- the download path: credentials from ~/.netrc and the query, never in a message --
@@ -290,9 +300,12 @@ def mlflow_behind_a_gate(tmp_path_factory):
         server.stop()
 
 
-def test_secrets_reach_no_output_of_a_dvc_repro_fetch(tmp_path, mlflow_behind_a_gate):
+def test_secrets_reach_no_output_of_a_whole_dvc_repro(tmp_path, mlflow_behind_a_gate):
+    """Every stage, fetch to evaluate's registration and report, with a password in XFER_TRACKING_URI,
+    a login in XFER_MLFLOW_UI (the report's links), a netrc password and secret query values for
+    the dataset: none of them in stdout, stderr, the project, the MLflow server's files or Prefect's."""
     gate, server_dir = mlflow_behind_a_gate
-    image_folder(tmp_path / "src", {"a": 3, "b": 2}, wrapper="shop")
+    image_folder(tmp_path / "src", {"a": 10, "b": 8}, wrapper="shop")
     (tmp_path / "www").mkdir()
     zip_folder(tmp_path / "src", tmp_path / "www/shop.zip")
     project = tmp_path / "project"
@@ -305,20 +318,23 @@ def test_secrets_reach_no_output_of_a_dvc_repro_fetch(tmp_path, mlflow_behind_a_
         # Harmless query values may stay in params.yaml.
         url = f"{data_gate.url.replace('127.0.0.1', 'localhost')}/shop.zip?X-Amz-Date=20260101"
         data = {"dataset": url, "sha256": sha256_file(tmp_path / "www/shop.zip"), "name": "shop", "source_domain": "a", "target_domain": "b"}
-        params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], **data}}
+        params = {**TINY_PARAMS, "data": {**TINY_PARAMS["data"], **data, "split": {**TINY_PARAMS["data"]["split"], "target_shots": 1}}}
         env, dvc = make_repo(project, params, prefect_api="")
         env.pop("PREFECT_API_URL")
         env.update(
             PREFECT_HOME=str(home),
             NETRC=str(netrc),
             XFER_TRACKING_URI=f"{gate.url.replace('http://', f'http://alice:{TRACKING_PASSWORD}@')}",
+            XFER_MLFLOW_UI=f"http://carol:{TRACKING_PASSWORD}@mlflow.team:5000",
             XFER_DOWNLOAD_QUERY=f"token={DATASET_TOKEN}&X-Amz-Signature={DATASET_SIGNATURE}",
         )
         for leak in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
             env.pop(leak, None)
-        run = sh([sys.executable, "-m", "servers.temporary_prefect", dvc, "repro", "fetch"], project, env)
+        run = sh([sys.executable, "-m", "servers.temporary_prefect", dvc, "repro"], project, env)
         assert data_gate.seen == [("/shop.zip", True)], "the dataset came with the netrc login and the secret query"
-    assert (project / "data/raw/shop/images.csv").is_file() and (project / "dvc.lock").is_file()
+    for stage in ("fetch", "split", "features", "head", "finetune", "evaluate"):
+        assert f"Running stage '{stage}'" in run.stdout
+    assert (project / "data/raw/shop/images.csv").is_file() and (project / "metrics/eval.json").is_file()
     assert gate.seen and all(allowed for _, allowed in gate.seen), "every MLflow request carried the credentials"
     from mlflow.tracking import MlflowClient
 
@@ -326,6 +342,10 @@ def test_secrets_reach_no_output_of_a_dvc_repro_fetch(tmp_path, mlflow_behind_a_
     runs = MlflowClient(tracking_uri=upstream).search_runs([e.experiment_id for e in MlflowClient(tracking_uri=upstream).search_experiments()])
     fetch_run = next(r for r in runs if r.data.tags.get("xfer.stage") == "fetch")
     assert fetch_run.data.params["data.dataset"] == url and fetch_run.info.status == "FINISHED"
+    assert {r.data.tags.get("xfer.stage") for r in runs if r.info.status == "FINISHED"} >= {"fetch", "split", "features", "head", "finetune", "evaluate"}
+    # The report went to the server's artifacts, its links to the UI without the login.
+    [report] = [p for p in server_dir.rglob("report.md")]
+    assert "http://mlflow.team:5000/#/experiments/" in report.read_text()
     # MLflow printed its "View run" line: with the URI, not the password.
     assert f"View run fetch at: {gate.url}" in run.stdout + run.stderr
     for output in (run.stdout, run.stderr):

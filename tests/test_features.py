@@ -1,6 +1,8 @@
 import fcntl
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -8,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 
 from xfer import features as feats
@@ -522,3 +525,25 @@ def test_feature_fusion_needs_a_member():
     member = BackboneConfig(name="test_resnet", pretrained=False)
     assert FusionConfig(backbones=[member]).probability_members == [member]
     assert FusionConfig(backbones=[member], mode="features").probability_members == []
+
+
+def test_a_killed_writes_leftover_is_removed_when_its_key_is_computed_again(tmp_path, manifest):
+    """Before: `.<key>.<random>.tmp` of a write killed mid-way stayed in the cache until `xfer cache gc`."""
+    cache = tmp_path / "cache"
+    code = (
+        "import os, signal, sys\n"
+        "from xfer.io import atomic_dir\n"
+        "with atomic_dir(sys.argv[1]) as tmp:\n"
+        "    (tmp / 'features.npy').write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    for key in ("k", "other"):
+        proc = subprocess.run([sys.executable, "-c", code, str(cache / key)], cwd=REPO, capture_output=True, timeout=120)
+        assert proc.returncode == -9, proc.stderr
+    assert len(list(cache.glob(".k.*.tmp"))) == 1 and len(list(cache.glob(".other.*.tmp"))) == 1
+
+    entry, hit = feats.get_or_compute(cache, "k", lambda: np.ones((10, 2), np.float32), manifest, {})
+
+    assert not hit and feats.is_complete(entry)
+    # Its own key's leftover is gone; another key's is left to `xfer cache gc` (or that key's next computation).
+    assert list(cache.glob(".k.*")) == [] and len(list(cache.glob(".other.*.tmp"))) == 1

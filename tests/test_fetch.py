@@ -179,3 +179,52 @@ def test_a_registry_entry_without_published_digests_is_refused_before_any_downlo
     with pytest.raises(SourceError):
         fetch(tmp_path, cfg)
     assert not (tmp_path / "data" / "downloads").exists()
+
+
+def _staging_child(downloads: str, die: bool) -> None:
+    """A process inside a fetch's staging folder: SIGKILLed there (die) or alive until the test ends it."""
+    import os
+    import signal
+    import time
+
+    from xfer.data.fetch import STAGING_PREFIX
+    from xfer.procs import owned_tempdir
+
+    with owned_tempdir(downloads, STAGING_PREFIX) as staging:
+        (staging / "tree").mkdir()
+        (staging / "tree" / "half.png").write_bytes(b"half")
+        if die:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)
+
+
+def test_a_killed_fetchs_staging_folder_is_removed_by_the_next_fetch_and_a_live_ones_kept(tmp_path):
+    """Before: a fetch killed mid-way left data/downloads/.staging-* for ever (SIGKILL runs no cleanup)."""
+    import multiprocessing as mp
+    import time
+
+    downloads = tmp_path / "data" / "downloads"
+    ctx = mp.get_context("fork")
+    dead = ctx.Process(target=_staging_child, args=(str(downloads), True))
+    dead.start()
+    dead.join(timeout=60)
+    assert dead.exitcode == -9
+    live = ctx.Process(target=_staging_child, args=(str(downloads), False))
+    live.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(downloads.glob(".staging-*/tree/half.png"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = sorted(p.name for p in downloads.glob(".staging-*"))
+        assert len(left) == 2, left
+        live_one = next(n for n in left if f"-{live.pid}-" in n)
+        (downloads / ".staging-tmpabc123").mkdir()  # another naming (an older xfer's): not ours to judge
+
+        image_folder(tmp_path / "mine", {"a": 3, "b": 2})
+        fetch(tmp_path, data_cfg("./mine"))
+
+        assert sorted(p.name for p in downloads.iterdir() if p.name.startswith(".staging-")) == sorted([live_one, ".staging-tmpabc123"])
+        assert (downloads / live_one / "tree" / "half.png").read_bytes() == b"half"
+    finally:
+        live.kill()
+        live.join(timeout=30)

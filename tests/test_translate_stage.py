@@ -2,10 +2,14 @@
 
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import REPO
 from PIL import Image
 
 from xfer.config import parse_params
@@ -119,3 +123,18 @@ def test_translated_source_images_need_the_stage_on_and_no_importance_weights():
         parse_params({"translate": {"enabled": True}, "finetune": {"source_images": "translated", "importance_weighting": True}})
     with pytest.raises(ValueError, match="multiple of 4"):
         parse_params({"translate": {"image_size": 18}})
+
+
+def test_what_a_killed_entry_write_left_is_removed_by_the_next_run_of_its_key(tmp_path):
+    """Before: `.<key>.<random>.tmp` of an entry write killed mid-way stayed in data/translate-cache for ever."""
+    layout = project(tmp_path)
+    key = run(layout, params(epochs=1)).key
+    shutil.rmtree(layout.translate_cache / key)  # as if the run had been killed while writing its entry
+    code = "import os, signal, sys\nfrom xfer.io import atomic_dir\nwith atomic_dir(sys.argv[1]) as tmp:\n    (tmp / 'meta.json').write_text('{')\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    proc = subprocess.run([sys.executable, "-c", code, str(layout.translate_cache / key)], cwd=REPO, capture_output=True, timeout=120)
+    assert proc.returncode == -9 and len(list(layout.translate_cache.glob(f".{key}.*.tmp"))) == 1
+
+    again = run(layout, params(epochs=1))
+
+    assert again.key == key and not again.cache_hit
+    assert list(layout.translate_cache.glob(f".{key}.*")) == [] and (layout.translate_cache / key / "meta.json").is_file()

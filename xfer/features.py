@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from xfer.data.images import ImageRows, Preprocessing
-from xfer.io import atomic_dir, link_or_copy, naming_no_space, save_with, sha256_file, sha256_json, write_json
+from xfer.io import atomic_dir, link_or_copy, naming_no_space, remove_leftovers, save_with, sha256_file, sha256_json, write_json
 
 FEATURES_FILE = "features.npy"
 INDEX_FILE = "index.csv"
@@ -333,6 +333,9 @@ def get_or_compute(
     if is_complete(entry) and entry_problem(entry) is None:
         return entry, True
     with key_lock(cache_root, key):
+        # What a write of this key killed mid-way left beside the entry; the lock says no one writes it now.
+        for leftover in remove_leftovers([entry]):
+            log.warning("features %s: removed %s, left by a write that was killed", key, leftover)
         if entry.exists():
             problem = entry_problem(entry)
             if problem is None:

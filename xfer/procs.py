@@ -13,12 +13,17 @@ for the one that was recorded.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import re
+import shutil
 import signal
 import socket
 import sys
-from typing import Callable
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
 
 PR_SET_PDEATHSIG = 1
 # "<pid>:<start time>" of the stage process that started a job, for its workers.
@@ -106,3 +111,39 @@ def check_owner(what: str = "write") -> None:
     pid, _, start = value.partition(":")
     if is_dead(socket.gethostname(), pid, start):
         raise OwnerGone(f"the stage process {pid} that started this job has died: not going to {what}")
+
+
+# `<prefix><host>-<pid>-<start>-<8 random>`: a temporary folder that names the process using it.
+_OWNED = re.compile(r"^(?P<host>.+)-(?P<pid>\d+)-(?P<start>\d*)-[a-z0-9_]{8}$")
+
+
+@contextlib.contextmanager
+def owned_tempdir(parent: str | Path, prefix: str) -> Iterator[Path]:
+    """A temporary folder in `parent` whose name records this process; removed when the block ends.
+
+    A process killed inside the block (SIGKILL runs no cleanup) leaves the folder
+    behind: remove_orphaned_tempdirs(parent, prefix) removes it on the next run,
+    and never the folder of a process that still lives.
+    """
+    me = process_identity()
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{me['host']}-{me['pid']}-{me['start']}-", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_orphaned_tempdirs(parent: str | Path, prefix: str) -> list[Path]:
+    """Remove the owned_tempdir folders in `parent` whose process has died (is_dead); return them.
+
+    A folder named otherwise (an older xfer's, another host's) is left alone.
+    """
+    removed = []
+    for path in sorted(Path(parent).glob(f"{prefix}*")) if Path(parent).is_dir() else []:
+        owner = _OWNED.match(path.name[len(prefix) :])
+        if owner and path.is_dir() and not path.is_symlink() and is_dead(owner["host"], owner["pid"], owner["start"]):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

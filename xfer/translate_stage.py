@@ -30,6 +30,7 @@ checkpoint goes only once the entry is written.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,10 +43,12 @@ import torch
 from xfer.checkpoints import remove_checkpoint
 from xfer.config import Params, TranslateConfig
 from xfer.data.split import read_manifest, rows
-from xfer.io import atomic_dir, link_or_copy, save_torch, sha256_json, write_json, write_text
+from xfer.io import atomic_dir, link_or_copy, remove_leftovers, save_torch, sha256_json, write_json, write_text
 from xfer.layout import Layout
 from xfer.plots import save_figure, save_learning_curves, translation_grid_figure
 from xfer.translate import LOSSES, load_images, to_uint8, train_translator, write_translated
+
+log = logging.getLogger(__name__)
 
 # Bumped when an entry's files change meaning: an older entry is then never taken for a new one.
 ENTRY_FORMAT = 1
@@ -220,6 +223,9 @@ def translate_stage(
     seen: list[int] = []
     cache_hit = (entry / META_FILE).is_file()
     if not cache_hit:
+        # What a run killed while writing this entry left beside it (the project lock: no other writer).
+        for leftover in remove_leftovers([entry]):
+            log.warning("translate %s: removed %s, left by a write that was killed", key, leftover)
         size = cfg.image_size
         source_images = load_images(images_root, source.path.tolist(), size, progress=progress)
         target_images = load_images(images_root, target.path.tolist(), size, progress=progress)

@@ -13,9 +13,9 @@ as it was, and no partial folder.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,8 +29,13 @@ from xfer.data.normalise import check_classes, find_domains, list_domain, place,
 from xfer.data.sources import Archive, DatasetSource, check_source, local_path, resolve_source
 from xfer.data.validate import CATALOG, CATALOG_COLUMNS, check_corrupt_fraction, inspect_images, validation_report
 from xfer.io import atomic_dir, write_json
+from xfer.procs import owned_tempdir, remove_orphaned_tempdirs
+
+log = logging.getLogger(__name__)
 
 REPORT = "validation.json"
+# data/downloads/<prefix><host>-<pid>-<start>-<random>: a fetch's staging folder (xfer.procs.owned_tempdir).
+STAGING_PREFIX = ".staging-"
 SUMMARY = "dataset.json"
 
 
@@ -46,9 +51,12 @@ def fetch_dataset(cfg: DataConfig, raw_root: Path, downloads: Path, root: Path =
     raw_root, downloads = Path(raw_root), Path(downloads)
     dest = raw_root / source.name
     downloads.mkdir(parents=True, exist_ok=True)
+    # A fetch killed mid-way (SIGKILL runs no cleanup) left its staging folder: the next one removes it.
+    for orphan in remove_orphaned_tempdirs(downloads, STAGING_PREFIX):
+        log.warning("removed %s, the staging folder of a fetch that was killed", orphan)
     # Staging beside the downloads (same filesystem: unpacked files are moved, not copied).
-    with tempfile.TemporaryDirectory(prefix=".staging-", dir=downloads) as staging, atomic_dir(dest) as out:
-        tree, owned = materialise(source, cfg, root, downloads, Path(staging), progress, download_query)
+    with owned_tempdir(downloads, STAGING_PREFIX) as staging, atomic_dir(dest) as out:
+        tree, owned = materialise(source, cfg, root, downloads, staging, progress, download_query)
         summary = normalise_and_validate(tree, source, cfg, out, move=owned, progress=progress)
         summary["source"] = source.describe()
         write_json(out / SUMMARY, summary)
