@@ -5,6 +5,7 @@
     xfer pipeline [--root .]              run the whole chain as one Prefect flow
     xfer summary [metrics/eval.json]      the evaluation as a small table
     xfer predict <images or folders>...   predictions of a registered model (default @champion)
+    xfer monitor <images, folders or CSV>  drift of new images from the model's target domain
     xfer suggest-labels N [--root .]      the N unlabelled target images worth labelling, to a CSV
     xfer rank [--root .]                  score candidate backbones before training; recommend one
     xfer cache list|gc [--root .]         the feature cache's entries; remove those no output holds
@@ -20,7 +21,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from cli import predict, rank, suggest
+from cli import monitor, predict, rank, suggest
 
 # The stage table imports nothing but the standard library: `--help` stays quick.
 from xfer.contract import ALL_STAGE_NAMES
@@ -183,6 +184,15 @@ def build_parser() -> Parser:
     )
     predict.add_arguments(predict_parser)
     predict_parser.set_defaults(run=predict.run)
+
+    monitor_parser = commands.add_parser(
+        "monitor",
+        help="drift: do new images still come from the registered model's target domain?",
+        description=monitor.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    monitor.add_arguments(monitor_parser)
+    monitor_parser.set_defaults(run=monitor.run)
 
     suggest_parser = commands.add_parser(
         "suggest-labels",

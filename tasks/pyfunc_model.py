@@ -18,7 +18,9 @@ class ImageClassifier(PythonModel):
     def load_context(self, context):
         from xfer.predictor import load_bundle
 
-        self.predictor = load_bundle(context.artifacts["bundle"])
+        # The folder too: `xfer monitor` reads the reference window saved in it (xfer/monitor.py).
+        self.bundle_dir = context.artifacts["bundle"]
+        self.predictor = load_bundle(self.bundle_dir)
 
     # No type hints: the logged signature states the served input (paths); called
     # directly, paths, arrays and frames are all welcome (xfer.predictor.as_image_list).

@@ -26,10 +26,12 @@ import xfer
 from tasks.promotion import BY_TARGET_LABELS, BY_VALIDATOR, CHALLENGER, CHAMPION, Promotion, champion_figure, decide, promote  # noqa: F401  (this module's API too)
 from xfer.backbones import create_backbone
 from xfer.config import PROMOTION_VALIDATORS, BackboneConfig, Params, member_name
+from xfer.data.split import read_manifest
 from xfer.features import FeatureSet, load_member
 from xfer.heads import MEMBERS_DIR, load_head
 from xfer.layout import Layout
-from xfer.predictor import CLASS_COLUMN, DEFAULT_BATCH_SIZE, PROBABILITY_COLUMN, FinetunePart, HeadPart, bundle_class_names, write_bundle
+from xfer.monitor import write_reference
+from xfer.predictor import CLASS_COLUMN, DEFAULT_BATCH_SIZE, PROBABILITY_COLUMN, FinetunePart, HeadPart, bundle_class_names, load_bundle, write_bundle
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 XFER_PACKAGE = Path(xfer.__file__).parent
@@ -83,10 +85,13 @@ def served_signature(class_names: list[str]) -> ModelSignature:
 
 
 def log_servable_model(layout: Layout, params: Params, features: FeatureSet) -> mlflow.models.model.ModelInfo:
-    """The registry.model as an MLflow pyfunc model in the active run: image paths in, probabilities out."""
+    """The registry.model as an MLflow pyfunc model in the active run: image paths in, probabilities out,
+    with its reference window for drift monitoring (xfer/monitor.py)."""
     parts = servable_parts(layout, params, features)
     with tempfile.TemporaryDirectory(prefix="xfer-bundle-") as tmp:
         bundle = write_bundle(Path(tmp) / "bundle", params.registry.model, parts)
+        # What `xfer monitor` compares new images with: the model's view of its target domain.
+        write_reference(bundle, load_bundle(bundle), layout.root, read_manifest(layout.manifest), params.monitor, params.seed)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),

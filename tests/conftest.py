@@ -24,7 +24,7 @@ from helpers import TINY_PARAMS, write_params  # noqa: E402
 # no pipeline and no server (tests/test_contract.py checks that these modules import
 # nothing from tasks/, flows/, prefect or mlflow).
 CORE_TEST_MODULES = {
-    "test_adapt", "test_archives", "test_augment", "test_backbones", "test_config", "test_diagnostics",
+    "test_adapt", "test_archives", "test_augment", "test_backbones", "test_config", "test_diagnostics", "test_drift",
     "test_digits", "test_download", "test_features", "test_fetch", "test_finetune", "test_heads", "test_io",
     "test_hub_weights", "test_importance", "test_metrics", "test_split", "test_suggest", "test_torchvision_sets", "test_transferability", "test_translate", "test_translate_stage",
 }  # fmt: skip

@@ -20,6 +20,7 @@ HELP = {
     "pipeline": ["usage: xfer pipeline", "--root"],
     "summary": ["usage: xfer summary", "EVAL_JSON"],
     "predict": ["usage: xfer predict", "IMAGE_OR_FOLDER", "--model", "--out", "--tracking-uri", "--batch-size"],
+    "monitor": ["usage: xfer monitor", "IMAGES", "--model", "--out", "`path`", "reference window", "monitor"],
     "suggest-labels": ["usage: xfer suggest-labels", "N", "--root", "--out", "--seed", "--force", "data.split.target_labels"],
     "rank": ["usage: xfer rank", "--root", "--seed", "LogME", "rank.backbones"],
     "cache": ["usage: xfer cache", "{list,gc}"],
@@ -77,11 +78,12 @@ def test_no_command_prints_usage_and_exits_2():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["nope"], "invalid choice: 'nope' (choose from 'validate', 'stage', 'pipeline', 'summary', 'predict', 'suggest-labels', 'rank', 'cache')"),
+        (["nope"], "invalid choice: 'nope' (choose from 'validate', 'stage', 'pipeline', 'summary', 'predict', 'monitor', 'suggest-labels', 'rank', 'cache')"),
         (["stage", "fech"], "invalid choice: 'fech' (choose from 'fetch', 'split', 'features', 'head', 'finetune', 'evaluate', 'rank', 'translate')"),
         (["stage"], "the following arguments are required: STAGE"),
         (["predict"], "the following arguments are required: IMAGE_OR_FOLDER"),
         (["predict", "a.png", "--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+        (["monitor"], "the following arguments are required: IMAGES"),
         (["suggest-labels"], "the following arguments are required: N"),
         (["suggest-labels", "three"], "argument N: invalid int value: 'three'"),
         (["summary", "a.json", "b.json"], "unrecognized arguments: b.json"),

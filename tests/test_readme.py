@@ -65,6 +65,7 @@ def test_a_default_run_reproduces_the_committed_one(tmp_path):
         "finetune",
         "finetune_throughput",
         "faults",
+        "drift",
     ],
 )
 def test_readme_benchmark_tables_are_the_ones_the_scripts_wrote(name):

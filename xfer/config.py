@@ -595,6 +595,17 @@ class RegistryConfig(_Strict):
         return metric
 
 
+class MonitorConfig(_Strict):
+    """Drift in a served model's new images (`xfer monitor`, xfer/monitor.py)."""
+
+    # Significance of the drift verdict; each of the three tests (xfer/drift/) is held to alpha / 3.
+    alpha: float = Field(0.05, gt=0, lt=1)
+    # Retraining is wanted when drift is significant and the estimated accuracy is below target val's by more than this.
+    max_drop: float = Field(0.1, ge=0, le=1)
+    # Target val images evaluate keeps as the registered model's reference window (seeded sample; their labels unread).
+    reference_rows: int = Field(500, ge=5, le=100_000)
+
+
 class Params(_Strict):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     data: DataConfig = DataConfig()
@@ -608,6 +619,7 @@ class Params(_Strict):
     fusion: FusionConfig = FusionConfig()
     rank: RankConfig = RankConfig()
     translate: TranslateConfig = TranslateConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @model_validator(mode="after")
     def _finetune_cv_has_folds(self) -> "Params":

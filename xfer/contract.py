@@ -180,7 +180,8 @@ STAGES: dict[str, Stage] = {
             "evaluate",
             # The frozen backbone travels in the registered model with the head. The seed deals
             # the cross-validation folds; with finetune.cv the fine-tuning recipe runs once per fold.
-            params=("seed", "evaluate", "backbone", "registry", "fusion", "finetune"),
+            # The registered model carries its reference window for `xfer monitor` (xfer/monitor.py).
+            params=("seed", "evaluate", "backbone", "registry", "fusion", "finetune", "monitor.reference_rows"),
             # The fine-tuned network predicts from the images themselves. The head's pick: what
             # finetune.method auto is in the cross-validated recipe.
             deps=(FEATURES, MEMBER_FEATURES, "models/head", "models/finetune", HEAD_PICK, MANIFEST, "data/raw"),

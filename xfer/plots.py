@@ -296,3 +296,42 @@ def rank_figure(rows: list[dict], scores: Sequence[str], recommended: str):
     fig.suptitle(f"transferability before training (higher is better); recommended: {recommended}")
     fig.tight_layout()
     return fig
+
+
+def drift_projection_figure(reference: np.ndarray, new: np.ndarray, title: str):
+    """Reference and new features on the reference window's first two principal components."""
+    center = reference.mean(0)
+    # The reference's own axes: a shift shows as new points leaving its cloud.
+    _, _, vt = np.linalg.svd(reference - center, full_matrices=False)
+    axes2 = vt[:2].T
+    ref2, new2 = (reference - center) @ axes2, (new - center) @ axes2
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    ax.scatter(ref2[:, 0], ref2[:, 1], s=8, alpha=0.4, label=f"reference ({len(reference)})")
+    ax.scatter(new2[:, 0], new2[:, 1], s=10, alpha=0.7, marker="x", label=f"new ({len(new)})")
+    ax.set_xlabel("reference PC 1")
+    ax.set_ylabel("reference PC 2")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def drift_history_figure(rows: Sequence[dict], tests: Sequence[str], alpha_per_test: float):
+    """Each drift test's p-value (log scale, with its level) and the estimated accuracy, run after run."""
+    runs = np.arange(1, len(rows) + 1)
+    fig, (p_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for test in tests:
+        p_ax.plot(runs, [max(float(row[f"{test}_p_value"]), 1e-6) for row in rows], marker="o", markersize=3, label=test)
+    p_ax.axhline(alpha_per_test, color="grey", linestyle="--", linewidth=1, label=f"level {alpha_per_test:.3g}")
+    p_ax.set_yscale("log")
+    p_ax.set_ylabel("p-value")
+    acc_ax.plot(runs, [float(row["accuracy_estimate"]) for row in rows], marker="o", markersize=3, label="estimated (ATC)")
+    acc_ax.plot(runs, [float(row["accuracy_target_val"]) for row in rows], linestyle="--", label="target val")
+    acc_ax.set_ylim(0, 1.02)
+    acc_ax.set_ylabel("accuracy")
+    for ax in (p_ax, acc_ax):
+        ax.set_xlabel("monitor run")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -99,8 +99,17 @@ def write_bundle(out_dir: Path, model: str, parts: Sequence[HeadPart | FinetuneP
 
 @dataclass(frozen=True)
 class Member:
+    """One model of a bundle: images -> its backbone's pooled features -> class probabilities.
+
+    The features are also what drift is measured on (xfer/monitor.py).
+    """
+
     prep: Preprocessing
-    probabilities: Callable[[torch.Tensor], torch.Tensor]
+    features: Callable[[torch.Tensor], torch.Tensor]
+    classify: Callable[[torch.Tensor], torch.Tensor]
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(x))
 
 
 @dataclass
@@ -112,13 +121,32 @@ class Predictor:
     @torch.inference_mode()
     def predict_proba(self, images: Sequence[Any], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """(N, classes) probabilities, in input order: the mean over the members."""
-        out = []
+        return self.predict_with_features(images, batch_size, features=False)[1]
+
+    @torch.inference_mode()
+    def predict_with_features(
+        self, images: Sequence[Any], batch_size: int = DEFAULT_BATCH_SIZE, features: bool = True, on_batch: Callable[[int], None] | None = None
+    ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(first member's backbone features (N, dim) or None, probabilities (N, classes)), in input order.
+
+        The features are the first member's: the head's frozen backbone, or the
+        fine-tuned network's own backbone when that is the model.
+        """
+        probs_out, feats_out = [], []
         for start in range(0, len(images), batch_size):
             batch = [as_pil(img) for img in images[start : start + batch_size]]
             # Each member sees the images at its own size and normalisation.
-            probs = [m.probabilities(torch.stack([to_tensor(img, m.prep) for img in batch])).float().numpy() for m in self.members]
-            out.append(fuse_probabilities(probs) if len(probs) > 1 else probs[0])
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+            tensors = [torch.stack([to_tensor(img, m.prep) for img in batch]) for m in self.members]
+            pooled = [m.features(x) for m, x in zip(self.members, tensors)]
+            probs = [m.classify(f).float().numpy() for m, f in zip(self.members, pooled)]
+            probs_out.append(fuse_probabilities(probs) if len(probs) > 1 else probs[0])
+            if features:
+                feats_out.append(pooled[0].float().numpy())
+            if on_batch is not None:
+                on_batch(len(batch))
+        if not probs_out:
+            return (np.zeros((0, 0), np.float32) if features else None), np.zeros((0, len(self.class_names)), np.float32)
+        return (np.concatenate(feats_out) if features else None), np.concatenate(probs_out)
 
     def frame(self, probabilities: np.ndarray) -> pd.DataFrame:
         """Predicted class, its probability, and one column per class."""
@@ -172,13 +200,13 @@ def _as_prep(p: dict) -> Preprocessing:
 def _load_member(folder: Path, info: dict) -> Member:
     if info["kind"] == "finetune":
         classifier, _ = load_classifier(folder)
-        return Member(_as_prep(info["preprocessing"]), lambda x: torch.softmax(classifier(x).float(), 1))
+        return Member(_as_prep(info["preprocessing"]), classifier.backbone, lambda f: torch.softmax(classifier.head(f).float(), 1))
     head, _ = load_head(folder)
     frozen = timm.create_model(info["backbone"], pretrained=False, num_classes=0)
     frozen.load_state_dict(torch.load(folder / FROZEN_BACKBONE_FILE, map_location="cpu", weights_only=True))
     frozen.eval()
     # The head was trained on target-domain features: normalise them as evaluate does.
-    return Member(_as_prep(info["preprocessing"]), lambda x: torch.softmax(head(frozen(x).float(), "target"), 1))
+    return Member(_as_prep(info["preprocessing"]), frozen, lambda f: torch.softmax(head(f.float(), "target"), 1))
 
 
 def bundle_info(bundle_dir: Path) -> dict:

@@ -1,0 +1,157 @@
+"""`xfer monitor`: do new images still come from the target domain the registered model was adapted to?
+
+The images (files, folders searched recursively, or a CSV whose `path`
+column lists them) are embedded by the model itself (default
+`models:/<registry.name>@champion`, from the store `xfer predict` reads) and
+compared with the reference window saved in the model when evaluate
+registered it: a kernel MMD test and a domain-classifier test on its
+features, per-class KS tests on its predictions (xfer/drift/), and its
+accuracy on them estimated without labels (ATC, calibrated on target val).
+Thresholds: params.yaml's `monitor` section. Writes, each file whole, into
+--out (default <root>/monitor): report.json, history.csv (one row per run),
+projection.png (reference and new images on the reference's first two
+principal components) and history.png (each test's p-value and the estimated
+accuracy, run after run), and logs them to an MLflow run of kind `monitor`.
+Bad input (a missing path, no images, an unreadable image, a model without a
+reference window) is refused before anything is written, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cli.predict import default_model_uri, load_model, max_image_pixels
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="IMAGES", help="image files, folders of images, or a CSV with a `path` column")
+    parser.add_argument("--model", help="MLflow model URI (default: models:/<registry.name>@champion)")
+    parser.add_argument("--out", help="folder for the report, history and plots (default: <root>/monitor)")
+    parser.add_argument("--root", default=".", help="project root holding params.yaml and mlflow.db (default: .)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow store holding the model (default: $XFER_TRACKING_URI if set, else the project's, sqlite:///<root>/mlflow.db)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+
+
+def listed_images(inputs: list[str], skipped: list) -> list[Path]:
+    """The image paths named by `inputs`: a CSV's `path` column (relative to the CSV's folder), else files and folders."""
+    import pandas as pd
+
+    from xfer.predictor import PredictorError, image_files
+
+    paths: list[str | Path] = []
+    for item in inputs:
+        if item.lower().endswith(".csv"):
+            if not Path(item).is_file():
+                raise PredictorError(f"{item}: no such file")
+            frame = pd.read_csv(item, dtype=str, keep_default_na=False)
+            if "path" not in frame.columns:
+                raise PredictorError(f"{item}: a CSV of images needs a `path` column; it has {list(frame.columns)}")
+            paths += [Path(item).parent / p for p in frame["path"]]
+        else:
+            paths.append(item)
+    return image_files(paths, skipped)
+
+
+def run(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from tqdm import tqdm
+
+    from tasks.tracking import TrackingURIError, tracking_uri, without_credentials
+    from xfer.config import ConfigError, Params, load_params
+    from xfer.data.formats import set_max_image_pixels
+    from xfer.data.images import ImageReadError
+    from xfer.drift import DriftError
+    from xfer.layout import Layout
+    from xfer.monitor import MonitorError, monitor_images, read_reference, summary_line, write_outputs
+    from xfer.predictor import PredictorError
+    from xfer.redact import redact
+
+    layout = Layout(Path(args.root))
+    try:
+        if args.batch_size < 1:
+            raise PredictorError(f"--batch-size {args.batch_size}: must be at least 1")
+        params = load_params(layout.params) if layout.params.is_file() else Params()
+        skipped: list = []
+        paths = listed_images(args.inputs, skipped)
+        uri = args.model or default_model_uri(layout)
+        store = without_credentials(args.tracking_uri) if args.tracking_uri else tracking_uri(layout)
+        set_max_image_pixels(max_image_pixels(layout))
+    except (PredictorError, ConfigError, TrackingURIError) as err:
+        print(f"xfer monitor: {err}", file=sys.stderr)
+        return 2
+    if skipped:
+        listed = ", ".join(f"{p} ({kind})" for p, kind in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(f"xfer monitor: skipped {len(skipped)} file(s) that are not regular files, never opened: {listed}", file=sys.stderr)
+    try:
+        model = load_model(uri, store).unwrap_python_model()
+    except Exception as err:  # MLflow raises several types for a missing model or alias
+        print(redact(f"xfer monitor: cannot load model {uri}: {err}"), file=sys.stderr)
+        return 2
+    try:
+        bundle = getattr(model, "bundle_dir", None)
+        if bundle is None:
+            raise MonitorError(f"{uri} is not a model xfer registered with a reference window; run the evaluate stage again")
+        reference = read_reference(Path(bundle))
+        with tqdm(total=len(paths), desc="monitor", unit="img") as bar:
+            report, new = monitor_images(model.predictor, reference, paths, params.monitor, params.seed, args.batch_size, on_batch=bar.update)
+    except (MonitorError, DriftError, ImageReadError, PredictorError) as err:
+        print(f"xfer monitor: {err}{newer_version_hint(uri, err)}; nothing written", file=sys.stderr)
+        return 2
+    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    out = Path(args.out) if args.out else layout.root / "monitor"
+    written = write_outputs(out, report, reference, new, when, uri)
+    log_to_mlflow(layout, without_credentials(args.tracking_uri) if args.tracking_uri else None, params.mlflow.experiment, report, written, uri)
+    print(summary_line(report))
+    print(f"report: {written['report']}")
+    return 0
+
+
+def newer_version_hint(uri: str, err: Exception) -> str:
+    """For a registered model without a reference window: the latest version of its name, which may have one.
+
+    A model registered before reference windows existed stays @champion after
+    evaluate runs again if the new version only ties it on target val.
+    """
+    if "no reference window" not in str(err) or not uri.startswith("models:/"):
+        return ""
+    from mlflow.tracking import MlflowClient
+
+    name = uri.removeprefix("models:/").split("@")[0].split("/")[0]
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    except Exception:  # noqa: BLE001  (a hint only: the error above stands without it)
+        return ""
+    latest = max((int(v.version) for v in versions), default=None)
+    return f" (or, if a tie kept an older champion, name a newer version: --model models:/{name}/{latest})" if latest else ""
+
+
+def log_to_mlflow(layout, store: str | None, experiment: str, report: dict, written: dict, uri: str) -> str:
+    """An MLflow run of kind `monitor` in the project's experiment (or --tracking-uri's): the figures, the verdict and the files."""
+    import mlflow
+
+    from tasks.tracking import TAG_KIND, use_store
+
+    if store is None:
+        experiment_id = use_store(layout, experiment)
+    else:
+        mlflow.set_tracking_uri(store)
+        experiment_id = mlflow.set_experiment(experiment).experiment_id
+    tags = {
+        TAG_KIND: "monitor",
+        "monitor.model": uri,
+        "monitor.drift": str(report["drift"]).lower(),
+        "monitor.retrain_wanted": str(report["retrain_wanted"]).lower(),
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name="monitor", tags=tags) as run:
+        metrics = {f"{name}.p_value": t["p_value"] for name, t in report["tests"].items()}
+        metrics |= {f"{name}.statistic": t["statistic"] for name, t in report["tests"].items()}
+        metrics |= {"images": report["images"], "accuracy.estimate": report["accuracy"]["estimate"], "accuracy.drop": report["accuracy"]["drop"]}
+        mlflow.log_metrics(metrics)
+        for path in written.values():
+            mlflow.log_artifact(str(path))
+        return run.info.run_id
