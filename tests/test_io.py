@@ -45,3 +45,18 @@ def test_saved_weights_are_byte_identical_and_load_back(tmp_path):
     assert a.read_bytes() == b.read_bytes()
     assert torch.equal(torch.load(a, weights_only=True)["w"], state["w"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]
+
+
+def test_a_full_disk_is_named_with_the_path_and_what_it_needed():
+    """/dev/full answers every write with ENOSPC, as a full file system does (the file-size limit,
+    EFBIG, is tested on a real stage in test_faults_nan.py)."""
+    import errno
+
+    from xfer.io import NoSpaceError, naming_no_space
+
+    with pytest.raises(NoSpaceError) as caught:
+        with naming_no_space("/dev/full", size=4096):
+            with open("/dev/full", "wb", buffering=0) as f:
+                f.write(b"x" * 4096)
+    assert caught.value.errno == errno.ENOSPC
+    assert "no room to write /dev/full: it needs 4,096 bytes" in str(caught.value) and "ENOSPC" in str(caught.value)
