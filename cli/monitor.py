@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bundle = getattr(model, "bundle_dir", None)
         if bundle is None:
-            raise MonitorError(f"{uri} is not a model xfer registered with a reference window; run the evaluate stage again")
+            raise MonitorError(f"{uri} has no reference window (it was registered before xfer saved one, or not by xfer); run the evaluate stage again")
         reference = read_reference(Path(bundle))
         with tqdm(total=len(paths), desc="monitor", unit="img") as bar:
             report, new = monitor_images(model.predictor, reference, paths, params.monitor, params.seed, args.batch_size, on_batch=bar.update)

@@ -214,7 +214,7 @@ def write_outputs(out_dir: Path, report: dict, reference: Reference, new: Window
         "history": write_rows_csv(history_path, rows_so_far),
         "projection": save_figure(
             out_dir / PROJECTION_PLOT,
-            drift_projection_figure(reference.window.features, new.features, f"{model}: reference window vs {len(new)} new images, {when}"),
+            drift_projection_figure(reference.window.features, new.features, f"{model}\nreference window vs {len(new)} new images, {when}"),
         ),
         "history_plot": save_figure(out_dir / HISTORY_PLOT, drift_history_figure(rows_so_far, list(report["tests"]), report["alpha_per_test"])),
     }
