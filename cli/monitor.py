@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli.predict import default_model_uri, load_model, max_image_pixels
+from cli.predict import InputError, load_or_say, resolve_inputs, say_skipped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,37 +61,25 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from tasks.tracking import TrackingURIError, tracking_uri, without_credentials
+    from tasks.tracking import without_credentials
     from xfer.config import ConfigError, Params, load_params
-    from xfer.data.formats import set_max_image_pixels
     from xfer.data.images import ImageReadError
     from xfer.drift import DriftError
     from xfer.layout import Layout
     from xfer.monitor import MonitorError, monitor_images, read_reference, summary_line, write_outputs
     from xfer.predictor import PredictorError
-    from xfer.redact import redact
 
     layout = Layout(Path(args.root))
     try:
-        if args.batch_size < 1:
-            raise PredictorError(f"--batch-size {args.batch_size}: must be at least 1")
         params = load_params(layout.params) if layout.params.is_file() else Params()
-        skipped: list = []
-        paths = listed_images(args.inputs, skipped)
-        uri = args.model or default_model_uri(layout)
-        store = without_credentials(args.tracking_uri) if args.tracking_uri else tracking_uri(layout)
-        set_max_image_pixels(max_image_pixels(layout))
-    except (PredictorError, ConfigError, TrackingURIError) as err:
+        paths, skipped, uri, store = resolve_inputs(args, layout, listed_images)
+    except (InputError, ConfigError, PredictorError) as err:
         print(f"xfer monitor: {err}", file=sys.stderr)
         return 2
-    if skipped:
-        listed = ", ".join(f"{p} ({kind})" for p, kind in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        print(f"xfer monitor: skipped {len(skipped)} file(s) that are not regular files, never opened: {listed}", file=sys.stderr)
-    try:
-        model = load_model(uri, store).unwrap_python_model()
-    except Exception as err:  # MLflow raises several types for a missing model or alias
-        print(redact(f"xfer monitor: cannot load model {uri}: {err}"), file=sys.stderr)
+    say_skipped("monitor", skipped)
+    if (loaded := load_or_say("monitor", uri, store)) is None:
         return 2
+    model = loaded.unwrap_python_model()
     try:
         bundle = getattr(model, "bundle_dir", None)
         if bundle is None:

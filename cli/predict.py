@@ -72,37 +72,63 @@ def predict_files(model, paths: list[Path], batch_size: int, progress: bool = Tr
     return frame
 
 
-def run(args: argparse.Namespace) -> int:
+class InputError(ValueError):
+    """Bad arguments, images or store, found before any model is loaded."""
+
+
+def resolve_inputs(args: argparse.Namespace, layout: Layout, list_images) -> tuple[list[Path], list, str, str]:
+    """(the images `list_images(args.inputs, skipped)` finds, the special files it skipped, the model URI, the store).
+
+    Shared by `xfer predict` and `xfer monitor`; InputError names the problem.
+    """
     from tasks.tracking import TrackingURIError, tracking_uri, without_credentials
     from xfer.config import ConfigError
     from xfer.data.formats import set_max_image_pixels
-    from xfer.data.images import ImageReadError
-    from xfer.io import write_text
-    from xfer.layout import Layout
-    from xfer.predictor import PredictorError, image_files
-
-    layout = Layout(Path(args.root))
+    from xfer.predictor import PredictorError
 
     try:
         if args.batch_size < 1:
             raise PredictorError(f"--batch-size {args.batch_size}: must be at least 1")
         skipped: list = []
-        paths = image_files(args.inputs, skipped)
+        paths = list_images(args.inputs, skipped)
         uri = args.model or default_model_uri(layout)
         store = without_credentials(args.tracking_uri) if args.tracking_uri else tracking_uri(layout)
         set_max_image_pixels(max_image_pixels(layout))
     except (PredictorError, ConfigError, TrackingURIError) as err:
-        print(f"xfer predict: {err}", file=sys.stderr)
-        return 2
+        raise InputError(str(err)) from None
+    return paths, skipped, uri, store
+
+
+def say_skipped(command: str, skipped: list) -> None:
     if skipped:
         listed = ", ".join(f"{p} ({kind})" for p, kind in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        print(f"xfer predict: skipped {len(skipped)} file(s) that are not regular files, never opened: {listed}", file=sys.stderr)
+        print(f"xfer {command}: skipped {len(skipped)} file(s) that are not regular files, never opened: {listed}", file=sys.stderr)
+
+
+def load_or_say(command: str, uri: str, store: str):
+    """The model at `uri`, or None after printing why it cannot be loaded (with any secret in the message masked)."""
     try:
-        model = load_model(uri, store)
+        return load_model(uri, store)
     except Exception as err:  # MLflow raises several types for a missing model or alias
         from xfer.redact import redact
 
-        print(redact(f"xfer predict: cannot load model {uri}: {err}"), file=sys.stderr)
+        print(redact(f"xfer {command}: cannot load model {uri}: {err}"), file=sys.stderr)
+        return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from xfer.data.images import ImageReadError
+    from xfer.io import write_text
+    from xfer.layout import Layout
+    from xfer.predictor import PredictorError, image_files
+
+    try:
+        paths, skipped, uri, store = resolve_inputs(args, Layout(Path(args.root)), image_files)
+    except InputError as err:
+        print(f"xfer predict: {err}", file=sys.stderr)
+        return 2
+    say_skipped("predict", skipped)
+    if (model := load_or_say("predict", uri, store)) is None:
         return 2
     try:
         frame = predict_files(model, paths, args.batch_size)
