@@ -380,7 +380,7 @@ def write_results(result: dict, args: argparse.Namespace, out: Path = RESULTS) -
         )
     lines += [
         "",
-        "survived: after the rerun every output file loads and equals the uninterrupted run's, with no file missing or extra "
+        "survived: after the rerun every output file loads and equals the uninterrupted run's, with no file missing or extra and no temporary of a killed write left anywhere in data/, models/, plots/, metrics/ or checkpoints/ "
         f"(byte-equal for fetch, split, features; for head, finetune, evaluate numerically within rtol {RTOL:g}, atol {ATOL:g}). "
         "byte-equal: of those, how many were identical to the byte. killed mid-run: the stage was still running when "
         "its process group got SIGKILL (else it had exited first, and only its children could be hit); in its flow: "
