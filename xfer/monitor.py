@@ -76,13 +76,15 @@ def write_reference(
     batch_size: int = 64,
 ) -> dict:
     """Save the reference window and the ATC threshold into `bundle_dir`/reference (whole or not at all); its meta."""
-    reference = reference_rows(manifest, cfg.reference_rows, seed)
     calibration = rows(manifest, "target", "val")
+    reference = reference_rows(manifest, cfg.reference_rows, seed)
     if len(reference) < 5:
         raise MonitorError(f"a reference window needs at least 5 target val rows; the split has {len(reference)}")
-    features, probabilities = predictor.predict_with_features([Path(images_root) / p for p in reference.path], batch_size)
-    _, calibration_probs = predictor.predict_with_features([Path(images_root) / p for p in calibration.path], batch_size, features=False)
-    threshold = calibrate(calibration_probs, calibration.label.to_numpy())
+    # One pass over target val: the window is a sample of those rows, the threshold is calibrated on all of them.
+    all_features, all_probabilities = predictor.predict_with_features([Path(images_root) / p for p in calibration.path], batch_size)
+    picked = calibration.index.get_indexer(reference.index)
+    features, probabilities = all_features[picked], all_probabilities[picked]
+    threshold = calibrate(all_probabilities, calibration.label.to_numpy())
     meta = {
         "format": REFERENCE_FORMAT,
         "rows": len(reference),
