@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 UI_PORT ?= 5000
 PREFECT_PORT ?= 4200
+FLOWS_PORT ?= 4280
 # The project whose MLflow store `make ui` serves.
 STORE ?= $(CURDIR)
 
@@ -64,9 +65,9 @@ lint: $(TEST_STAMP)
 ui: $(STAMP)
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(abspath $(STORE))/mlflow.db --default-artifact-root $(abspath $(STORE))/mlartifacts --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
-## servers: a Prefect server and an MLflow server over $(STORE) in the background (logs, pids: .servers/)
+## servers: a Prefect server, an MLflow server over $(STORE) and prefect.yaml's deployments, in the background (logs, pids: .servers/)
 servers: $(STAMP)
-	@$(BIN)/python -m servers.supervisor start --root $(abspath $(STORE)) --prefect-port $(PREFECT_PORT) --mlflow-port $(UI_PORT)
+	@$(BIN)/python -m servers.supervisor start --root $(abspath $(STORE)) --prefect-port $(PREFECT_PORT) --mlflow-port $(UI_PORT) --flows-port $(FLOWS_PORT)
 
 ## stop: stop what `make servers` started
 stop:

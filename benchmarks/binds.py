@@ -8,7 +8,7 @@ descendants holds (socket inodes of /proc/<pid>/fd against /proc/net/tcp and
 tcp6), prints them, and stops it. docs/security.md states the results.
 
   mlflow_ui          `make ui`'s command line (from the Makefile)
-  servers            `make servers`: servers/supervisor.py start (Prefect + MLflow)
+  servers            `make servers`: servers/supervisor.py start (Prefect + MLflow + the deployments served)
   temporary_prefect  servers/temporary_prefect.py (Prefect's SubprocessASGIServer)
   stage_prefect      a stage process without PREFECT_API_URL: its temporary server
   model_server       `mlflow models serve` as the README runs it, and without --host
@@ -138,7 +138,7 @@ def mlflow_ui(tmp: Path) -> dict:
 def servers(tmp: Path) -> dict:
     code = (
         "import sys, time; from servers import supervisor; "
-        f"sys.exit(supervisor.main(['start', '--root', {str(tmp)!r}, '--prefect-port', '{free()}', '--mlflow-port', '{free()}']))"
+        f"sys.exit(supervisor.main(['start', '--root', {str(tmp)!r}, '--prefect-port', '{free()}', '--mlflow-port', '{free()}', '--flows-port', '{free()}']))"
     )
     done = subprocess.run(_py(code), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     try:

@@ -18,8 +18,10 @@ Each pool is embedded once by the model; then, per shift and window size n,
 monitor.alpha / 3, as `xfer monitor` does). Power is the share of windows
 flagged: by each test, and by the verdict (any test). Also per shift: ATC's
 accuracy estimate on the whole pool against the accuracy measured with its
-labels, and the seconds per 1,000 images to embed and to test a window of the
-largest size. Writes benchmarks/results/drift.{md,json}.
+labels, the share of images the per-image OOD flag marks (xfer/drift/ood.py,
+calibrated to mark about 5% of target val) with the accuracy on the flagged
+and on the other images, and the seconds per 1,000 images to embed and to
+test a window of the largest size. Writes benchmarks/results/drift.{md,json}.
 """
 
 from __future__ import annotations
@@ -97,7 +99,14 @@ def measure(draws: int, sizes: list[int], seed: int) -> dict:
     for path in test_rows.path:
         with Image.open(layout.root / path) as img:
             originals.append(img.copy())
-    result = {"alpha": alpha, "alpha_per_test": per_test, "reference_rows": len(reference.window), "pool": len(originals), "shifts": {}}
+    result = {
+        "alpha": alpha,
+        "alpha_per_test": per_test,
+        "reference_rows": len(reference.window),
+        "pool": len(originals),
+        "ood_quantile": reference.ood.quantile,
+        "shifts": {},
+    }
     for s_index, shift in enumerate(SHIFTS):
         rng = np.random.default_rng(seed + s_index)
         images = [shifted(img, shift, rng) for img in originals]
@@ -105,9 +114,14 @@ def measure(draws: int, sizes: list[int], seed: int) -> dict:
         features, probabilities = predictor.predict_with_features(images)
         embed_s = time.perf_counter() - started
         measured = float((probabilities.argmax(1) == labels).mean())
+        _, flags = reference.ood.flags(features)
+        right = probabilities.argmax(1) == labels
         row = {
             "accuracy_measured": measured,
             "accuracy_estimate": reference.threshold.estimate(probabilities),
+            "ood_share": float(flags.mean()),
+            "accuracy_flagged": float(right[flags].mean()) if flags.any() else None,
+            "accuracy_unflagged": float(right[~flags].mean()) if (~flags).any() else None,
             "embed_s_per_1000": 1000 * embed_s / len(images),
             "power": {},
         }
@@ -157,16 +171,22 @@ def markdown(result: dict, draws: int, sizes: list[int], seed: int) -> str:
     lines += [
         "",
         "Accuracy on the whole pool: measured with its labels, and estimated without them (ATC, calibrated on target val); "
+        f"the share of images the per-image OOD flag marks (threshold: the {result['ood_quantile']} quantile of the reference "
+        "window's own scores) and the measured accuracy on the flagged and on the other images; "
         f"seconds per 1,000 images to embed them, and per window of {largest} to run the three tests:",
         "",
-        "| shift | measured | ATC estimate | estimate - measured | embed s / 1,000 | tests s / window |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| shift | measured | ATC estimate | estimate - measured | flagged OOD | accuracy flagged | accuracy not flagged | embed s / 1,000 | tests s / window |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def share(value):
+        return "-" if value is None else f"{value:.3f}"
+
     for shift, row in result["shifts"].items():
         gap = row["accuracy_estimate"] - row["accuracy_measured"]
         lines.append(
-            f"| {shift} | {row['accuracy_measured']:.3f} | {row['accuracy_estimate']:.3f} | {gap:+.3f} | "
-            f"{row['embed_s_per_1000']:.1f} | {row['test_s'][largest]:.2f} |"
+            f"| {shift} | {row['accuracy_measured']:.3f} | {row['accuracy_estimate']:.3f} | {gap:+.3f} | {row['ood_share']:.3f} | "
+            f"{share(row['accuracy_flagged'])} | {share(row['accuracy_unflagged'])} | {row['embed_s_per_1000']:.1f} | {row['test_s'][largest]:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

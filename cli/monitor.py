@@ -57,16 +57,15 @@ def listed_images(inputs: list[str], skipped: list) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import datetime as dt
-
     from tqdm import tqdm
 
+    from tasks.monitor import check_images
     from tasks.tracking import without_credentials
     from xfer.config import ConfigError, Params, load_params
     from xfer.data.images import ImageReadError
     from xfer.drift import DriftError
     from xfer.layout import Layout
-    from xfer.monitor import MonitorError, monitor_images, read_reference, summary_line, write_outputs
+    from xfer.monitor import MonitorError, summary_line
     from xfer.predictor import PredictorError
 
     layout = Layout(Path(args.root))
@@ -79,23 +78,28 @@ def run(args: argparse.Namespace) -> int:
     say_skipped("monitor", skipped)
     if (loaded := load_or_say("monitor", uri, store)) is None:
         return 2
-    model = loaded.unwrap_python_model()
+    out = Path(args.out) if args.out else layout.monitor
     try:
-        bundle = getattr(model, "bundle_dir", None)
-        if bundle is None:
-            raise MonitorError(f"{uri} has no reference window (it was registered before xfer saved one, or not by xfer); run the evaluate stage again")
-        reference = read_reference(Path(bundle))
         with tqdm(total=len(paths), desc="monitor", unit="img") as bar:
-            report, new = monitor_images(model.predictor, reference, paths, params.monitor, params.seed, args.batch_size, on_batch=bar.update)
+            checked = check_images(
+                layout,
+                params,
+                loaded.unwrap_python_model(),
+                uri,
+                paths,
+                out,
+                without_credentials(args.tracking_uri) if args.tracking_uri else None,
+                args.batch_size,
+                on_batch=bar.update,
+                model_key=loaded.metadata.model_uuid,
+            )
     except (MonitorError, DriftError, ImageReadError, PredictorError) as err:
         print(f"xfer monitor: {err}{newer_version_hint(uri, err)}; nothing written", file=sys.stderr)
         return 2
-    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    out = Path(args.out) if args.out else layout.root / "monitor"
-    written = write_outputs(out, report, reference, new, when, uri)
-    log_to_mlflow(layout, without_credentials(args.tracking_uri) if args.tracking_uri else None, params.mlflow.experiment, report, written, uri)
-    print(summary_line(report))
-    print(f"report: {written['report']}")
+    print(summary_line(checked.report))
+    if checked.report["retrain_wanted"]:
+        print("retraining wanted: the monitor flow (python -m flows.monitor) adds such images to the target pool and starts the retrain")
+    print(f"report: {checked.written['report']}")
     return 0
 
 
@@ -116,30 +120,3 @@ def newer_version_hint(uri: str, err: Exception) -> str:
         return ""
     latest = max((int(v.version) for v in versions), default=None)
     return f" (or, if a tie kept an older champion, name a newer version: --model models:/{name}/{latest})" if latest else ""
-
-
-def log_to_mlflow(layout, store: str | None, experiment: str, report: dict, written: dict, uri: str) -> str:
-    """An MLflow run of kind `monitor` in the project's experiment (or --tracking-uri's): the figures, the verdict and the files."""
-    import mlflow
-
-    from tasks.tracking import TAG_KIND, use_store
-
-    if store is None:
-        experiment_id = use_store(layout, experiment)
-    else:
-        mlflow.set_tracking_uri(store)
-        experiment_id = mlflow.set_experiment(experiment).experiment_id
-    tags = {
-        TAG_KIND: "monitor",
-        "monitor.model": uri,
-        "monitor.drift": str(report["drift"]).lower(),
-        "monitor.retrain_wanted": str(report["retrain_wanted"]).lower(),
-    }
-    with mlflow.start_run(experiment_id=experiment_id, run_name="monitor", tags=tags) as run:
-        metrics = {f"{name}.p_value": t["p_value"] for name, t in report["tests"].items()}
-        metrics |= {f"{name}.statistic": t["statistic"] for name, t in report["tests"].items()}
-        metrics |= {"images": report["images"], "accuracy.estimate": report["accuracy"]["estimate"], "accuracy.drop": report["accuracy"]["drop"]}
-        mlflow.log_metrics(metrics)
-        for path in written.values():
-            mlflow.log_artifact(str(path))
-        return run.info.run_id

@@ -34,12 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
 
 
-def default_model_uri(layout: Layout) -> str:
-    from xfer.config import load_params
-
-    return f"models:/{load_params(layout.params).registry.name}@champion"
-
-
 def max_image_pixels(layout: Layout) -> int:
     """data.max_image_pixels of the project's params.yaml, or its default where there is none."""
     from xfer.config import DataConfig, load_params
@@ -47,13 +41,6 @@ def max_image_pixels(layout: Layout) -> int:
     if layout.params.is_file():
         return load_params(layout.params).data.max_image_pixels
     return DataConfig.model_fields["max_image_pixels"].default
-
-
-def load_model(uri: str, store: str):
-    import mlflow
-
-    mlflow.set_tracking_uri(store)
-    return mlflow.pyfunc.load_model(uri)
 
 
 def predict_files(model, paths: list[Path], batch_size: int, progress: bool = True) -> pd.DataFrame:
@@ -81,7 +68,7 @@ def resolve_inputs(args: argparse.Namespace, layout: Layout, list_images) -> tup
 
     Shared by `xfer predict` and `xfer monitor`; InputError names the problem.
     """
-    from tasks.tracking import TrackingURIError, tracking_uri, without_credentials
+    from tasks.tracking import TrackingURIError, default_model_uri, tracking_uri, without_credentials
     from xfer.config import ConfigError
     from xfer.data.formats import set_max_image_pixels
     from xfer.predictor import PredictorError
@@ -107,6 +94,8 @@ def say_skipped(command: str, skipped: list) -> None:
 
 def load_or_say(command: str, uri: str, store: str):
     """The model at `uri`, or None after printing why it cannot be loaded (with any secret in the message masked)."""
+    from tasks.tracking import load_model
+
     try:
         return load_model(uri, store)
     except Exception as err:  # MLflow raises several types for a missing model or alias

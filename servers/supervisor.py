@@ -1,10 +1,10 @@
-"""A Prefect server and an MLflow server for a project, in the background.
+"""A Prefect server, an MLflow server and the project's deployments, in the background.
 
-    python -m servers.supervisor start  [--root .] [--prefect-port 4200] [--mlflow-port 5000]
+    python -m servers.supervisor start  [--root .] [--prefect-port 4200] [--mlflow-port 5000] [--flows-port 4280]
     python -m servers.supervisor stop   [--root .]
     python -m servers.supervisor status [--root .]
 
-`make servers` / `make stop` call this. Both servers bind 127.0.0.1 only.
+`make servers` / `make stop` call this. Every server binds 127.0.0.1 only.
 Each runs in its own process group (the servers start worker processes of
 their own) with its log, pid file and URL under `<root>/.servers/`:
 
@@ -12,6 +12,10 @@ their own) with its log, pid file and URL under `<root>/.servers/`:
             (the Makefile sets `<project>/.prefect`)
   mlflow    `mlflow server` over the project's store: sqlite:///<root>/mlflow.db
             and <root>/mlartifacts, as `make ui` serves it
+  flows     `python -m flows.serve`: prefect.yaml's deployments (the weekly
+            retrain, the hourly monitor) served for this project against the
+            Prefect server above, started once that answers; its health is
+            Prefect's runner webserver, on --flows-port
 
 With `export PREFECT_API_URL=http://127.0.0.1:4200/api` every stage (and
 `servers/temporary_prefect.py`, hence `make run`) talks to the running Prefect server
@@ -35,6 +39,8 @@ HOST = "127.0.0.1"
 STATE_DIR = ".servers"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
+CODE_ROOT = Path(__file__).resolve().parents[1]
+PORT_VARIABLES = {"prefect": "PREFECT_PORT", "mlflow": "UI_PORT", "flows": "FLOWS_PORT"}
 
 
 class ServerError(RuntimeError):
@@ -94,9 +100,28 @@ def mlflow_server(root: Path, port: int) -> Server:
     return Server("mlflow", port, command, "/health", env)
 
 
-def servers(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> list[Server]:
+def flows_server(root: Path, port: int, prefect_port: int) -> Server:
+    env = {
+        "PREFECT_HOME": os.environ.get("PREFECT_HOME") or str(root / ".prefect"),
+        "PREFECT_API_URL": f"http://{HOST}:{prefect_port}/api",
+        "PREFECT_RUNNER_SERVER_ENABLE": "true",
+        "PREFECT_RUNNER_SERVER_HOST": HOST,
+        "PREFECT_RUNNER_SERVER_PORT": str(port),
+        "DO_NOT_TRACK": "true",
+        # The code beside this file (the checkout), serving the project at root.
+        "PYTHONPATH": os.pathsep.join(p for p in (str(CODE_ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
+    command = [sys.executable, "-m", "flows.serve", "--root", str(root)]
+    return Server("flows", port, command, "/health", env)
+
+
+def servers(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, flows_port: int = 4280) -> list[Server]:
+    """In start order: the flows server needs the Prefect server answering first."""
     root = root.resolve()
-    return [prefect_server(root, prefect_port), mlflow_server(root, mlflow_port)]
+    return [prefect_server(root, prefect_port), mlflow_server(root, mlflow_port), flows_server(root, flows_port, prefect_port)]
+
+
+SERVER_NAMES = ("prefect", "mlflow", "flows")
 
 
 # -- pid files and process groups -------------------------------------------
@@ -194,11 +219,11 @@ def _spawn(root: Path, server: Server) -> int:
         raise ServerError(
             f"{server.name}: port {server.port} on {HOST} is taken by another program "
             f"(not one this project started); choose another port "
-            f"({'PREFECT_PORT' if server.name == 'prefect' else 'UI_PORT'}=... with make)"
+            f"({PORT_VARIABLES[server.name]}=... with make)"
         )
     log = _state(root, server.name, "log")
-    env = {**os.environ, **server.env}
-    env.pop("PREFECT_API_URL", None)  # the server is the API; it must not point at another
+    # A Prefect server is the API: it must not point at another; the flows server names its own.
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | server.env
     with open(log, "ab") as out:
         # A new session: the server and the workers it starts share one process
         # group, which stop() signals as a whole.
@@ -226,13 +251,15 @@ def _wait_healthy(root: Path, pending: list[Server], timeout: float) -> None:
         time.sleep(0.25)
 
 
-def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, timeout: float = START_TIMEOUT_S) -> dict[str, str]:
-    """Start whichever server is not running yet; wait until both answer. Returns name -> URL."""
+def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, flows_port: int = 4280, timeout: float = START_TIMEOUT_S) -> dict[str, str]:
+    """Start whichever server is not running yet; wait until all answer. Returns name -> URL."""
     root = root.resolve()
     (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
     urls, started = {}, []
     try:
-        for server in servers(root, prefect_port, mlflow_port):
+        for server in servers(root, prefect_port, mlflow_port, flows_port):
+            if server.name == "flows":  # it registers its deployments with the Prefect server: that must answer first
+                _wait_healthy(root, list(started), timeout)
             pid = running_pid(root, server.name)
             if pid is not None:
                 urls[server.name] = _read_url(root, server)
@@ -274,13 +301,19 @@ def _stop_one(root: Path, name: str) -> str:
 
 
 def stop(root: Path) -> list[str]:
-    """Stop both servers (each whole process group) and remove their pid files."""
-    return [_stop_one(root.resolve(), name) for name in ("prefect", "mlflow")]
+    """Stop every server (each whole process group; the flows server first) and remove their pid files."""
+    return [_stop_one(root.resolve(), name) for name in reversed(SERVER_NAMES)]
 
 
 def status(root: Path) -> dict[str, int | None]:
     """name -> pid of the running server, or None."""
-    return {name: running_pid(root.resolve(), name) for name in ("prefect", "mlflow")}
+    return {name: running_pid(root.resolve(), name) for name in SERVER_NAMES}
+
+
+def _declared() -> list[dict]:
+    import yaml
+
+    return (yaml.safe_load((CODE_ROOT / "prefect.yaml").read_text()) or {}).get("deployments", [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("."), help="the project (default: .)")
     parser.add_argument("--prefect-port", type=int, default=4200)
     parser.add_argument("--mlflow-port", type=int, default=5000)
+    parser.add_argument("--flows-port", type=int, default=4280, help="the flows server's health endpoint (Prefect's runner webserver)")
     args = parser.parse_args(argv)
     if args.action == "stop":
         print("\n".join(stop(args.root)))
@@ -298,14 +332,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {'running (pid %d)' % pid if pid else 'not running'}")
         return 0
     try:
-        urls = start(args.root, args.prefect_port, args.mlflow_port)
+        urls = start(args.root, args.prefect_port, args.mlflow_port, args.flows_port)
     except ServerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"\nPrefect UI  {urls['prefect']}\nMLflow UI   {urls['mlflow']}")
+    names = ", ".join(f"{d['name']} ({d['entrypoint']})" for d in _declared())
+    print(f"Deployments served for this project: {names}; log {_state(args.root.resolve(), 'flows', 'log')}")
     print("\nTo run stages against this Prefect server instead of a temporary one each:")
     print(f"  export PREFECT_API_URL={urls['prefect']}/api")
-    print("Stop both with `make stop`.")
+    print("Stop them all with `make stop`.")
     return 0
 
 

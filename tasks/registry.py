@@ -30,7 +30,7 @@ from xfer.data.split import read_manifest
 from xfer.features import FeatureSet, load_member
 from xfer.heads import MEMBERS_DIR, load_head
 from xfer.layout import Layout
-from xfer.monitor import write_reference
+from xfer.monitor import OOD_FLAG_COLUMN, OOD_SCORE_COLUMN, write_reference
 from xfer.predictor import CLASS_COLUMN, DEFAULT_BATCH_SIZE, PROBABILITY_COLUMN, FinetunePart, HeadPart, bundle_class_names, load_bundle, write_bundle
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -72,11 +72,13 @@ def served_signature(class_names: list[str]) -> ModelSignature:
     of paths, or a DataFrame whose one column (`image`, say) holds them. The
     column is unnamed so that both reach the model; MLflow refuses anything
     else, arrays included, before the model sees it.
-    Out: the predicted class, its probability, and one probability column per class.
+    Out: the predicted class, its probability, one probability column per class, and each
+    image's OOD score and flag (the model carries its reference window: xfer/monitor.py).
     Params: `batch_size`, images per forward pass.
     """
     outputs = [ColSpec(DataType.string, CLASS_COLUMN), ColSpec(DataType.float, PROBABILITY_COLUMN)]
     outputs += [ColSpec(DataType.float, name) for name in class_names]
+    outputs += [ColSpec(DataType.double, OOD_SCORE_COLUMN), ColSpec(DataType.boolean, OOD_FLAG_COLUMN)]
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string)]),
         outputs=Schema(outputs),

@@ -259,6 +259,19 @@ def tracking_uri(layout: Layout) -> str:
     return f"sqlite:///{layout.mlflow_db.resolve()}"
 
 
+def default_model_uri(layout: Layout) -> str:
+    """The registered champion, `models:/<registry.name>@champion`: what `xfer predict` and the monitor use unless told."""
+    from xfer.config import load_params
+
+    return f"models:/{load_params(layout.params).registry.name}@champion"
+
+
+def load_model(uri: str, store: str):
+    """The MLflow pyfunc model at `uri` in the store `store`."""
+    mlflow.set_tracking_uri(store)
+    return mlflow.pyfunc.load_model(uri)
+
+
 def use_store(layout: Layout, experiment: str) -> str:
     """Point MLflow at the store (tracking_uri); return the experiment id, creating the experiment if new.
 

@@ -92,7 +92,7 @@ def ui(chromium, pipeline_project, tmp_path_factory):
     """Both servers over the pipeline's store, and one stage flow run in Prefect: the URLs and that run."""
     root, _ = pipeline_project
     home = tmp_path_factory.mktemp("prefect-server-home")
-    ports = {"prefect": free_port(), "mlflow": free_port()}
+    ports = {"prefect": free_port(), "mlflow": free_port(), "flows": free_port()}
     env = {**os.environ, "PREFECT_HOME": str(home)}
     cmd = [
         sys.executable,
@@ -105,6 +105,8 @@ def ui(chromium, pipeline_project, tmp_path_factory):
         str(ports["prefect"]),
         "--mlflow-port",
         str(ports["mlflow"]),
+        "--flows-port",
+        str(ports["flows"]),
     ]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -127,7 +129,8 @@ def run_fetch_against(api_url: str, project: Path) -> dict:
     cmd = [sys.executable, "-m", "flows.stages", "fetch"]
     proc = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    (flow_run,) = api(api_url + "/flow_runs/filter", {})
+    # The fetch stage's run (the served deployments' schedules add runs of their own flows).
+    (flow_run,) = api(api_url + "/flow_runs/filter", {"flows": {"name": {"any_": ["fetch"]}}})
     # Task runs reach the server as events, persisted a moment after the process exits: wait for
     # the one fetch ran (the flow run is already Completed) before a page counts them.
     deadline = time.monotonic() + 60

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -112,3 +114,173 @@ def test_windows_a_test_cannot_use_are_refused_naming_the_problem():
         run_tests(window(rng, 10), window(rng, 10), alpha=0.05, seed=0, tests=("kl",))
     with pytest.raises(DriftError, match="alpha 1.5"):
         run_tests(window(rng, 10), window(rng, 10), alpha=1.5, seed=0)
+
+
+# ---- the monitor flow's core: new images, the trigger and its cooldown, the target pool ----
+
+
+def monitor_report(drift: bool, drop: float) -> dict:
+    return {"drift": drift, "retrain_wanted": drift and drop > 0.1, "accuracy": {"drop": drop}}
+
+
+def test_a_retrain_is_triggered_only_when_wanted_with_a_pool_and_outside_the_cooldown():
+    import datetime as dt
+
+    from xfer.config import MonitorConfig
+    from xfer.monitor import trigger_decision
+
+    cfg = MonitorConfig(max_drop=0.1, cooldown_hours=24)
+    now = dt.datetime(2026, 12, 2, 12, tzinfo=dt.timezone.utc)
+    recent = {"time": (now - dt.timedelta(hours=23, minutes=59)).isoformat()}
+    old = {"time": (now - dt.timedelta(hours=24)).isoformat()}
+    wanted = monitor_report(True, 0.3)
+    assert trigger_decision(wanted, cfg, "data/pool", None, now).trigger
+    assert trigger_decision(wanted, cfg, "data/pool", old, now).trigger  # the cooldown is over at exactly 24 h
+    held = trigger_decision(wanted, cfg, "data/pool", recent, now)
+    assert not held.trigger and "within monitor.cooldown_hours 24" in held.reason and "23.98 h ago" in held.reason
+    no_pool = trigger_decision(wanted, cfg, None, None, now)
+    assert not no_pool.trigger and "data.split.target_pool is not set" in no_pool.reason
+    small = trigger_decision(monitor_report(True, 0.05), cfg, "data/pool", None, now)
+    assert not small.trigger and "within monitor.max_drop 0.1" in small.reason
+    calm = trigger_decision(monitor_report(False, 0.5), cfg, "data/pool", None, now)
+    assert not calm.trigger and calm.reason == "no retrain wanted: no drift"
+    assert trigger_decision(wanted, MonitorConfig(cooldown_hours=0), "data/pool", {"time": now.isoformat()}, now).trigger
+    # max_drop null: drift alone wants a retrain (monitor_images sets retrain_wanted so), and the reason says why.
+    drift_only = trigger_decision({**monitor_report(True, -0.2), "retrain_wanted": True}, MonitorConfig(max_drop=None), "data/pool", None, now)
+    assert drift_only.trigger and "max_drop null" in drift_only.reason
+
+
+def test_images_join_the_pool_once_by_content_and_a_batch_whole(tmp_path):
+    from xfer.data.split import pool_images
+    from xfer.io import sha256_file
+    from xfer.monitor import MonitorError, add_to_pool
+
+    images = []
+    for i in range(4):
+        path = tmp_path / "in" / f"img{i}.PNG"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(bytes([i % 3]) * 100)  # img3 repeats img0's content
+        images.append(path)
+    pool = tmp_path / "pool"
+    added = add_to_pool(images, pool, "b1")
+    assert [p.name for p in added] == sorted(f"{sha256_file(images[i])}.png" for i in range(3))
+    assert {p.read_bytes() for p in added} == {bytes([i]) * 100 for i in range(3)}
+    assert add_to_pool(images[:2], pool, "b2") == [] and not (pool / "b2").exists()  # held already: no empty batch
+    new = tmp_path / "in" / "new.png"
+    new.write_bytes(b"new" * 50)
+    assert len(add_to_pool([images[0], new], pool, "b3")) == 1
+    other = new.with_name("other.png")
+    other.write_bytes(b"other")
+    with pytest.raises(MonitorError, match="never rewritten"):
+        add_to_pool([other], pool, "b1")
+    assert sorted(p.parent.name for p in pool_images(pool)) == ["b1", "b1", "b1", "b3"]
+    assert not [p for p in pool.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_an_image_is_tested_once_by_content(tmp_path):
+    from xfer.monitor import record_checked, unchecked
+
+    paths = []
+    for name, content in (("a.png", b"a"), ("b.png", b"b"), ("a_again.png", b"a")):
+        (tmp_path / name).write_bytes(content)
+        paths.append(tmp_path / name)
+    checked = tmp_path / "monitor" / "checked.csv"
+    new, digests = unchecked(paths, checked)
+    assert new == paths[:2] and len(set(digests)) == 2  # a copy of a's content is one image
+    record_checked(checked, new[:1], digests[:1], "2026-12-02T00:00:00+00:00")
+    assert unchecked(paths, checked)[0] == [paths[1]]
+    record_checked(checked, [paths[1]], [digests[1]], "2026-12-02T01:00:00+00:00")
+    assert unchecked(paths, checked)[0] == []
+    assert checked.read_text().count("\n") == 3  # header and two rows, appended
+
+
+class ArrayModel:
+    """A model's predict_with_features as arrays: image i's row is row i (the interface monitor_images uses)."""
+
+    def __init__(self, features, probabilities):
+        # float32, as xfer.predictor gives them
+        self.features, self.probabilities = np.float32(features), np.float32(probabilities)
+
+    def predict_with_features(self, images, batch_size, on_batch=None):
+        rows = [int(Path(p).stem.split("_")[0]) for p in images]
+        self.embedded = getattr(self, "embedded", 0) + len(rows)
+        return self.features[rows], self.probabilities[rows]
+
+
+def test_max_drop_null_wants_a_retrain_on_drift_alone():
+    from xfer.config import MonitorConfig
+    from xfer.drift import Window
+    from xfer.drift.accuracy import ConfidenceThreshold
+    from xfer.monitor import Reference, monitor_images
+
+    rng = np.random.default_rng(0)
+    probabilities = np.full((60, 3), 0.1)
+    probabilities[:, 0] = 0.8  # every row passes the threshold: the estimate stays 1.0, no drop
+    reference = Reference(Window(np.float32(rng.normal(size=(60, 8))), np.float32(probabilities)), ConfidenceThreshold(0.5, 1.0, 60), {})  # saved as float32
+    shifted = ArrayModel(rng.normal(size=(60, 8)) + 2.0, probabilities)
+    images = [Path(f"{i}.png") for i in range(60)]
+    kept, _ = monitor_images(shifted, reference, images, MonitorConfig(max_drop=0.1), seed=0)
+    assert kept["drift"] and kept["accuracy"]["drop"] == 0 and not kept["retrain_wanted"]
+    wanted, _ = monitor_images(shifted, reference, images, MonitorConfig(max_drop=None), seed=0)
+    assert wanted["drift"] and wanted["retrain_wanted"]
+    calm, _ = monitor_images(ArrayModel(reference.window.features, probabilities), reference, images, MonitorConfig(max_drop=None), seed=0)
+    assert not calm["drift"] and not calm["retrain_wanted"]
+
+
+def test_the_ood_flag_marks_about_the_calibrated_share_in_domain_and_every_far_image():
+    from xfer.drift import DriftError
+    from xfer.drift.ood import NearestNeighbourOOD
+
+    rng = np.random.default_rng(0)
+    centre = rng.normal(size=16)
+    in_domain = lambda n: centre + 0.3 * rng.normal(size=(n, 16))  # noqa: E731
+    ood = NearestNeighbourOOD.calibrate(in_domain(400), k=5, quantile=0.9)
+    _, flags = ood.flags(in_domain(2000))
+    assert 0.06 <= flags.mean() <= 0.14, flags.mean()  # about 1 - 0.9
+    far = rng.normal(size=(50, 16)) * 3  # another direction in feature space
+    scores, far_flags = ood.flags(far)
+    assert far_flags.all() and scores.min() > ood.threshold
+    # Only a feature vector's direction counts, not its length: a scaled reference row scores as the row.
+    np.testing.assert_allclose(ood.scores(7.0 * ood.reference[:10]), ood.scores(ood.reference[:10]), atol=1e-9)
+    back = NearestNeighbourOOD.from_meta(ood.reference, ood.as_meta())
+    np.testing.assert_allclose(back.scores(far), scores, rtol=1e-12)
+    assert ood.as_meta()["quantile"] == 0.9 and "reads no label" in ood.as_meta()["calibrated_on"]
+    with pytest.raises(DriftError, match="quantile 1.0"):
+        NearestNeighbourOOD.calibrate(in_domain(50), quantile=1.0)
+    with pytest.raises(DriftError, match="more than k=5 reference rows; the window has 5"):
+        NearestNeighbourOOD.calibrate(in_domain(5))
+    with pytest.raises(DriftError, match="the reference window has 16 dims"):
+        ood.scores(np.zeros((2, 8)))
+
+
+def test_the_embedding_cache_embeds_each_content_once_per_model(tmp_path):
+    from xfer.config import MonitorConfig
+    from xfer.drift import Window
+    from xfer.drift.accuracy import ConfidenceThreshold
+    from xfer.monitor import EmbeddingCache, Reference, monitor_images
+
+    rng = np.random.default_rng(1)
+    probabilities = rng.dirichlet(np.ones(3), size=40)
+    reference = Reference(Window(np.float32(rng.normal(size=(40, 8))), np.float32(probabilities)), ConfidenceThreshold(0.5, 0.9, 40), {})
+    model = ArrayModel(rng.normal(size=(40, 8)) + 1.0, probabilities)
+    images = []
+    for i in range(40):
+        (tmp_path / f"{i}.png").write_bytes(f"image {i}".encode())
+        images.append(tmp_path / f"{i}.png")
+    cache = EmbeddingCache(tmp_path / "embeddings", "model-a")
+    plain, _ = monitor_images(model, reference, images, MonitorConfig(), seed=0)
+    first, _ = monitor_images(model, reference, images, MonitorConfig(), seed=0, cache=cache)
+    assert model.embedded == 80 and first["embedded"] == 40
+    # Again, and a copy of image 0 under another name: nothing embedded, the same report.
+    (tmp_path / "0_copy.png").write_bytes(b"image 0")
+    again, window = monitor_images(model, reference, [*images, tmp_path / "0_copy.png"][1:], MonitorConfig(), seed=0, cache=cache)
+    assert model.embedded == 80 and again["embedded"] == 0
+    np.testing.assert_array_equal(window.features[-1], model.features[0])
+    second, _ = monitor_images(model, reference, images, MonitorConfig(), seed=0, cache=cache)
+    assert {k: v for k, v in second.items() if k != "embedded"} == {k: v for k, v in plain.items() if k != "embedded"}
+    # Another model's key has its own entries; a damaged chunk is passed over and embedded again.
+    monitor_images(model, reference, images[:5], MonitorConfig(), seed=0, cache=EmbeddingCache(tmp_path / "embeddings", "model-b"))
+    assert model.embedded == 85
+    for chunk in (tmp_path / "embeddings" / "model-a").glob("*.npz"):
+        chunk.write_bytes(b"truncated")
+    assert monitor_images(model, reference, images[:5], MonitorConfig(), seed=0, cache=cache)[0]["embedded"] == 5

@@ -95,7 +95,13 @@ def test_the_registered_model_states_its_signature(pipeline_project):
     assert [c["type"] for c in inputs] == ["string"] and "name" not in inputs[0], inputs
     classes = sorted(set(target_test_images(root).class_name))
     outputs = {c["name"]: c["type"] for c in signature.outputs.to_dict()}
-    assert outputs == {"class": "string", "probability": "float", **{name: "float" for name in classes}}
+    assert outputs == {
+        "class": "string",
+        "probability": "float",
+        **{name: "float" for name in classes},
+        "ood_score": "double",
+        "out_of_distribution": "boolean",
+    }
     assert {p.name: p.default for p in signature.params.params} == {"batch_size": 64}
 
 

@@ -64,6 +64,9 @@ def test_the_target_test_images_show_no_drift_and_inverted_copies_do(monitored):
     assert shifted["drift"] and "DRIFT in" in output, shifted
     assert min(t["p_value"] for t in shifted["tests"].values()) < shifted["alpha_per_test"]
 
+    # The per-image flag: inverted images are flagged far more often than the target domain's own.
+    assert same["ood"]["expected_share"] == pytest.approx(0.05) and shifted["ood"]["share"] > same["ood"]["share"], (same["ood"], shifted["ood"])
+
     history = pd.read_csv(out / "history.csv")
     assert history.drift.tolist() == [False, True] and len(history) == 2
     for plot in ("projection.png", "history.png"):
@@ -74,6 +77,23 @@ def test_the_target_test_images_show_no_drift_and_inverted_copies_do(monitored):
         drift_tags = sorted(v for (v,) in db.execute("select value from tags where key = 'monitor.drift'"))
         p_values = db.execute("select count(*) from latest_metrics where key = 'mmd.p_value'").fetchone()[0]
     assert len(runs) == 2 and drift_tags == ["false", "true"] and p_values == 2
+
+
+def test_xfer_predict_gives_each_image_an_ood_score_and_flag(monitored):
+    """The CSV's last two columns: the score (distance from the reference window) and the flag
+    (above the threshold in the model's reference window); inverted images score higher."""
+    project, images, inverted, work = monitored
+    frames = {}
+    for name, folder in (("same", images), ("inverted", inverted)):
+        proc = xfer_cli("predict", str(folder), "--out", str(work / f"{name}.csv"), "--root", str(project), cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        frames[name] = pd.read_csv(work / f"{name}.csv")
+    same, shifted = frames["same"], frames["inverted"]
+    assert list(same.columns[-2:]) == ["ood_score", "out_of_distribution"] and same.out_of_distribution.dtype == bool
+    assert shifted.ood_score.median() > same.ood_score.median()
+    assert shifted.out_of_distribution.mean() > same.out_of_distribution.mean()
+    both = pd.concat([same, shifted])  # one threshold: every flagged image scores above every unflagged one
+    assert both.ood_score[both.out_of_distribution].min() > both.ood_score[~both.out_of_distribution].max()
 
 
 def test_bad_input_and_a_model_without_a_reference_window_are_refused_writing_nothing(monitored, tmp_path):

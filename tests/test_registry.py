@@ -104,7 +104,7 @@ def test_xfer_predict_reproduces_the_evaluated_accuracy(pipeline_project, tmp_pa
     evaluated = json.loads((root / "metrics/eval.json").read_text())[TINY_PARAMS["registry"]["model"]]["target_test"]
     assert len(predictions) == evaluated["n"]
     assert (predictions["class"] == truth).mean() == pytest.approx(evaluated["accuracy"], abs=1e-9)
-    classes = [c for c in predictions.columns if c not in {"path", "class", "probability"}]
+    classes = [c for c in predictions.columns if c not in {"path", "class", "probability", "ood_score", "out_of_distribution"}]
     np.testing.assert_allclose(predictions[classes].sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(predictions[classes].max(1), predictions.probability, atol=1e-6)
 

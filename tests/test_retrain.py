@@ -71,8 +71,8 @@ def test_served_retrain_has_its_cron_and_a_triggered_run_promotes(tmp_path, pref
         server.wait(timeout=30)
 
 
-def test_prefect_yaml_deploys_the_retrain_flow_to_a_work_pool(tmp_path, prefect_api):
-    """The committed prefect.yaml, through `prefect deploy`, into a real server."""
+def test_prefect_yaml_deploys_the_retrain_and_monitor_flows_to_a_work_pool(tmp_path, prefect_api):
+    """The committed prefect.yaml, through `prefect deploy --all`, into a real server."""
     import os
     import shutil
 
@@ -81,7 +81,7 @@ def test_prefect_yaml_deploys_the_retrain_flow_to_a_work_pool(tmp_path, prefect_
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    for name in ("flows", "tasks", "xfer"):
+    for name in ("flows", "tasks", "xfer", "cli"):
         shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "prefect.yaml", tmp_path / "prefect.yaml")
     write_params(tmp_path, TINY_PARAMS)
@@ -92,7 +92,7 @@ def test_prefect_yaml_deploys_the_retrain_flow_to_a_work_pool(tmp_path, prefect_
             pass
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "XFER_PROJECT_DIR": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "weekly"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with get_client(sync_client=True) as client:
@@ -101,3 +101,9 @@ def test_prefect_yaml_deploys_the_retrain_flow_to_a_work_pool(tmp_path, prefect_
     assert deployment.work_pool_name == "xfer"
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}]
+    with get_client(sync_client=True) as client:
+        watcher = client.read_deployment_by_name("xfer-monitor/monitor")
+    assert watcher.entrypoint == "flows/monitor.py:monitor" and watcher.work_pool_name == "xfer"
+    assert [s.schedule.cron for s in watcher.schedules] == ["0 * * * *"]
+    assert watcher.parameters == {"root": ".", "incoming": "incoming"}
+    assert watcher.pull_steps == deployment.pull_steps

@@ -224,3 +224,69 @@ def test_the_stage_check_wants_the_file_and_dvc_yaml_to_list_it(fetched, tmp_pat
         check_params(params, tmp_path)
     (tmp_path / "dvc.yaml").write_text("stages:\n  split:\n    deps:\n    - data/raw\n    - labels.csv\n")
     check_params(params, tmp_path)
+
+
+def copy_into_pool(root, pool_dir, sources):
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    for i, src in enumerate(sources):
+        shutil.copy(root / src, pool_dir / f"{i:02d}{(root / src).suffix}")
+
+
+def test_a_target_pool_joins_target_unlabeled_only_and_moves_no_dataset_row(fetched, tmp_path):
+    """data.split.target_pool: its images become target unlabeled rows with an unknown label (-1);
+    a copy of a dataset image (here of target test images) is left out, so val and test stay as they are;
+    hidden folders (an unfinished write) are not read."""
+    from PIL import Image
+
+    before, _ = manifest(fetched, data_cfg())
+    pool_dir = fetched / "data" / "pool"
+    # New content: source-domain images flipped (a domain the split does not read), plus copies of target test images.
+    new = pool_dir / "batch1"
+    new.mkdir(parents=True)
+    for i, src in enumerate(sorted((fetched / "data/raw/mine/c").rglob("*.png"))[:4]):
+        with Image.open(src) as img:
+            img.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(new / f"{i}.png")
+    copy_into_pool(fetched, pool_dir / "batch2", pool(before, "test").path[:3])
+    copy_into_pool(fetched, pool_dir / ".batch3.tmp", pool(before, "test").path[3:5])
+    digests = [sha256_file(new / f"{i}.png") for i in range(4)]
+    try:
+        m, report = manifest(fetched, data_cfg(target_pool="data/pool"))
+        again, _ = manifest(fetched, data_cfg(target_pool="data/pool"))
+    finally:
+        shutil.rmtree(pool_dir)
+    added = m[m.path.str.startswith("data/pool/")]
+    assert sorted(added.path) == [f"data/pool/batch1/{i}.png" for i in range(4)]
+    assert (added.role == "target").all() and (added.split == "unlabeled").all() and (added.domain == "b").all()
+    assert (added.label == -1).all() and (added.class_name == "").all()
+    assert added.sha256.tolist() == digests
+    rest = m[~m.path.str.startswith("data/pool/")].reset_index(drop=True)
+    assert rest.equals(before.reset_index(drop=True))  # every dataset row where it was
+    assert report["target_pool"] == {"folder": "data/pool", "images": 7, "left_out_as_copies": 3}
+    assert m.equals(again)
+    from xfer.data.split import class_names
+
+    assert class_names(m) == ["cat", "dog", "owl"]
+
+
+def test_a_bad_target_pool_is_refused_naming_the_fix(fetched, tmp_path):
+    from xfer.data.split import check_pool
+
+    with pytest.raises(SplitError, match=r"data/pool: no such folder .*\(`mkdir -p data/pool && dvc add data/pool`\)"):
+        check_pool("data/pool", tmp_path)
+    for bad, why in (("/abs/pool", "relative to the project root"), ("../pool", "relative to the project root"), ("data/raw/pool", "fetch stage's output")):
+        with pytest.raises(SplitError, match=why):
+            check_pool(bad, tmp_path)
+    broken = fetched / "data" / "pool2"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not a png")
+    try:
+        with pytest.raises(SplitError, match=r"1 image\(s\) cannot be read: .*x.png"):
+            manifest(fetched, data_cfg(target_pool="data/pool2"))
+    finally:
+        shutil.rmtree(broken)
+    params = parse_params({"data": {"dataset": "./mine", "split": {"target_pool": "pool"}}})
+    (tmp_path / "pool").mkdir()
+    check_params(params, tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  split:\n    deps:\n    - data/raw\n")
+    with pytest.raises(SplitError, match=r"target_pool: pool is not a dep of the split stage"):
+        check_params(params, tmp_path)

@@ -1,7 +1,7 @@
-"""`make servers` / `make stop`: a real Prefect and MLflow server for a project.
+"""`make servers` / `make stop`: a real Prefect and MLflow server for a project, and its deployments served.
 
-One pair of servers is started for the module (about 8 s on 2 cores); the
-last test stops them and checks nothing is left.
+One set of servers is started for the module; the last test stops them and
+checks nothing is left.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def started(tmp_path_factory):
     # The server's database goes to this project's PREFECT_HOME, never the suite's.
     env = {**os.environ, "PREFECT_HOME": str(root / ".prefect")}
     env.pop("PREFECT_API_URL", None)
-    ports = {"prefect": free_port(), "mlflow": free_port()}
-    proc = make("servers", root, env, PREFECT_PORT=ports["prefect"], UI_PORT=ports["mlflow"])
+    ports = {"prefect": free_port(), "mlflow": free_port(), "flows": free_port()}
+    proc = make("servers", root, env, PREFECT_PORT=ports["prefect"], UI_PORT=ports["mlflow"], FLOWS_PORT=ports["flows"])
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         yield root, env, ports, proc.stdout
@@ -54,26 +54,47 @@ def test_start_prints_urls_and_the_export_line(started):
     assert f"Prefect UI  http://127.0.0.1:{ports['prefect']}" in out
     assert f"MLflow UI   http://127.0.0.1:{ports['mlflow']}" in out
     assert f"export PREFECT_API_URL=http://127.0.0.1:{ports['prefect']}/api" in out
-    for name in ("prefect", "mlflow"):
+    for name in ("prefect", "mlflow", "flows"):
         assert (root / ".servers" / f"{name}.pid").is_file()
         assert (root / ".servers" / f"{name}.log").is_file()
     assert api(f"http://127.0.0.1:{ports['prefect']}/api/health") is True
     with urllib.request.urlopen(f"http://127.0.0.1:{ports['mlflow']}/health", timeout=10) as resp:
         assert resp.read() == b"OK"
+    assert "Deployments served for this project: weekly (flows/retrain.py:retrain), monitor (flows/monitor.py:monitor)" in out
+
+
+def test_the_deployments_of_prefect_yaml_are_served_for_the_project(started):
+    """The loop's two deployments, as prefect.yaml declares them, with the project as their root:
+    the monitor can start the retrain by name without a work pool or a worker."""
+    import yaml
+
+    root, _, ports, _ = started
+    api_url = f"http://127.0.0.1:{ports['prefect']}/api"
+    declared = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    served = {d["name"]: d for d in api(api_url + "/deployments/filter", {})}
+    assert set(served) == set(declared) == {"weekly", "monitor"}
+    flows = {f["id"]: f["name"] for f in api(api_url + "/flows/filter", {})}
+    assert {name: flows[d["flow_id"]] for name, d in served.items()} == {"weekly": "xfer-retrain", "monitor": "xfer-monitor"}
+    for name, deployment in served.items():
+        assert deployment["parameters"] == {**declared[name]["parameters"], "root": str(root.resolve())}
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [s["cron"] for s in declared[name]["schedules"]]
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports['flows']}/health", timeout=10) as resp:
+        assert resp.status == 200
 
 
 def test_servers_listen_on_loopback_only(started):
     _, _, ports, _ = started
     assert listening_addresses(ports["prefect"]) == {"127.0.0.1"}
     assert listening_addresses(ports["mlflow"]) == {"127.0.0.1"}
+    assert listening_addresses(ports["flows"]) == {"127.0.0.1"}
 
 
 def test_second_start_starts_no_copy(started):
     root, env, ports, _ = started
     before = supervisor.status(root)
-    proc = make("servers", root, env, PREFECT_PORT=ports["prefect"], UI_PORT=ports["mlflow"])
+    proc = make("servers", root, env, PREFECT_PORT=ports["prefect"], UI_PORT=ports["mlflow"], FLOWS_PORT=ports["flows"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in ("prefect", "mlflow"):
+    for name in ("prefect", "mlflow", "flows"):
         assert f"{name} is already running (pid {before[name]})" in proc.stdout
     assert "started" not in proc.stdout
     assert supervisor.status(root) == before
@@ -98,7 +119,8 @@ def test_a_stage_with_prefect_api_url_runs_in_that_server(started, tmp_path):
     stage_env = {**env, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(tmp_path / ".prefect"), "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "flows.stages", "fetch"], cwd=tmp_path, env=stage_env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    runs = api(api_url + "/flow_runs/filter", {})
+    # The served deployments' schedules add scheduled runs of their own flows: only the stage's here.
+    runs = api(api_url + "/flow_runs/filter", {"flows": {"name": {"any_": ["fetch"]}}})
     assert len(runs) == 1, runs
     flow = api(f"{api_url}/flows/{runs[0]['flow_id']}")
     assert flow["name"] == "fetch"
@@ -119,7 +141,7 @@ def test_start_refuses_a_port_another_program_holds(tmp_path):
         )  # fmt: skip
     assert proc.returncode == 1
     assert f"port {port} on 127.0.0.1 is taken by another program" in proc.stderr
-    assert supervisor.status(tmp_path) == {"prefect": None, "mlflow": None}
+    assert supervisor.status(tmp_path) == {"prefect": None, "mlflow": None, "flows": None}
     assert not list((tmp_path / ".servers").glob("*.pid"))
 
 
@@ -151,5 +173,6 @@ def test_stop_leaves_no_process_and_no_pid_file(started):
         assert not (root / ".servers" / f"{name}.pid").exists()
     assert listening_addresses(ports["prefect"]) == set()
     assert listening_addresses(ports["mlflow"]) == set()
+    assert listening_addresses(ports["flows"]) == set()
     again = make("stop", root, env)
-    assert "prefect: not running" in again.stdout and "mlflow: not running" in again.stdout
+    assert all(f"{name}: not running" in again.stdout for name in ("prefect", "mlflow", "flows")), again.stdout

@@ -60,6 +60,10 @@ class SplitConfig(_Strict):
     # `xfer suggest-labels` file; relative to the project root. Its rows must come
     # from the unlabeled pool. Not with target_labeled / target_shots.
     target_labels: str | None = Field(None, min_length=1)
+    # A folder of more unlabelled target images (relative to the project root, DVC-tracked with
+    # `dvc add`): every image under it joins the target unlabeled split, never val or test.
+    # The monitor flow (flows/monitor.py) adds drifted images here before it triggers a retrain.
+    target_pool: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _leaves_training_rows(self) -> "SplitConfig":
@@ -600,10 +604,22 @@ class MonitorConfig(_Strict):
 
     # Significance of the drift verdict; each of the three tests (xfer/drift/) is held to alpha / 3.
     alpha: float = Field(0.05, gt=0, lt=1)
-    # Retraining is wanted when drift is significant and the estimated accuracy is below target val's by more than this.
-    max_drop: float = Field(0.1, ge=0, le=1)
+    # Retraining is wanted when drift is significant and the estimated accuracy is below target val's
+    # by more than this; null: when drift is significant, whatever the estimate.
+    max_drop: float | None = Field(0.1, ge=0, le=1)
     # Target val images evaluate keeps as the registered model's reference window (seeded sample; their labels unread).
     reference_rows: int = Field(500, ge=5, le=100_000)
+    # The per-image out-of-distribution flag (xfer predict, the served model; xfer/drift/ood.py): the
+    # quantile of the reference window's own scores above which an image is flagged (about 1 - this of
+    # new in-domain images are). Calibrated when evaluate registers the model.
+    ood_quantile: float = Field(0.95, ge=0.5, lt=1)
+    # The monitor flow: new images in the incoming folder it waits for before it tests them.
+    min_images: int = Field(30, ge=5, le=1_000_000)
+    # At most one triggered retrain per this many hours (the images of a wanted retrain
+    # inside it are reported, not added to data.split.target_pool).
+    cooldown_hours: float = Field(24.0, ge=0, le=24 * 365)
+    # The deployment a wanted retrain runs: "<flow name>/<deployment name>" (prefect.yaml's).
+    retrain_deployment: str = Field("xfer-retrain/weekly", pattern=r"^[^/\s]+/[^/\s]+$")
 
 
 class Params(_Strict):

@@ -89,6 +89,9 @@ MEMBER_FEATURES = "data/features/members"
 HEAD_PICK = "models/head_pick.json"
 # The translate stage's output: target-styled copies of the source train images.
 TRANSLATED = "data/translated"
+# The folder of more unlabelled target images, when set: every stage that reads target
+# unlabeled images lists it among its deps.
+TARGET_POOL = "data.split.target_pool"
 
 # The finetune section but `cv` (xfer/config.py FinetuneConfig's fields, in their order).
 FINETUNE_TRAINING_KEYS = (
@@ -135,8 +138,9 @@ STAGES: dict[str, Stage] = {
             task="tasks.split:split",
             core="xfer.data.split:build_manifest",
             checks=("xfer.data.split:check_params",),
-            # A filled `xfer suggest-labels` CSV: the labelled target rows.
-            param_deps=("data.split.target_labels",),
+            # A filled `xfer suggest-labels` CSV: the labelled target rows; and the folder of
+            # more unlabelled target images (the monitor's drifted images among them).
+            param_deps=("data.split.target_labels", TARGET_POOL),
         ),
         Stage(
             "features",
@@ -149,6 +153,7 @@ STAGES: dict[str, Stage] = {
             task="tasks.features:features",
             core="xfer.features:extract",
             checks=("xfer.backbones:check_params", "xfer.features:check_params", "tasks.runners:check_params"),
+            param_deps=(TARGET_POOL,),
         ),
         Stage(
             "head",
@@ -172,6 +177,7 @@ STAGES: dict[str, Stage] = {
             task="tasks.finetune:finetune",
             core="xfer.finetune_job:run",
             checks=("xfer.backbones:check_params",),
+            param_deps=(TARGET_POOL,),
             # The translated source images, only while fine-tuning reads them: with the
             # default (original) dvc.yaml is what it was before the translate stage existed.
             switched_deps=(SwitchedDep(TRANSLATED, "finetune.source_images", "original"),),
@@ -181,7 +187,7 @@ STAGES: dict[str, Stage] = {
             # The frozen backbone travels in the registered model with the head. The seed deals
             # the cross-validation folds; with finetune.cv the fine-tuning recipe runs once per fold.
             # The registered model carries its reference window for `xfer monitor` (xfer/monitor.py).
-            params=("seed", "evaluate", "backbone", "registry", "fusion", "finetune", "monitor.reference_rows"),
+            params=("seed", "evaluate", "backbone", "registry", "fusion", "finetune", "monitor.reference_rows", "monitor.ood_quantile"),
             # The fine-tuned network predicts from the images themselves. The head's pick: what
             # finetune.method auto is in the cross-validated recipe.
             deps=(FEATURES, MEMBER_FEATURES, "models/head", "models/finetune", HEAD_PICK, MANIFEST, "data/raw"),
@@ -190,6 +196,7 @@ STAGES: dict[str, Stage] = {
             task="tasks.evaluate:evaluate",
             core="xfer.evaluate:evaluate_models",
             checks=("xfer.backbones:check_params",),
+            param_deps=(TARGET_POOL,),
         ),
     )
 }
@@ -207,6 +214,7 @@ OPTIONAL_STAGES: dict[str, Stage] = {
         task="tasks.rank:rank",
         core="xfer.rank:rank_stage",
         checks=("xfer.rank:check_params",),
+        param_deps=(TARGET_POOL,),
         enabled_by="rank.backbones",
     ),
     "translate": Stage(
@@ -218,6 +226,7 @@ OPTIONAL_STAGES: dict[str, Stage] = {
         task="tasks.translate:translate",
         core="xfer.translate_stage:translate_stage",
         checks=("xfer.translate_stage:check_params",),
+        param_deps=(TARGET_POOL,),
         enabled_by="translate.enabled",
         runs_before="finetune",
     ),

@@ -56,6 +56,11 @@ class Layout:
         return self.features / "members"
 
     @property
+    def monitor(self) -> Path:
+        """`xfer monitor`'s and the monitor flow's reports, history, plots, trigger state and embedding cache; not a DVC output."""
+        return self.root / "monitor"
+
+    @property
     def translate_cache(self) -> Path:
         """Every translation ever trained, `<key>/`, content-addressed; not a DVC output (xfer.translate_stage)."""
         return self.root / "data" / "translate-cache"

@@ -327,8 +327,10 @@ def drift_history_figure(rows: Sequence[dict], tests: Sequence[str], alpha_per_t
     p_ax.set_ylabel("p-value")
     acc_ax.plot(runs, [float(row["accuracy_estimate"]) for row in rows], marker="o", markersize=3, label="estimated (ATC)")
     acc_ax.plot(runs, [float(row["accuracy_target_val"]) for row in rows], linestyle="--", label="target val")
+    # Runs before the per-image flag existed have no share: a gap in the line.
+    acc_ax.plot(runs, [float(row.get("ood_share") or "nan") for row in rows], marker="s", markersize=3, label="share flagged OOD")
     acc_ax.set_ylim(0, 1.02)
-    acc_ax.set_ylabel("accuracy")
+    acc_ax.set_ylabel("accuracy / share")
     for ax in (p_ax, acc_ax):
         ax.set_xlabel("monitor run")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from xfer.config import DataConfig, SplitConfig
-from xfer.data.validate import read_catalog
+from xfer.data.formats import IMAGE_SUFFIXES
+from xfer.data.validate import inspect_images, read_catalog
 from xfer.io import sha256_file
 
 MANIFEST_COLUMNS = ["path", "label", "class_name", "domain", "role", "split", "sha256"]
@@ -166,24 +167,82 @@ def apply_target_labels(target: pd.DataFrame, labels: pd.DataFrame, label_of: di
 
 
 def check_params(params, root: Path) -> None:
-    """Before any stage: the label file data.split.target_labels names is readable and whole, and,
-    where the project has a dvc.yaml, one of the split stage's deps (else DVC would not rerun the
-    split when the file is filled in or changed). Its paths and classes are checked by the split
-    itself, against the fetched dataset."""
-    value = params.data.split.target_labels
-    if value is None:
-        return
-    read_target_labels(labels_path(value, root))
+    """Before any stage: the label file data.split.target_labels names is readable and whole, the
+    folder data.split.target_pool names exists inside the project, and, where the project has a
+    dvc.yaml, each is one of the split stage's deps (else DVC would not rerun the split when it
+    changes). The label file's paths and classes are checked by the split itself, against the
+    fetched dataset."""
+    labels, pool = params.data.split.target_labels, params.data.split.target_pool
+    if labels is not None:
+        read_target_labels(labels_path(labels, root))
+    if pool is not None:
+        check_pool(pool, Path(root))
     dvc_file = Path(root) / "dvc.yaml"
     if dvc_file.is_file():
         import yaml
 
         deps = (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}).get("split", {}).get("deps", [])
-        if value not in deps:
-            raise SplitError(
-                f"data.split.target_labels: {value} is not a dep of the split stage in {dvc_file}, so DVC would not rerun the split "
-                "when the file changes: regenerate dvc.yaml with `python -m xfer.contract --write`"
-            )
+        for key, value in (("target_labels", labels), ("target_pool", pool)):
+            if value is not None and value not in deps:
+                raise SplitError(
+                    f"data.split.{key}: {value} is not a dep of the split stage in {dvc_file}, so DVC would not rerun the split "
+                    "when it changes: regenerate dvc.yaml with `python -m xfer.contract --write`"
+                )
+
+
+# ---- the target pool: more unlabelled target images, from the monitor or a person ----
+
+
+def check_pool(value: str, root: Path) -> Path:
+    """data.split.target_pool: a folder inside the project, outside fetch's data/raw; its absolute path."""
+    where = f"data.split.target_pool: {value}"
+    path = Path(value)
+    if path.is_absolute() or ".." in path.parts:
+        raise SplitError(f"{where}: give a folder relative to the project root, inside it (e.g. data/pool): DVC tracks it there")
+    if path.parts[:2] == ("data", "raw"):
+        raise SplitError(f"{where}: data/raw is the fetch stage's output, rewritten by every fetch; use another folder, e.g. data/pool")
+    folder = Path(root) / path
+    if not folder.is_dir():
+        raise SplitError(
+            f"{where}: no such folder under {Path(root).resolve()}; create it and let DVC track it "
+            f"(`mkdir -p {value} && dvc add {value}`), or set target_pool to null"
+        )
+    return folder
+
+
+def pool_images(folder: Path) -> list[Path]:
+    """The images under the pool folder, sorted; a hidden file or folder (an unfinished write) is not one."""
+    found = (p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in found if not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def pool_rows(value: str, root: Path, domain: str, known_sha256: set[str]) -> tuple[pd.DataFrame, dict]:
+    """The pool's images as target unlabeled rows (label -1: nobody knows it), and what was read.
+
+    An image whose content the dataset already holds is left out, so the pool never
+    moves a row of the split (a copy of a target test image must stay in test)."""
+    folder = check_pool(value, root)
+    images = pool_images(folder)
+    inspected = inspect_images(images, progress=False)
+    broken = [f"{p} ({why})" for p, (_, why) in zip(images, inspected) if why is not None]
+    if broken:
+        raise SplitError(f"data.split.target_pool: {len(broken)} image(s) cannot be read: {_listed(broken)}; remove or replace them")
+    prefix = Path(value).as_posix().rstrip("/")
+    df = pd.DataFrame(
+        {
+            "path": [f"{prefix}/{p.relative_to(folder).as_posix()}" for p in images],
+            "label": -1,
+            "class_name": "",
+            "domain": domain,
+            "role": "target",
+            "split": "unlabeled",
+            "sha256": [digest for digest, _ in inspected],
+        },
+        columns=MANIFEST_COLUMNS,
+    )
+    copies = df.sha256.isin(known_sha256) | df.sha256.duplicated()
+    report = {"folder": value, "images": len(df), "left_out_as_copies": int(copies.sum())}
+    return df[~copies], report
 
 
 def drop_duplicates(manifest: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
@@ -229,6 +288,11 @@ def build_manifest(dataset_dir: Path, cfg: DataConfig, seed: int, root: Path = P
         df = df.assign(label=df.class_name.map(label_of).astype(int), role=role, path=prefix + "/" + df.path)
         df["split"] = assign_splits(df.label.to_numpy(), role, cfg.split, _domain_rng(seed, role, position), domain, names)
         parts.append(df)
+    pool = None
+    if cfg.split.target_pool is not None:
+        known = set(catalog.sha256)
+        rows_, pool = pool_rows(cfg.split.target_pool, root, cfg.target_domain, known)
+        parts[-1] = pd.concat([parts[-1], rows_], ignore_index=True)
     given = None
     if labels is not None:
         target = parts[-1]
@@ -253,7 +317,10 @@ def build_manifest(dataset_dir: Path, cfg: DataConfig, seed: int, root: Path = P
                 f"data.split.target_labels: {labels_file}: {_listed(lost)} copy the content of another image the split keeps "
                 "(in source train, or another listed row; it keeps one copy of each image): remove them"
             )
-    return manifest, split_report(manifest, duplicates, cfg, given)
+    report = split_report(manifest, duplicates, cfg, given)
+    if pool is not None:  # only when set: without a pool the report stays byte for byte as before
+        report["target_pool"] = pool
+    return manifest, report
 
 
 def split_report(manifest: pd.DataFrame, duplicates: dict, cfg: DataConfig, target_labels: dict | None = None) -> dict:
@@ -288,7 +355,8 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 def class_names(manifest: pd.DataFrame) -> list[str]:
-    pairs = manifest[["label", "class_name"]].drop_duplicates().sort_values("label")
+    labelled = manifest[manifest.label.astype(int) >= 0]  # a pool image's label is -1: unknown
+    pairs = labelled[["label", "class_name"]].drop_duplicates().sort_values("label")
     return pairs.class_name.tolist()
 
 

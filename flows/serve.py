@@ -1,0 +1,69 @@
+"""Serve every deployment of prefect.yaml from one process, for one project.
+
+    python -m flows.serve [--root .]
+
+`make servers` runs this beside the Prefect and MLflow servers
+(servers/supervisor.py), so the whole loop runs on one machine without a work
+pool: the monitor deployment tests the project's incoming folder on its
+schedule and starts the retrain deployment when a retrain is wanted; the
+retrain promotes only a better model. Each deployment is served as
+prefect.yaml declares it (name, flow, parameters, schedule), with `root` set
+to this project: the file stays the one place where they are named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import tasks  # noqa: F401  (offline defaults before prefect is imported)
+
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"
+
+
+def declared_deployments(path: Path = PREFECT_YAML) -> list[dict]:
+    import yaml
+
+    return (yaml.safe_load(path.read_text()) or {}).get("deployments", [])
+
+
+def flow_of(entrypoint: str):
+    """The flow object an entrypoint such as `flows/retrain.py:retrain` names."""
+    file, _, name = entrypoint.partition(":")
+    return getattr(importlib.import_module(file.removesuffix(".py").replace("/", ".")), name)
+
+
+def deployments(root: Path, path: Path = PREFECT_YAML) -> list:
+    """prefect.yaml's deployments as RunnerDeployments of this project."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    out = []
+    for spec in declared_deployments(path):
+        schedules = [CronSchedule(cron=s["cron"], timezone=s.get("timezone", "UTC")) for s in spec.get("schedules", [])]
+        out.append(
+            flow_of(spec["entrypoint"]).to_deployment(
+                name=spec["name"],
+                description=spec.get("description"),
+                parameters={**spec.get("parameters", {}), "root": str(root)},
+                schedules=schedules,
+            )
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefect import serve
+
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=".", help="project root (default: .)")
+    args = parser.parse_args(argv)
+    served = deployments(Path(args.root).resolve())
+    print("serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in served), flush=True)
+    serve(*served)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
