@@ -156,19 +156,17 @@ def monitor(root: str = ".", incoming: str = DEFAULT_INCOMING, model: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.serve import add_serve_arguments, check_serve_arguments
     from flows.stages import check_params
 
     parser = argparse.ArgumentParser(prog="python -m flows.monitor", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project root (default: .)")
     parser.add_argument("--incoming", default=DEFAULT_INCOMING, help=f"folder receiving new images, relative to the root (default: {DEFAULT_INCOMING})")
     parser.add_argument("--model", help="MLflow model URI (default: models:/<registry.name>@champion)")
-    parser.add_argument("--serve", action="store_true", help="serve the flow as a deployment until interrupted")
-    parser.add_argument("--cron", help='schedule for --serve, e.g. "0 * * * *" (hourly)')
-    parser.add_argument("--name", default=DEFAULT_DEPLOYMENT, help=f"deployment name for --serve (default: {DEFAULT_DEPLOYMENT})")
+    add_serve_arguments(parser, DEFAULT_DEPLOYMENT, '"0 * * * *" (hourly)')
     args = parser.parse_args(argv)
     root = str(Path(args.root).resolve())
-    if args.cron and not args.serve:
-        parser.error("--cron needs --serve")
+    check_serve_arguments(parser, args)
     if not check_params(root):
         return 2
     parameters = {"root": root, "incoming": args.incoming, "model": args.model}

@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 import tasks  # noqa: F401  (offline defaults before prefect is imported)
 from flows.pipeline import pipeline
+from flows.serve import add_serve_arguments, check_serve_arguments
 from flows.stages import check_params
 from tasks.tracking import TrackingURIError, team_tracking_uri
 from xfer.config import load_params
@@ -120,20 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project root (default: .)")
     parser.add_argument("--force", action="store_true", help="rerun every stage even if nothing changed")
-    parser.add_argument("--serve", action="store_true", help="serve the flow as a deployment until interrupted")
-    parser.add_argument("--cron", help='schedule for --serve, e.g. "0 3 * * 1" (Mondays 03:00)')
-    parser.add_argument("--name", default=DEFAULT_DEPLOYMENT, help=f"deployment name for --serve (default: {DEFAULT_DEPLOYMENT})")
+    add_serve_arguments(parser, DEFAULT_DEPLOYMENT, '"0 3 * * 1" (Mondays 03:00)')
     args = parser.parse_args(argv)
     root = str(Path(args.root).resolve())
-    if args.cron and not args.serve:
-        parser.error("--cron needs --serve")
-    if args.cron:
-        from prefect.client.schemas.schedules import CronSchedule
-
-        try:
-            CronSchedule(cron=args.cron)
-        except ValueError:
-            parser.error(f"--cron {args.cron!r} is not a valid cron expression (five fields: minute hour day-of-month month day-of-week)")
+    check_serve_arguments(parser, args)
     if not check_params(root):
         return 2
     try:

@@ -53,6 +53,26 @@ def deployments(root: Path, path: Path = PREFECT_YAML) -> list:
     return out
 
 
+def add_serve_arguments(parser: argparse.ArgumentParser, default_name: str, cron_example: str) -> None:
+    """--serve, --cron and --name: serving one flow from its own process (flows/retrain.py, flows/monitor.py)."""
+    parser.add_argument("--serve", action="store_true", help="serve the flow as a deployment until interrupted")
+    parser.add_argument("--cron", help=f"schedule for --serve, e.g. {cron_example}")
+    parser.add_argument("--name", default=default_name, help=f"deployment name for --serve (default: {default_name})")
+
+
+def check_serve_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--cron only with --serve, and a valid cron expression; parser.error otherwise."""
+    if args.cron and not args.serve:
+        parser.error("--cron needs --serve")
+    if args.cron:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=args.cron)
+        except ValueError:
+            parser.error(f"--cron {args.cron!r} is not a valid cron expression (five fields: minute hour day-of-month month day-of-week)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from prefect import serve
 

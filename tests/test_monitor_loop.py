@@ -17,7 +17,7 @@ import pytest
 from helpers import REPO, TINY_PARAMS
 from PIL import Image, ImageOps
 from test_dvc import make_repo, sh
-from test_retrain import wait_for_deployment
+from test_retrain import serve_retrain, wait_for_deployment
 
 DEPLOYMENT = "xfer-retrain/loop-test"
 
@@ -82,14 +82,7 @@ def test_drift_adds_images_to_the_pool_and_triggers_one_retrain_within_the_coold
     sh([sys.executable, "-m", "xfer.contract", "--write"], root, env)  # data/pool joins the deps of the stages reading target images
     (root / "data" / "pool").mkdir(parents=True)
     sh([dvc, "add", "data/pool"], root, env)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flows.retrain", "--serve", "--name", "loop-test", "--root", str(root)],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    server = serve_retrain(root, env, "loop-test")
     try:
         wait_for_deployment(DEPLOYMENT, server)
         first = wait_for_flow_run(_start(DEPLOYMENT, str(root)))
@@ -203,3 +196,17 @@ def test_the_flow_waits_without_images_refuses_a_second_run_and_names_a_missing_
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize("module", ["flows.retrain", "flows.monitor"])
+def test_a_bad_schedule_is_refused_before_anything_runs(module, capsys):
+    import importlib
+
+    main = importlib.import_module(module).main
+    for argv, message in (
+        (["--cron", "0 * * * *"], "--cron needs --serve"),
+        (["--serve", "--cron", "every hour"], "--cron 'every hour' is not a valid cron expression (five fields"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -30,6 +30,12 @@ def wait_for_deployment(name: str, server: subprocess.Popen, timeout: float = 12
     raise AssertionError(f"deployment {name} did not appear within {timeout} s")
 
 
+def serve_retrain(root, env: dict, name: str, *extra: str) -> subprocess.Popen:
+    """`python -m flows.retrain --serve` for the project at `root`, from its own code, in the background."""
+    command = [sys.executable, "-m", "flows.retrain", "--serve", "--name", name, "--root", str(root), *extra]
+    return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.mark.slow
 def test_served_retrain_has_its_cron_and_a_triggered_run_promotes(tmp_path, prefect_api):
     import mlflow
@@ -39,14 +45,7 @@ def test_served_retrain_has_its_cron_and_a_triggered_run_promotes(tmp_path, pref
     root = tmp_path / "project"
     root.mkdir()
     env, _ = make_repo(root, TINY_PARAMS, prefect_api)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flows.retrain", "--serve", "--cron", CRON, "--name", "nightly-test", "--root", str(root)],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    server = serve_retrain(root, env, "nightly-test", "--cron", CRON)
     try:
         deployment = wait_for_deployment(DEPLOYMENT, server)
         assert [s.schedule.cron for s in deployment.schedules] == [CRON]
