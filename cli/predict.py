@@ -4,8 +4,11 @@ The model is any MLflow model URI; by default `models:/<registry.name>@champion`
 It is read from the MLflow store the stages write: --tracking-uri if given,
 else XFER_TRACKING_URI (a team server, say), else the project's at --root.
 Folders are searched recursively. The CSV has one row per image: path,
-predicted class, its probability, and one probability column per class.
-It is written whole or not at all.
+predicted class, its probability, one probability column per class, and, for
+a model registered with a reference window, `ood_score` and
+`out_of_distribution` (xfer/drift/ood.py: how far the image is from the
+target domain, and whether further than the threshold calibrated on target
+val). It is written whole or not at all.
 """
 
 from __future__ import annotations

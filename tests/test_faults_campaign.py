@@ -45,6 +45,7 @@ def test_every_server_the_project_starts_has_a_row():
         "MLflow UI",
         "Prefect server",
         "MLflow server",
+        "deployments runner",
         "Prefect's temporary server",
         "a stage's temporary Prefect server",
         "model server",
@@ -61,6 +62,8 @@ def test_loopback_claims_match_the_commands_the_code_runs():
 
     assert supervisor.HOST == "127.0.0.1" and f'`HOST = "{supervisor.HOST}"`' in DOC.read_text()
     assert loopback_only(rows["Prefect server"]) and loopback_only(rows["MLflow server"])
+    runner = supervisor.flows_server(Path("/project"), 4280, 4200)
+    assert runner.env["PREFECT_RUNNER_SERVER_HOST"] == supervisor.HOST and loopback_only(rows["deployments runner"])
 
     make_ui = re.search(r"^ui:.*\n\t(.*)$", (REPO / "Makefile").read_text(), re.M).group(1)
     assert "--host 127.0.0.1" in make_ui and loopback_only(rows["MLflow UI"])

@@ -339,7 +339,7 @@ def test_xfer_predict_skips_special_files_and_names_a_bomb_without_a_traceback(n
     assert "skipped 2 file(s) that are not regular files" in ok.stderr and "pipe.png (a FIFO" in ok.stderr
     frame = pd.read_csv(tmp_path / "p.csv", keep_default_na=False, dtype={"class": str})
     assert len(frame) == 3 and set(frame["class"]) <= set(NAMES)
-    assert sorted(frame.columns[3:]) == sorted(NAMES)
+    assert sorted(frame.columns[3:-2]) == sorted(NAMES) and list(frame.columns[-2:]) == ["ood_score", "out_of_distribution"]
     # Over data.max_image_pixels (10,000 in the project's params.yaml): one line naming the file.
     big = bomb(folder / "big.png", 120)
     (tmp_path / "p.csv").unlink()
