@@ -158,6 +158,7 @@ def monitor(root: str = ".", incoming: str = DEFAULT_INCOMING, model: str | None
 def main(argv: list[str] | None = None) -> int:
     from flows.serve import add_serve_arguments, check_serve_arguments
     from flows.stages import check_params
+    from tasks.prefect_server import start_temporary_server
 
     parser = argparse.ArgumentParser(prog="python -m flows.monitor", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project root (default: .)")
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.serve and not folder.is_dir():  # asked for now, by a person: say so (a schedule waits instead)
         print(f"error: {missing_folder(folder)}", file=sys.stderr)
         return 2
+    start_temporary_server()  # without PREFECT_API_URL: tied to this process, gone with it even after a SIGKILL
     if args.serve:
         monitor.serve(name=args.name, cron=args.cron, parameters=parameters)
         return 0

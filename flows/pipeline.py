@@ -23,6 +23,7 @@ from prefect import flow
 
 from flows.stages import BUSY_EXIT, STAGE_FLOWS, check_params, claim_and_crash_orphans
 from tasks import tracking
+from tasks.prefect_server import start_temporary_server
 from xfer.config import load_params
 from xfer.contract import enabled_stages
 from xfer.layout import Layout
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with project_lock(args.root):  # before Prefect starts: a busy project is refused in a second
+            start_temporary_server()  # tied to this process: a killed pipeline leaves no server behind
             result = pipeline(root=args.root)
     except LockedError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -28,6 +28,7 @@ import tasks  # noqa: F401  (offline defaults before prefect is imported)
 from flows.pipeline import pipeline
 from flows.serve import add_serve_arguments, check_serve_arguments
 from flows.stages import check_params
+from tasks.prefect_server import start_temporary_server
 from tasks.tracking import TrackingURIError, team_tracking_uri
 from xfer.config import load_params
 from xfer.layout import Layout
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrackingURIError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    start_temporary_server()  # without PREFECT_API_URL: tied to this process, gone with it even after a SIGKILL
     if args.serve:
         retrain.serve(name=args.name, cron=args.cron, parameters={"root": root, "force": args.force})
         return 0

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="project root (default: .)")
     args = parser.parse_args(argv)
+    from tasks.prefect_server import start_temporary_server
+
+    start_temporary_server()  # without PREFECT_API_URL: tied to this process, gone with it even after a SIGKILL
     served = deployments(Path(args.root).resolve())
     print("serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in served), flush=True)
     serve(*served)

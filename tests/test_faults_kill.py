@@ -359,10 +359,14 @@ def test_a_killed_pipelines_flow_run_is_marked_crashed_by_the_next_pipeline(buil
     proc = subprocess.Popen(command, cwd=REPO, env=stage_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: flow_runs_of(home, proc.pid).get("xfer-pipeline") == "RUNNING", 180, "the pipeline's flow run", proc)
+        children = descendants(proc.pid)
+        assert {p for p in children if "uvicorn" in cmdline(p)}, [cmdline(p) for p in children]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
         proc.kill()
+    # Its temporary Prefect server dies with it (before: orphaned to init, running after the test session).
+    wait_for(lambda: not any(alive(p) for p in children), 20, f"orphans {[cmdline(p) for p in children if alive(p)]}")
     killed = flow_runs_of(home, proc.pid)
     assert killed["xfer-pipeline"] == "RUNNING"
 
@@ -371,9 +375,11 @@ def test_a_killed_pipelines_flow_run_is_marked_crashed_by_the_next_pipeline(buil
     again = subprocess.Popen(command, cwd=REPO, env=stage_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(lambda: set(flow_runs_of(home, proc.pid).values()) == {"CRASHED"}, 300, f"{sorted(killed)} marked CRASHED", again)
+        children = descendants(again.pid)
     finally:
         again.kill()
         again.wait()
+    wait_for(lambda: not any(alive(p) for p in children), 20, f"orphans {[cmdline(p) for p in children if alive(p)]}")
     assert flow_runs_of(home, proc.pid) == dict.fromkeys(killed, "CRASHED")
 
 
