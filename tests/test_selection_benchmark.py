@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -175,3 +176,39 @@ def test_results_written_before_a_validator_existed_render_it_as_missing():
     assert cells[cols.index("soft_info_max")] == "-" and cells[cols.index("info_max")] == "0.700"
     assert "soft_info_max came after these results were written" in text
     assert "| soft_info_max |" not in text.split("Negative transfer")[1].split("Reference rows")[0]
+
+
+def test_the_source_only_regulariser_is_chosen_on_the_other_tasks_only():
+    """Task c alone would choose label smoothing; held out, it gets what a and b choose (none, the earlier
+    variant on a tie) and its own gap there. Gaps are to logistic regression, paired by seed (dyadic
+    figures, so the tie is exact)."""
+    from benchmarks.source_only import summarise
+
+    a, b, c = "none", "label_smoothing 0.1", "weight_decay 0.01"
+    accuracy = {
+        "a": {a: [0.5, 0.75], b: [0.5, 0.625], c: [0.25, 0.25]},
+        "b": {a: [0.5, 0.5], b: [0.5625, 0.5625], c: [0.25, 0.25]},
+        "c": {a: [0.125, 0.125], b: [0.75, 0.75], c: [0.5, 0.5]},
+    }
+    result = summarise(accuracy, {"a": 0.5, "b": 0.5, "c": 0.25})
+    row = result["tasks"]["a"]["variants"][a]
+    assert row["gap"] == 0.125 and row["se"] == pytest.approx(0.125)  # gaps 0 and 0.25
+    loo = result["leave_one_task_out"]
+    assert loo["c"] == {"chosen": a, "held_out_gap": -0.125}  # a and b: 0.0625 both over tasks a, b
+    assert loo["a"] == {"chosen": b, "held_out_gap": 0.0625}
+    assert loo["b"]["chosen"] == b
+    assert result["chosen_on_all"] == b
+
+
+def test_the_source_only_benchmarks_unregularised_head_is_the_selection_benchmarks_source_only_row():
+    """Both committed files train the same head (params.yaml's, source_only, its epoch by source val) on the
+    same features and seeds: benchmarks/source_only.py's `none` column is selection.py's source-only column,
+    and its logistic regression is the same figure, task by task."""
+    results = REPO / "benchmarks" / "results"
+    regularisers = json.loads((results / "source_only.json").read_text())
+    selection = json.loads((results / "selection.json").read_text())
+    assert regularisers["meta"]["seeds"] == selection["meta"]["seeds"]
+    assert set(regularisers["tasks"]) == set(selection["tasks"])
+    for name, row in regularisers["tasks"].items():
+        assert row["variants"]["none"]["accuracy"] == pytest.approx(selection["tasks"][name]["source_only"], abs=1e-9), name
+        assert row["logistic_regression"] == pytest.approx(selection["tasks"][name]["logistic_regression"], abs=1e-9), name
