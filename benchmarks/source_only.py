@@ -39,14 +39,15 @@ from xfer.config import Params, load_params  # noqa: E402
 from xfer.io import write_json, write_text  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-# What was tried, each against params.yaml's head section; every variant names label_smoothing,
-# so the table does not move when params.yaml's own value does. The first is no regulariser.
+# What was tried, each against params.yaml's head section; every variant names the source-only head's
+# label smoothing (head.source_only_label_smoothing), so the table does not move when params.yaml's own
+# value does. The first is no regulariser.
 VARIANTS: dict[str, dict] = {
-    "none": {"label_smoothing": 0.0},
-    "label_smoothing 0.1": {"label_smoothing": 0.1},
-    "weight_decay 0.01": {"label_smoothing": 0.0, "weight_decay": 0.01},
-    "dropout 0.5": {"label_smoothing": 0.0, "dropout": 0.5},
-    "kind linear": {"label_smoothing": 0.0, "kind": "linear"},
+    "none": {"source_only_label_smoothing": 0.0},
+    "label_smoothing 0.1": {"source_only_label_smoothing": 0.1},
+    "weight_decay 0.01": {"source_only_label_smoothing": 0.0, "weight_decay": 0.01},
+    "dropout 0.5": {"source_only_label_smoothing": 0.0, "dropout": 0.5},
+    "kind linear": {"source_only_label_smoothing": 0.0, "kind": "linear"},
 }
 
 
@@ -112,7 +113,7 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"Chosen on all {len(tasks)} tasks together: **{result['chosen_on_all']}**; params.yaml's head section has "
-        f"label_smoothing {meta['head']['label_smoothing']:g}, weight_decay {meta['head']['weight_decay']:g}, "
+        f"source_only_label_smoothing {meta['head']['source_only_label_smoothing']:g}, weight_decay {meta['head']['weight_decay']:g}, "
         f"dropout {meta['head']['dropout']:g}, kind {meta['head']['kind']}.",
         "",
         f"Machine: {meta['machine']}; {meta['seconds']:.0f} s in all. Written by `benchmarks/source_only.py`.",
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes {args.processes}: must be at least 1 (worker processes training heads side by side)")
     params = load_params(args.params)
     start = time.perf_counter()
     result = run(args.params, params, args.tasks, args.seeds, args.processes)

@@ -71,6 +71,21 @@ def test_class_balanced_loss_weights_rare_classes_and_recovers_their_recall():
     assert recall[True] > recall[False] + 0.2, recall
 
 
+def test_the_source_only_head_trains_with_its_own_label_smoothing_and_an_adapted_head_ignores_it():
+    """head.source_only_label_smoothing replaces label_smoothing for method source_only, and only there."""
+    data = HeadData(blobs(200, 0), blobs(60, 1), target_train=blobs(200, 2, shift=0.5)[0])
+
+    def weights(**overrides) -> torch.Tensor:
+        head, _ = train_head(head_config(epochs=5, lr=0.05, selection="last", **overrides), data, 3, seed=0)
+        return torch.cat([p.detach().flatten() for p in head.parameters()])
+
+    own = weights(label_smoothing=0.0, source_only_label_smoothing=0.3)
+    assert torch.equal(own, weights(label_smoothing=0.3, source_only_label_smoothing=None))
+    assert not torch.equal(own, weights(label_smoothing=0.0, source_only_label_smoothing=0.0))
+    assert torch.equal(weights(method="mcc", source_only_label_smoothing=0.3), weights(method="mcc", source_only_label_smoothing=0.0))
+    assert not torch.equal(weights(method="mcc", label_smoothing=0.3), weights(method="mcc"))
+
+
 def test_label_smoothing_keeps_predictions_less_certain():
     data = HeadData(blobs(200, 0), blobs(60, 1))
     top = {}

@@ -316,10 +316,12 @@ Selection = Literal["source_val", "entropy", "info_max", "soft_info_max", "bnm",
 
 
 # A plain linear head on source features (AdamW at a constant lr, 60 epochs, the epoch by
-# source val): fine-tuning's linear probe, whatever recipe the head section names.
+# source val, no label smoothing): fine-tuning's linear probe, whatever recipe the head section names.
 LINEAR_PROBE = {
     "kind": "linear",
     "method": "source_only",
+    "label_smoothing": 0.0,
+    "source_only_label_smoothing": None,
     "adapt_weight": 1.0,
     "feature_norm": "none",
     "epochs": 60,
@@ -373,6 +375,11 @@ class HeadConfig(_Strict):
     # Each trains on one thread, so the pick and its weights do not depend on this number.
     search_processes: int | None = Field(None, ge=1, le=256)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # The source-only head's own label smoothing (head.method source_only, and auto's source_only
+    # candidate); null = label_smoothing. Source-only fits the source loss alone and overfits it
+    # (benchmarks/source_only.py); an adapted head's target term already regularises it, and
+    # smoothing it too costs it (benchmarks/results/selection_label_smoothing.md).
+    source_only_label_smoothing: float | None = Field(0.1, ge=0, lt=1)
     # Weight the loss by inverse class frequency, for imbalanced source data.
     class_balanced: bool = False
     # Which source rows an epoch draws (xfer/samplers/): each once (uniform), or by class, with replacement.
@@ -410,6 +417,13 @@ class HeadConfig(_Strict):
     @property
     def uses_target_labels(self) -> bool:
         return self.selection == "target_val"
+
+    @property
+    def effective_label_smoothing(self) -> float:
+        """The label smoothing this head trains with: source-only may have its own."""
+        if self.method == "source_only" and self.source_only_label_smoothing is not None:
+            return self.source_only_label_smoothing
+        return self.label_smoothing
 
 
 class AugmentConfig(_Strict):

@@ -324,12 +324,12 @@ def head_epochs(cfg: HeadConfig, data: HeadData, num_classes: int, seed: int, ev
             else:
                 f_s = head.embed(x[idx], "source")
             logits_s = head.classifier(f_s)
-            loss = source_loss(logits_s, y[idx], weight, cfg.label_smoothing, row_weight[idx] if row_weight is not None else None)
+            loss = source_loss(logits_s, y[idx], weight, cfg.effective_label_smoothing, row_weight[idx] if row_weight is not None else None)
             if has_labeled:
                 if not together:
                     l_idx = torch.randint(len(xl), (min(len(idx), len(xl)),), generator=gen)
                 logits_l = head.classifier(embedded[1] if together else head.embed(xl[l_idx], "target"))
-                loss = loss + F.cross_entropy(logits_l, yl[l_idx], weight=weight, label_smoothing=cfg.label_smoothing)
+                loss = loss + F.cross_entropy(logits_l, yl[l_idx], weight=weight, label_smoothing=cfg.effective_label_smoothing)
             if adapt is not None:
                 adapt.set_progress(step / total_steps)
                 if not together:
