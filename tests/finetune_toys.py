@@ -9,7 +9,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from xfer.backbones import create_backbone
 from xfer.config import LINEAR_PROBE, BackboneConfig, FinetuneConfig, HeadConfig
-from xfer.finetune import Classifier
+from xfer.finetune import Classifier, finetune
 from xfer.heads import build_head
 
 # The plain supervised loop these tests were written against: no adaptation, a constant
@@ -55,3 +55,24 @@ class NoisyData(Dataset):
             time.sleep(self.delay_s)
         x, y = self.inner[i]
         return x + 0.1 * torch.randn_like(x), y
+
+
+def train_variants(variants: dict) -> dict:
+    """Each variant's weights after one short epoch (3 steps), from the same start and seed."""
+    cfg = loop_config(epochs=1, batch_size=16, max_steps_per_epoch=3, lr=1e-2, device="cpu")
+    results = {}
+    for name, update in variants.items():
+        model, _ = tiny_classifier()
+        seen = {}
+        finetune(
+            model,
+            toy_data(64, 0),
+            toy_data(16, 1),
+            cfg.model_copy(update=update),
+            torch.device("cpu"),
+            seed=0,
+            progress=False,
+            on_epoch=lambda e, r: seen.update({k: v.detach().clone() for k, v in model.state_dict().items()}),
+        )
+        results[name] = seen
+    return results

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from finetune_toys import loop_config, tiny_classifier, toy_data
+from finetune_toys import loop_config, tiny_classifier, toy_data, train_variants
 
 from xfer.checkpoints import CHECKPOINT_FILE
 from xfer.config import ConfigError, HeadConfig, parse_params
@@ -301,27 +301,6 @@ def test_adaptation_needs_target_images_and_a_trainable_backbone():
         finetune(model, toy_data(16, 0), toy_data(8, 1), loop_config(epochs=1, method="mcc", device="cpu"), torch.device("cpu"), seed=0, progress=False)
     with pytest.raises(ConfigError, match="which strategy 'head_only' freezes"):
         parse_params({"finetune": {"strategy": "head_only", "method": "coral"}})
-
-
-def train_variants(variants: dict) -> dict:
-    """Each variant's weights after one short epoch (3 steps), from the same start and seed."""
-    cfg = loop_config(epochs=1, batch_size=16, max_steps_per_epoch=3, lr=1e-2, device="cpu")
-    results = {}
-    for name, update in variants.items():
-        model, _ = tiny_classifier()
-        seen = {}
-        finetune(
-            model,
-            toy_data(64, 0),
-            toy_data(16, 1),
-            cfg.model_copy(update=update),
-            torch.device("cpu"),
-            seed=0,
-            progress=False,
-            on_epoch=lambda e, r: seen.update({k: v.detach().clone() for k, v in model.state_dict().items()}),
-        )
-        results[name] = seen
-    return results
 
 
 def test_loader_workers_and_channels_last_train_the_same_weights():

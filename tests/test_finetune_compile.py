@@ -6,8 +6,7 @@ the compiler's time rather than ours. `make test` runs it.
 """
 
 import torch
-from finetune_toys import tiny_classifier
-from test_finetune import train_variants
+from finetune_toys import tiny_classifier, train_variants
 
 
 def test_compiled_training_matches_eager_and_saves_plain_keys():
