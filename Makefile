@@ -54,7 +54,7 @@ test: $(TEST_STAMP)
 
 ## test-fast: the core package's unit tests only (no stage, pipeline or server): the inner loop
 # One OpenMP thread: these tests train on tiny tensors, where a second thread only spins
-# (on 2 cores it took 3.4x the CPU and 2x the wall time, README: Tests come in tiers).
+# (on 2 cores it took 2.1x the CPU and 1.4x the wall time, README: Tests come in tiers).
 test-fast: $(TEST_STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m core
 

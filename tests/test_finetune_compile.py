@@ -1,7 +1,7 @@
 """Compiled fine-tuning (torch.compile) against eager.
 
 Not in the core tier (`make test-fast`): on a machine without inductor's cache,
-compiling the tiny model's C++ kernels takes about 45 s of the 2-core budget,
+compiling the tiny model's C++ kernels took 50 s on 2 cores,
 the compiler's time rather than ours. `make test` runs it.
 """
 
