@@ -49,8 +49,10 @@ pipeline: $(STAMP)
 	$(BIN)/python -m flows.pipeline
 
 ## test: the test suite (offline, tiny generated data)
+# One OpenMP thread here too, children included: the suite trains on tiny tensors. The default
+# run's reproduction check (tests/test_readme.py) gives its own run the CPU's threads back.
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 ## test-fast: the core package's unit tests only (no stage, pipeline or server): the inner loop
 # One OpenMP thread: these tests train on tiny tensors, where a second thread only spins

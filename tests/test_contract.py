@@ -130,6 +130,25 @@ def test_fast_tier_holds_only_core_unit_tests():
         assert not any(f in text for f in ("prefect_api", "pipeline_project")), name
 
 
+def test_fast_tier_imports_only_its_own_modules_and_collects_every_one_of_them():
+    """`pytest -m core` does not import the other test modules (conftest's pytest_ignore_collect):
+    Prefect and MLflow stay out of the inner loop, and every core module still gives its tests."""
+    from conftest import CORE_TEST_MODULES
+
+    code = (
+        "import sys, pytest\n"
+        "code = pytest.main(['-m', 'core', '--collect-only', '-q', '-p', 'no:cacheprovider', 'tests'])\n"
+        "print('LOADED', *sorted(m for m in ('prefect', 'mlflow', 'tasks', 'flows') if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    modules = {line.split("::")[0].removeprefix("tests/").removesuffix(".py") for line in lines if "::" in line}
+    assert modules == CORE_TEST_MODULES
+    assert lines[-1] == "LOADED", lines[-1]
+
+
 def test_table_paths_are_the_layouts():
     """The contract's file names and xfer/layout.py's (what the tasks pass to the cores) are one set of paths."""
     from pathlib import Path

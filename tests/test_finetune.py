@@ -243,21 +243,26 @@ def run_child(out, ckpt, delay, sampler="uniform"):
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, sampler):
     """SIGKILL in epoch 2, restart: epochs 2-4 run again from the epoch-1 checkpoint, same final weights
     (with weighted draws too: the sampler draws from the loader's generator, which the checkpoint keeps)."""
-    assert run_child(tmp_path / "straight", tmp_path / "ckpt_straight", 0, sampler).wait(timeout=300) == 0
-    child = run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0.01, sampler)
-    checkpoint = tmp_path / "ckpt_killed" / CHECKPOINT_FILE
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # into epoch 2 (about 1 s of slow batches)
-    child.send_signal(signal.SIGKILL)
-    assert child.wait(timeout=60) == -signal.SIGKILL
-    assert checkpoint.exists() and not (tmp_path / "killed" / "weights.pt").exists()
-    assert (tmp_path / "killed" / "epochs.txt").read_text().split() == ["0", "1"]
+    # The uninterrupted run does not depend on the killed one: both start at once, a core each.
+    straight_run = run_child(tmp_path / "straight", tmp_path / "ckpt_straight", 0, sampler)
+    try:
+        child = run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0.01, sampler)
+        checkpoint = tmp_path / "ckpt_killed" / CHECKPOINT_FILE
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # into epoch 2 (about 1 s of slow batches)
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+        assert checkpoint.exists() and not (tmp_path / "killed" / "weights.pt").exists()
+        assert (tmp_path / "killed" / "epochs.txt").read_text().split() == ["0", "1"]
 
-    assert run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0, sampler).wait(timeout=300) == 0
-    assert (tmp_path / "killed" / "epochs.txt").read_text().split() == ["0", "1", "2", "3", "4"]
-    assert not checkpoint.exists()  # a finished run leaves no checkpoint to resume
+        assert run_child(tmp_path / "killed", tmp_path / "ckpt_killed", 0, sampler).wait(timeout=300) == 0
+        assert (tmp_path / "killed" / "epochs.txt").read_text().split() == ["0", "1", "2", "3", "4"]
+        assert not checkpoint.exists()  # a finished run leaves no checkpoint to resume
+        assert straight_run.wait(timeout=300) == 0
+    finally:
+        straight_run.kill()  # nothing left running after a failure (a no-op once it has exited)
     straight = torch.load(tmp_path / "straight" / "weights.pt", weights_only=True)
     resumed = torch.load(tmp_path / "killed" / "weights.pt", weights_only=True)
     assert straight.keys() == resumed.keys()
