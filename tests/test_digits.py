@@ -176,6 +176,15 @@ def test_load_target_all():
     assert set(np.unique(labels)) == set(range(10))
 
 
+def test_load_target_reads_what_sklearn_load_digits_returns():
+    from sklearn.datasets import load_digits
+
+    images, labels = D.load_target(None, seed=0)
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, bunch.images.astype(np.uint8))
+    np.testing.assert_array_equal(labels, bunch.target)
+
+
 def test_load_target_cap_is_balanced_deterministic_and_seeded():
     images, labels = D.load_target(5, seed=0)
     assert images.shape == (50, 8, 8)
