@@ -214,7 +214,7 @@ def _log_tail(path: Path, chars: int = 3000) -> str:
 # -- start / stop / status ----------------------------------------------------
 
 
-def _spawn(root: Path, server: Server) -> int:
+def _spawn(root: Path, server: Server) -> subprocess.Popen:
     if not _port_free(server.port):
         raise ServerError(
             f"{server.name}: port {server.port} on {HOST} is taken by another program "
@@ -233,20 +233,34 @@ def _spawn(root: Path, server: Server) -> int:
         )  # fmt: skip
     _state(root, server.name, "pid").write_text(f"{proc.pid}\n")
     _state(root, server.name, "url").write_text(f"{server.url}\n")
-    return proc.pid
+    return proc
 
 
-def _wait_healthy(root: Path, pending: list[Server], timeout: float) -> None:
+def _ended(proc: subprocess.Popen) -> str:
+    """How a server process ended, from its exit status (a negative status is the signal that killed it)."""
+    code = proc.returncode
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name} while starting (not by this supervisor)"
+    return f"exited with status {code} while starting"
+
+
+def _wait_healthy(root: Path, pending: dict[str, tuple[Server, subprocess.Popen]], timeout: float) -> None:
+    """Wait until every server in `pending` (name -> (server, the process this call started)) answers.
+
+    A server's death is read from its own process handle, not from /proc: the
+    exit status says whether it exited or which signal killed it.
+    """
+    pending = dict(pending)
     deadline = time.monotonic() + timeout
     while pending:
-        for server in list(pending):
+        for name, (server, proc) in list(pending.items()):
             if _healthy(server):
-                pending.remove(server)
-            elif running_pid(root, server.name) is None:
-                log = _state(root, server.name, "log")
-                raise ServerError(f"{server.name} exited while starting; the end of {log}:\n{_log_tail(log)}")
+                del pending[name]
+            elif proc.poll() is not None:
+                log = _state(root, name, "log")
+                raise ServerError(f"{name} {_ended(proc)}; the end of {log}:\n{_log_tail(log)}")
         if pending and time.monotonic() > deadline:
-            names = ", ".join(s.name for s in pending)
+            names = ", ".join(pending)
             raise ServerError(f"{names} did not answer within {timeout:.0f} s; logs in {root / STATE_DIR}")
         time.sleep(0.25)
 
@@ -255,25 +269,26 @@ def start(root: Path, prefect_port: int = 4200, mlflow_port: int = 5000, flows_p
     """Start whichever server is not running yet; wait until all answer. Returns name -> URL."""
     root = root.resolve()
     (root / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    urls, started = {}, []
+    urls: dict[str, str] = {}
+    started: dict[str, tuple[Server, subprocess.Popen]] = {}
     try:
         for server in servers(root, prefect_port, mlflow_port, flows_port):
             if server.name == "flows":  # it registers its deployments with the Prefect server: that must answer first
-                _wait_healthy(root, list(started), timeout)
+                _wait_healthy(root, started, timeout)
             pid = running_pid(root, server.name)
             if pid is not None:
                 urls[server.name] = _read_url(root, server)
                 print(f"{server.name} is already running (pid {pid}) at {urls[server.name]}: not starting another")
                 continue
-            pid = _spawn(root, server)
-            print(f"{server.name}: started (pid {pid}), log {_state(root, server.name, 'log')}")
+            proc = _spawn(root, server)
+            print(f"{server.name}: started (pid {proc.pid}), log {_state(root, server.name, 'log')}")
             urls[server.name] = server.url
-            started.append(server)
-        _wait_healthy(root, list(started), timeout)
+            started[server.name] = (server, proc)
+        _wait_healthy(root, started, timeout)
     except BaseException:
         # Leave nothing half-started behind: stop what this call started.
-        for server in started:
-            _stop_one(root, server.name)
+        for name in started:
+            _stop_one(root, name)
         raise
     return urls
 

@@ -161,6 +161,26 @@ def test_stop_ignores_a_stale_pid_file_naming_another_program(tmp_path):
         other.wait()
 
 
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        ("import sys; print('no store here'); sys.exit(3)", "mlflow exited with status 3 while starting"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "mlflow was killed by SIGKILL while starting (not by this supervisor)"),
+    ],
+)
+def test_a_server_that_dies_while_starting_is_reported_with_its_exit_status(tmp_path, code, said):
+    """Before: a server gone before it answered was reported only as "exited", from a /proc scan,
+    which cannot tell an exit from a kill. Its own process handle gives the status or the signal."""
+    (tmp_path / ".servers").mkdir()
+    server = supervisor.Server("mlflow", free_port(), [sys.executable, "-c", code], "/health", {})
+    proc = supervisor._spawn(tmp_path, server)
+    with pytest.raises(supervisor.ServerError) as raised:
+        supervisor._wait_healthy(tmp_path, {"mlflow": (server, proc)}, timeout=60)
+    assert str(raised.value).startswith(said)
+    if "exit" in code:
+        assert "no store here" in str(raised.value)  # the end of its log comes with it
+
+
 def test_stop_leaves_no_process_and_no_pid_file(started):
     root, env, ports, _ = started
     pids = supervisor.status(root)
