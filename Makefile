@@ -48,11 +48,15 @@ run: $(STAMP)
 pipeline: $(STAMP)
 	$(BIN)/python -m flows.pipeline
 
-## test: the test suite (offline, tiny generated data)
+## test: the test suite (offline, tiny generated data), in $(TEST_WORKERS) test processes
 # One OpenMP thread here too, children included: the suite trains on tiny tensors. The default
 # run's reproduction check (tests/test_readme.py) gives its own run the CPU's threads back.
+# Run one after another, the suite kept one of 2 cores busy on average (README: Tests come in
+# tiers): two test processes fill both. Each takes whole test files (--dist loadfile), so a
+# file's module fixtures (a DVC repo, a trained pipeline) are built once.
+TEST_WORKERS ?= 2
 test: $(TEST_STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ## test-fast: the core package's unit tests only (no stage, pipeline or server): the inner loop
 # One OpenMP thread: these tests train on tiny tensors, where a second thread only spins
