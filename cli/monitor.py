@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                 model_key=loaded.metadata.model_uuid,
             )
     except (MonitorError, DriftError, ImageReadError, PredictorError) as err:
-        print(f"xfer monitor: {err}{newer_version_hint(uri, err)}; nothing written", file=sys.stderr)
+        print(f"xfer monitor: {err}{newer_version_hint(uri, err, store)}; nothing written", file=sys.stderr)
         return 2
     print(summary_line(checked.report))
     if checked.report["retrain_wanted"]:
@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def newer_version_hint(uri: str, err: Exception) -> str:
-    """For a registered model without a reference window: the latest version of its name, which may have one.
+def newer_version_hint(uri: str, err: Exception, store: str) -> str:
+    """For a registered model without a reference window: the latest version of its name in `store`, which may have one.
 
     A model registered before reference windows existed stays @champion after
     evaluate runs again if the new version only ties it on target val.
@@ -115,7 +115,8 @@ def newer_version_hint(uri: str, err: Exception) -> str:
 
     name = uri.removeprefix("models:/").split("@")[0].split("/")[0]
     try:
-        versions = MlflowClient().search_model_versions(f"name = '{name}'")
+        # The store named, not MLflow's process-wide URI, which whatever ran before may have set.
+        versions = MlflowClient(tracking_uri=store, registry_uri=store).search_model_versions(f"name = '{name}'")
     except Exception:  # noqa: BLE001  (a hint only: the error above stands without it)
         return ""
     latest = max((int(v.version) for v in versions), default=None)

@@ -96,7 +96,7 @@ def test_xfer_predict_gives_each_image_an_ood_score_and_flag(monitored):
     assert both.ood_score[both.out_of_distribution].min() > both.ood_score[~both.out_of_distribution].max()
 
 
-def test_bad_input_and_a_model_without_a_reference_window_are_refused_writing_nothing(monitored, tmp_path):
+def test_bad_input_and_a_model_without_a_reference_window_are_refused_writing_nothing(monitored, tmp_path, monkeypatch):
     import mlflow
 
     project, images, _, work = monitored
@@ -121,6 +121,9 @@ def test_bad_input_and_a_model_without_a_reference_window_are_refused_writing_no
 
     # The registered model, downloaded, without its reference window (as one registered before xfer saved it).
     store = f"sqlite:///{project / 'mlflow.db'}"
+    # MLflow finds a models:/ name through its process-wide registry URI whatever registry_uri says
+    # (models_artifact_repo.py): without this, the store an earlier test in this process named.
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", store)
     model = Path(
         mlflow.artifacts.download_artifacts(artifact_uri="models:/xfer@champion", dst_path=str(tmp_path / "model"), tracking_uri=store, registry_uri=store)
     )
@@ -133,21 +136,29 @@ def test_bad_input_and_a_model_without_a_reference_window_are_refused_writing_no
     assert not out.exists()
 
 
-def test_a_champion_without_a_reference_window_is_pointed_to_the_latest_version(monitored, monkeypatch):
+def test_a_champion_without_a_reference_window_is_pointed_to_the_latest_version(monitored, tmp_path):
     """A champion registered before reference windows existed stays @champion when a new version ties it:
-    the error names the latest version, which has one."""
+    the error names the latest version, which has one, in the store named, whatever MLflow's
+    process-wide URI says (before: it asked that URI, and an earlier test's store gave no hint)."""
+    import mlflow
+
     from cli.monitor import newer_version_hint
     from xfer.monitor import MonitorError
 
     project = monitored[0]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    store = f"sqlite:///{project / 'mlflow.db'}"
     missing = MonitorError("the model has no reference window (...)")
     with sqlite3.connect(project / "mlflow.db") as db:
         latest = db.execute("select max(version) from model_versions where name = 'xfer'").fetchone()[0]
-    assert (
-        newer_version_hint("models:/xfer@champion", missing) == f" (or, if a tie kept an older champion, name a newer version: --model models:/xfer/{latest})"
-    )
-    assert newer_version_hint("/some/model/folder", missing) == "" and newer_version_hint("models:/xfer@champion", MonitorError("other")) == ""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'another.db'}")  # a store without the model
+    try:
+        hint = newer_version_hint("models:/xfer@champion", missing, store)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert hint == f" (or, if a tie kept an older champion, name a newer version: --model models:/xfer/{latest})"
+    assert newer_version_hint("/some/model/folder", missing, store) == ""
+    assert newer_version_hint("models:/xfer@champion", MonitorError("other"), store) == ""
 
 
 def test_the_benchmarks_shifts_are_what_they_say():
