@@ -61,7 +61,7 @@ test: $(TEST_STAMP)
 ## test-fast: the core package's unit tests only (no stage, pipeline or server): the inner loop
 # One OpenMP thread: these tests train on tiny tensors, where a second thread only spins
 # (on 2 cores it took 2.1x the CPU and 1.4x the wall time, README: Tests come in tiers).
-# Two test processes as for `make test`: 1 min 23 s instead of 2 min 3 s on a fresh clone.
+# Two test processes as for `make test`: 1 min 24 s instead of 2 min 3 s on a fresh clone.
 test-fast: $(TEST_STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -m core -n $(TEST_WORKERS) --dist loadfile
 
