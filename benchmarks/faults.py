@@ -42,6 +42,7 @@ and writes benchmarks/results/faults.{md,json}.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -290,7 +291,8 @@ def running_mlflow_runs(root: Path) -> int:
     db = root / "mlflow.db"
     if not db.exists():
         return 0
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+    # Read-write: a stage killed inside a transaction leaves a hot journal that a read-only connection cannot roll back.
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
         return conn.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]
 
 

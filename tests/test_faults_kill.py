@@ -7,6 +7,7 @@ then the stage runs again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -108,13 +109,18 @@ def wait_for(what, timeout: float, message: str, proc: subprocess.Popen | None =
 
 
 def query(db: Path, sql: str, *args) -> list[tuple]:
+    """Read-write on purpose: a writer killed inside a transaction leaves a hot journal, which a read-only
+    connection cannot roll back ("attempt to write a readonly database"); this rolls it back, as MLflow's
+    next client would. Only a table not made yet reads as no rows: any other error fails the test."""
     if not db.exists():
         return []
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
         try:
             return conn.execute(sql, args).fetchall()
-        except sqlite3.OperationalError:  # tables not made yet
-            return []
+        except sqlite3.OperationalError as err:
+            if "no such table" in str(err):
+                return []
+            raise
 
 
 def mlflow_runs_of(root: Path, pid: int) -> list[tuple[str, str]]:
