@@ -475,8 +475,10 @@ def test_temporary_prefect_server_dies_with_its_command_runner(home):
         proc.wait()
         wait_for(lambda: not any(alive(p) for p in server), 20, "the temporary server to die")
     finally:
+        # Its tree only while it is unreaped: once reaped, its pid may be another test's process.
+        stray = descendants(proc.pid) if proc.returncode is None else set()
         proc.kill()
-        for pid in descendants(proc.pid) | naming("time.sleep(600)"):
+        for pid in stray | naming("time.sleep(600)"):
             os.kill(pid, signal.SIGKILL)
 
 
