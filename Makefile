@@ -82,10 +82,10 @@ servers: $(STAMP)
 stop:
 	@$(BIN)/python -m servers.supervisor stop --root $(abspath $(STORE))
 
-## bench: each stage's startup before and after the stage contract, then per-stage wall time and orchestration overhead
+## bench: each stage's startup before and after the stage contract, then per-stage wall time and orchestration overhead with and without one shared Prefect server (benchmarks/results/startup.md, e2e.md)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py
-	$(BIN)/python benchmarks/e2e.py
+	$(BIN)/python benchmarks/e2e.py --compare
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,11 +20,13 @@ both totals and their ratio. --servers also runs the stages with a temporary
 server per process and against a Prefect server started as `make servers`
 starts it (servers/supervisor.py; kept running, so its start is not paid per
 command), and prints each stage's prefect overhead in the three modes side
-by side. All figures come from one run.
+by side. All figures come from one run. On the project's own params.yaml
+(the default) it writes what it printed to benchmarks/results/e2e.{md,json},
+which the README shows; on any other --params it writes nothing there.
 
 A quick check on tiny params (a test backbone, a few images per class):
 
-    python -c "import sys; sys.path.insert(0, 'tests'); from helpers import *; \
+    mkdir -p /tmp/tiny && python -c "import sys; sys.path.insert(0, 'tests'); from helpers import *; \
                from pathlib import Path; write_params(Path('/tmp/tiny'), TINY_PARAMS)"
     python benchmarks/e2e.py --params /tmp/tiny/params.yaml --servers
 """
@@ -106,22 +108,22 @@ def measure(root: Path, env: dict, startup: dict[str, float]) -> dict[str, dict[
     return rows
 
 
-def print_breakdown(rows: dict[str, dict[str, float]]) -> dict[str, float]:
+def breakdown(rows: dict[str, dict[str, float]]) -> tuple[list[str], dict[str, float]]:
+    """The table's lines (one per stage, then the total) and the totals."""
     header = f"{'stage':<10}{'wall':>8}{'startup':>9}{'work':>8}{'mlflow':>8}{'prefect':>9}{'overhead %':>12}"
-    print(header)
-    print("-" * len(header))
+    lines = [header, "-" * len(header)]
     totals = dict.fromkeys(["wall", "startup", "work", "mlflow", "prefect"], 0.0)
     for stage, row in list(rows.items()) + [("total", totals)]:
         if stage == "total":
-            print("-" * len(header))
+            lines.append("-" * len(header))
         else:
             for k, v in row.items():
                 totals[k] += v
         r = row
-        print(
+        lines.append(
             f"{stage:<10}{r['wall']:>8.1f}{r['startup']:>9.1f}{r['work']:>8.1f}{r['mlflow']:>8.1f}{r['prefect']:>9.1f}{100 * (1 - r['work'] / r['wall']):>11.0f}%"
         )
-    return totals
+    return lines, totals
 
 
 def with_temporary_server(root: Path, env: dict, startup: dict[str, float]) -> tuple[dict, float]:
@@ -165,18 +167,30 @@ def scratch_env(env: dict, root: Path) -> dict:
     return {**env, "PREFECT_HOME": str(root / ".prefect"), "PYTHONPATH": str(root)}
 
 
-def print_prefect_side_by_side(modes: dict[str, dict[str, dict[str, float]]], starts: dict[str, float]) -> None:
+def prefect_side_by_side(modes: dict[str, dict[str, dict[str, float]]], starts: dict[str, float]) -> list[str]:
     """Each stage's prefect overhead (seconds) per mode, then each mode's total wall time."""
     names = list(modes)
     width = max(len(n) for n in names) + 2
-    print("\nprefect overhead per stage (s), by where the stages find a Prefect server\n")
-    print(f"{'stage':<10}" + "".join(f"{n:>{width}}" for n in names))
+    lines = ["", "prefect overhead per stage (s), by where the stages find a Prefect server", ""]
+    lines.append(f"{'stage':<10}" + "".join(f"{n:>{width}}" for n in names))
     for stage in STAGES:
-        print(f"{stage:<10}" + "".join(f"{modes[n][stage]['prefect']:>{width}.1f}" for n in names))
-    print(f"{'total':<10}" + "".join(f"{sum(r['prefect'] for r in modes[n].values()):>{width}.1f}" for n in names))
-    print(f"{'wall':<10}" + "".join(f"{sum(r['wall'] for r in modes[n].values()):>{width}.1f}" for n in names))
-    for name, seconds in starts.items():
-        print(f"  {name}: server started once in {seconds:.1f} s (not in the table)")
+        lines.append(f"{stage:<10}" + "".join(f"{modes[n][stage]['prefect']:>{width}.1f}" for n in names))
+    lines.append(f"{'total':<10}" + "".join(f"{sum(r['prefect'] for r in modes[n].values()):>{width}.1f}" for n in names))
+    lines.append(f"{'wall':<10}" + "".join(f"{sum(r['wall'] for r in modes[n].values()):>{width}.1f}" for n in names))
+    lines += [f"  {name}: server started once in {seconds:.1f} s (not in the table)" for name, seconds in starts.items()]
+    return lines
+
+
+def write_results(lines: list[str], result: dict, argv: list[str]) -> None:
+    """results/e2e.md (the printed figures, as a text block under the command) and results/e2e.json."""
+    from xfer.io import write_json, write_text
+
+    results = REPO / "benchmarks" / "results"
+    command = " ".join(["python benchmarks/e2e.py", *argv])
+    text = "\n".join([f"`{command}`, {os.cpu_count()} CPU(s), {time.strftime('%Y-%m-%d')}:", "", "```text", *lines, "```", ""])
+    write_text(results / "e2e.md", text)
+    write_json(results / "e2e.json", result)
+    print(f"wrote {results / 'e2e.md'} and e2e.json", file=sys.stderr)
 
 
 def main() -> None:
@@ -196,23 +210,31 @@ def main() -> None:
     startup = {stage: min(timed([sys.executable, "-c", f"import {', '.join(CONTRACT[stage].entry_modules)}"], root, env) for _ in range(2)) for stage in STAGES}
 
     shared, server_start = with_temporary_server(root, env, startup)
-    print(f"\nxfer end-to-end, params {args.params.name}, {os.cpu_count()} CPU(s); seconds per stage\n")
-    totals = print_breakdown(shared)
-    print(f"\nshared Prefect server: started once in {server_start:.1f} s (not in the table)")
+    result = {"params": args.params.name, "cpus": os.cpu_count(), "shared_server": shared, "shared_server_start_s": server_start}
+    table, totals = breakdown(shared)
+    lines = [f"xfer end-to-end, params {args.params.name}; seconds per stage", "", *table]
+    lines += ["", f"shared Prefect server: started once in {server_start:.1f} s (not in the table)"]
     if args.compare or args.servers:
         alone = scratch(args.params, None)
         alone_rows = measure(alone, scratch_env(base_env, alone), startup)
         shutil.rmtree(alone, ignore_errors=True)
         shared_total = totals["wall"] + server_start
         alone_total = sum(r["wall"] for r in alone_rows.values())
-        print(f"without it (a temporary server per stage process, as plain `dvc repro`): {alone_total:.1f} s in all")
-        print(f"with it (as `make run`): {shared_total:.1f} s in all, server start included: {alone_total / shared_total:.2f}x faster")
+        result["server_per_stage"] = alone_rows
+        lines.append(f"without it (a temporary server per stage process, as plain `dvc repro`): {alone_total:.1f} s in all")
+        lines.append(f"with it (as `make run`): {shared_total:.1f} s in all, server start included: {alone_total / shared_total:.2f}x faster")
     if args.servers:
         running = scratch(args.params, None)
         running_rows, running_start = with_running_servers(running, scratch_env(base_env, running), startup)
         shutil.rmtree(running, ignore_errors=True)
+        result["make_servers"], result["make_servers_start_s"] = running_rows, running_start
         modes = {"own temp server": alone_rows, "shared temp (make run)": shared, "make servers": running_rows}
-        print_prefect_side_by_side(modes, {"shared temp (make run)": server_start, "make servers": running_start})
+        lines += prefect_side_by_side(modes, {"shared temp (make run)": server_start, "make servers": running_start})
+    print("\n" + "\n".join(lines))
+    if args.params.resolve() == (REPO / "params.yaml").resolve():
+        write_results(lines, result, sys.argv[1:])
+    else:
+        print(f"not written to benchmarks/results/ ({args.params} is not the project's params.yaml)", file=sys.stderr)
     print(f"\noutputs in {root}" if args.keep else "")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

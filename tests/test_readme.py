@@ -70,6 +70,7 @@ def test_a_default_run_reproduces_the_committed_one(tmp_path):
         "finetune_throughput",
         "faults",
         "drift",
+        "e2e",
     ],
 )
 def test_readme_benchmark_tables_are_the_ones_the_scripts_wrote(name):
